@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+from django.urls import reverse
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from ..models import DISCLAIMER, BodySite, Lesion, LesionImage, Patient, Prediction
+
+
+class ClinicScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
+    """A related id that must belong to the requester's clinic; another clinic's id reads as unknown."""
+
+    default_error_messages = {
+        "does_not_exist": "Unknown {model_name} {pk_value}: no such {model_name} in your clinic.",
+        "incorrect_type": "Expected an id (UUID), got {data_type}.",
+    }
+
+    def get_queryset(self):
+        return self.queryset.visible_to(self.context["request"].user)
+
+    def to_internal_value(self, data):
+        from django.core.exceptions import ValidationError as DjangoValidationError
+
+        try:
+            return self.get_queryset().get(pk=data)
+        except (self.queryset.model.DoesNotExist, DjangoValidationError, ValueError, TypeError):
+            self.fail("does_not_exist", pk_value=data, model_name=self.queryset.model._meta.verbose_name)
+
+
+class PatientSerializer(serializers.ModelSerializer):
+    lesion_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Patient
+        fields = ["id", "reference", "lesion_count", "created_at"]
+        read_only_fields = ["id", "created_at"]
+        extra_kwargs = {
+            "reference": {
+                "help_text": "A pseudonymous code such as PT-0042 (letters, digits, . _ / -). Never a real name.",
+                "validators": [],
+            }
+        }
+
+
+class LesionSerializer(serializers.ModelSerializer):
+    patient = ClinicScopedPrimaryKeyField(queryset=Patient.objects.all(), pk_field=serializers.UUIDField())
+    body_site = serializers.ChoiceField(choices=BodySite.choices)
+    image_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Lesion
+        fields = ["id", "patient", "body_site", "note", "image_count", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+
+class PredictionSerializer(serializers.ModelSerializer):
+    model_version = serializers.CharField(source="model_version.version")
+    above_threshold = serializers.SerializerMethodField(
+        help_text="Whether the probability reaches the model's operating (referral) threshold."
+    )
+
+    class Meta:
+        model = Prediction
+        fields = ["probability_malignant", "label", "threshold", "above_threshold", "model_version", "created_at"]
+
+    def get_above_threshold(self, prediction: Prediction) -> bool:
+        return prediction.probability_malignant >= prediction.threshold
+
+
+class ImageUploadSerializer(serializers.Serializer):
+    image = serializers.FileField(help_text="A JPEG, PNG or WebP photo of the lesion.", allow_empty_file=True)
+    lesion = ClinicScopedPrimaryKeyField(
+        queryset=Lesion.objects.all(), required=False, allow_null=True, pk_field=serializers.UUIDField(),
+        help_text="Optional: the lesion this photo shows.",
+    )
+
+
+class ImageSerializer(serializers.ModelSerializer):
+    status_url = serializers.SerializerMethodField()
+    file_url = serializers.SerializerMethodField()
+    lesion = serializers.UUIDField(source="lesion_id", read_only=True, allow_null=True)
+    prediction = serializers.SerializerMethodField()
+    disclaimer = serializers.SerializerMethodField()
+
+    class Meta:
+        model = LesionImage
+        fields = [
+            "id", "state", "error", "status_url", "file_url", "lesion", "width", "height", "content_type",
+            "sha256", "created_at", "processed_at", "prediction", "disclaimer",
+        ]
+        read_only_fields = fields
+
+    def _absolute(self, path: str) -> str:
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
+
+    def get_status_url(self, image: LesionImage) -> str:
+        return self._absolute(reverse("api:image-detail", kwargs={"pk": image.pk}))
+
+    def get_file_url(self, image: LesionImage) -> str:
+        return self._absolute(reverse("api:image-file", kwargs={"pk": image.pk}))
+
+    @extend_schema_field(PredictionSerializer(allow_null=True))
+    def get_prediction(self, image: LesionImage):
+        prediction = image.latest_prediction
+        return PredictionSerializer(prediction).data if prediction else None
+
+    def get_disclaimer(self, image: LesionImage) -> str:
+        return DISCLAIMER

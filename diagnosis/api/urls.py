@@ -1,0 +1,13 @@
+from rest_framework.routers import DefaultRouter
+
+from .views import ImageViewSet, LesionViewSet, PatientViewSet
+
+app_name = "api"
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("patients", PatientViewSet, basename="patient")
+router.register("lesions", LesionViewSet, basename="lesion")
+router.register("images", ImageViewSet, basename="image")
+
+urlpatterns = router.urls

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+from django.db.models import Count, Prefetch
+from django.http import FileResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.response import Response
+
+from mlcore.preprocessing import ImageValidationError
+
+from ..models import AuditEvent, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..services import images as image_services
+from ..services import patients as patient_services
+from ..services.audit import record_event
+from ..services.clinics import clinic_of
+from .errors import InvalidImage, error_responses
+from .serializers import ImageSerializer, ImageUploadSerializer, LesionSerializer, PatientSerializer
+
+
+def client_ip(request) -> str | None:
+    return request.META.get("REMOTE_ADDR")
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List your clinic's patients",
+        parameters=[OpenApiParameter("reference", str, description="Only references starting with this text")],
+        responses={200: PatientSerializer(many=True), **error_responses(401, 403)},
+    ),
+    retrieve=extend_schema(summary="One patient", responses={200: PatientSerializer, **error_responses(401, 403, 404)}),
+    create=extend_schema(
+        summary="Create a patient under a pseudonymous reference",
+        responses={201: PatientSerializer, **error_responses(400, 401, 403)},
+    ),
+)
+class PatientViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                     viewsets.GenericViewSet):
+    serializer_class = PatientSerializer
+
+    def get_queryset(self):
+        queryset = Patient.objects.visible_to(self.request.user).annotate(lesion_count=Count("lesions"))
+        reference = self.request.query_params.get("reference")
+        if reference:
+            queryset = queryset.filter(reference__istartswith=reference)
+        return queryset
+
+    def perform_create(self, serializer):
+        serializer.instance = patient_services.create_patient(
+            clinic=clinic_of(self.request.user),
+            reference=serializer.validated_data["reference"],
+            created_by=self.request.user,
+            via="api",
+        )
+        serializer.instance.lesion_count = 0
+
+    def retrieve(self, request, *args, **kwargs):
+        patient = self.get_object()
+        record_event(actor=request.user, action=AuditEvent.Action.VIEW_PATIENT, obj=patient, via="api",
+                     ip_address=client_ip(request))
+        return Response(self.get_serializer(patient).data)
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List your clinic's lesions",
+        parameters=[OpenApiParameter("patient", str, description="Only this patient's lesions (patient id)")],
+        responses={200: LesionSerializer(many=True), **error_responses(400, 401, 403)},
+    ),
+    retrieve=extend_schema(summary="One lesion", responses={200: LesionSerializer, **error_responses(401, 403, 404)}),
+    create=extend_schema(
+        summary="Add a lesion to a patient", responses={201: LesionSerializer, **error_responses(400, 401, 403)}
+    ),
+)
+class LesionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                    viewsets.GenericViewSet):
+    serializer_class = LesionSerializer
+
+    def get_queryset(self):
+        queryset = (
+            Lesion.objects.visible_to(self.request.user).select_related("patient").annotate(image_count=Count("images"))
+        )
+        patient = self.request.query_params.get("patient")
+        if patient:
+            queryset = queryset.filter(patient_id=_uuid_param("patient", patient))
+        return queryset
+
+    def perform_create(self, serializer):
+        data = serializer.validated_data
+        serializer.instance = patient_services.create_lesion(
+            patient=data["patient"], body_site=data["body_site"], note=data.get("note", ""),
+            created_by=self.request.user, via="api",
+        )
+        serializer.instance.image_count = 0
+
+
+def _uuid_param(name: str, value: str):
+    import uuid
+
+    from rest_framework.exceptions import ValidationError
+
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise ValidationError({name: [f"{value!r} is not a valid id."]}) from None
+
+
+@extend_schema_view(
+    list=extend_schema(
+        summary="List your clinic's images, newest first",
+        parameters=[
+            OpenApiParameter("lesion", str, description="Only this lesion's images (lesion id)"),
+            OpenApiParameter("state", str, enum=[s.value for s in ImageState], description="Only images in this state"),
+        ],
+        responses={200: ImageSerializer(many=True), **error_responses(400, 401, 403)},
+    ),
+    retrieve=extend_schema(
+        summary="An image's status and result (the status URL)",
+        description="Poll until `state` is `done` (then `prediction` is set) or `failed` (then `error` says why).",
+        responses={200: ImageSerializer, **error_responses(401, 403, 404)},
+    ),
+    create=extend_schema(
+        summary="Upload a lesion photo for triage",
+        description=(
+            "Multipart upload with the field `image` (JPEG, PNG or WebP) and optionally `lesion`. "
+            "The photo is validated, its metadata (EXIF, GPS) is removed, and it is queued for the model. "
+            "Answers 202 with the image's id, `state: queued` and the `status_url` to poll."
+        ),
+        request={"multipart/form-data": ImageUploadSerializer},
+        responses={202: ImageSerializer, **error_responses(400, 401, 403, 503)},
+    ),
+)
+class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
+                   viewsets.GenericViewSet):
+    serializer_class = ImageSerializer
+
+    def get_queryset(self):
+        queryset = LesionImage.objects.visible_to(self.request.user).prefetch_related(
+            Prefetch("predictions", queryset=Prediction.objects.select_related("model_version"))
+        )
+        params = self.request.query_params
+        if lesion := params.get("lesion"):
+            queryset = queryset.filter(lesion_id=_uuid_param("lesion", lesion))
+        if state := params.get("state"):
+            if state not in ImageState.values:
+                from rest_framework.exceptions import ValidationError
+
+                raise ValidationError({"state": [f"Unknown state {state!r}; use one of {', '.join(ImageState.values)}."]})
+            queryset = queryset.filter(state=state)
+        return queryset
+
+    def get_serializer_class(self):
+        return ImageUploadSerializer if self.action == "create" else ImageSerializer
+
+    def create(self, request, *args, **kwargs):
+        upload = ImageUploadSerializer(data=request.data, context={"request": request})
+        upload.is_valid(raise_exception=True)
+        try:
+            image = image_services.submit_image(
+                uploader=request.user,
+                clinic=clinic_of(request.user),
+                upload=upload.validated_data["image"],
+                lesion=upload.validated_data.get("lesion"),
+                via="api",
+            )
+        except ImageValidationError as exc:
+            raise InvalidImage(exc.code, exc.message) from None
+        image = self.get_queryset().get(pk=image.pk)
+        data = ImageSerializer(image, context={"request": request}).data
+        return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": data["status_url"]})
+
+    def retrieve(self, request, *args, **kwargs):
+        image = self.get_object()
+        if image.state == ImageState.DONE:
+            record_event(actor=request.user, action=AuditEvent.Action.VIEW_IMAGE, obj=image, via="api",
+                         ip_address=client_ip(request))
+        return Response(self.get_serializer(image).data)
+
+    @extend_schema(
+        summary="Download the stored photo",
+        description="The photo as stored: orientation applied, all metadata removed. Served as an attachment.",
+        responses={
+            (200, "image/jpeg"): OpenApiResponse(description="The photo (JPEG or PNG)."),
+            **error_responses(401, 403, 404),
+        },
+    )
+    @action(detail=True, methods=["get"], url_path="file", url_name="file")
+    def file(self, request, pk=None):
+        image = self.get_object()
+        record_event(actor=request.user, action=AuditEvent.Action.DOWNLOAD_IMAGE, obj=image, via="api",
+                     ip_address=client_ip(request))
+        extension = "jpg" if image.content_type == "image/jpeg" else "png"
+        response = FileResponse(
+            image.file.open("rb"), as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
+            content_type=image.content_type,
+        )
+        response["X-Content-Type-Options"] = "nosniff"
+        response["Cache-Control"] = "private, no-store"
+        return response

@@ -1,0 +1,247 @@
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.core.validators import RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+from knox.models import AbstractAuthToken
+
+DISCLAIMER = "Decision support, not a diagnosis."
+
+
+class Clinic(models.Model):
+    name = models.CharField(max_length=200, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ClinicMembership(models.Model):
+    """A clinician belongs to exactly one clinic, so every request has one unambiguous scope."""
+
+    class Role(models.TextChoices):
+        CLINICIAN = "clinician", "Clinician"
+        CLINIC_ADMIN = "clinic_admin", "Clinic administrator"
+
+    user = models.OneToOneField(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="clinic_membership")
+    clinic = models.ForeignKey(Clinic, on_delete=models.PROTECT, related_name="memberships")
+    role = models.CharField(max_length=20, choices=Role.choices, default=Role.CLINICIAN)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    def __str__(self) -> str:
+        return f"{self.user} @ {self.clinic}"
+
+
+class ClinicScopedQuerySet(models.QuerySet):
+    clinic_path = "clinic"
+
+    def for_clinic(self, clinic: Clinic | None) -> ClinicScopedQuerySet:
+        if clinic is None:
+            return self.none()
+        return self.filter(**{self.clinic_path: clinic})
+
+    def visible_to(self, user) -> ClinicScopedQuerySet:
+        from .services.clinics import clinic_of
+
+        return self.for_clinic(clinic_of(user))
+
+
+class LesionQuerySet(ClinicScopedQuerySet):
+    clinic_path = "patient__clinic"
+
+
+pseudonymous_reference = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,63}$",
+    "Use a pseudonymous code such as PT-0042: letters, digits, '.', '_', '/' or '-', no spaces. "
+    "Never enter a patient's real name.",
+)
+
+
+class Patient(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    clinic = models.ForeignKey(Clinic, on_delete=models.PROTECT, related_name="patients")
+    reference = models.CharField(max_length=64, validators=[pseudonymous_reference])
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = ClinicScopedQuerySet.as_manager()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["clinic", "reference"], name="unique_patient_reference")]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.reference
+
+
+class BodySite(models.TextChoices):
+    SCALP = "scalp", "Scalp"
+    FACE = "face", "Face"
+    NECK = "neck", "Neck"
+    CHEST = "chest", "Chest"
+    ABDOMEN = "abdomen", "Abdomen"
+    BACK = "back", "Back"
+    UPPER_ARM = "upper_arm", "Upper arm"
+    FOREARM = "forearm", "Forearm"
+    HAND = "hand", "Hand"
+    THIGH = "thigh", "Thigh"
+    LOWER_LEG = "lower_leg", "Lower leg"
+    FOOT = "foot", "Foot"
+    PALM_SOLE = "palm_sole", "Palm or sole"
+    GENITAL = "genital", "Genital area"
+    OTHER = "other", "Other"
+
+
+class Lesion(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="lesions")
+    body_site = models.CharField(max_length=20, choices=BodySite.choices)
+    note = models.TextField(blank=True, max_length=2000)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    objects = LesionQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.patient} / {self.get_body_site_display()}"
+
+
+class ImageState(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    PROCESSING = "processing", "Processing"
+    DONE = "done", "Done"
+    FAILED = "failed", "Failed"
+
+
+class LesionImage(models.Model):
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    clinic = models.ForeignKey(Clinic, on_delete=models.PROTECT, related_name="images")
+    lesion = models.ForeignKey(Lesion, on_delete=models.PROTECT, null=True, blank=True, related_name="images")
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    # Stored under a random key; the client's file name is never used or kept (it may hold a name).
+    file = models.FileField(max_length=255)
+    content_type = models.CharField(max_length=50)
+    sha256 = models.CharField(max_length=64, db_index=True, help_text="SHA-256 of the bytes the client uploaded")
+    width = models.PositiveIntegerField()
+    height = models.PositiveIntegerField()
+    file_size = models.PositiveBigIntegerField(help_text="Size of the stored, metadata-free file in bytes")
+    state = models.CharField(max_length=12, choices=ImageState.choices, default=ImageState.QUEUED)
+    error = models.TextField(blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=255, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(auto_now=True)
+    processed_at = models.DateTimeField(null=True, blank=True)
+
+    objects = ClinicScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [
+            models.Index(fields=["clinic", "-created_at"], name="image_clinic_newest"),
+            models.Index(fields=["state", "enqueued_at"], name="image_state_enqueued"),
+        ]
+
+    def __str__(self) -> str:
+        return f"image {self.pk} ({self.state})"
+
+    @property
+    def latest_prediction(self) -> Prediction | None:
+        predictions = list(self.predictions.all())  # prefetched, newest first
+        return predictions[0] if predictions else None
+
+
+class ModelVersion(models.Model):
+    version = models.CharField(max_length=100, unique=True)
+    arch = models.CharField(max_length=50)
+    input_size = models.PositiveIntegerField()
+    class_names = models.JSONField()
+    threshold = models.FloatField(help_text="Operating threshold on the malignancy probability")
+    metrics = models.JSONField(default=dict, blank=True)
+    metadata = models.JSONField(default=dict, blank=True, help_text="The checkpoint's full metadata")
+    weights = models.FileField(max_length=255)
+    weights_sha256 = models.CharField(max_length=64)
+    is_active = models.BooleanField(default=False)
+    created_at = models.DateTimeField(default=timezone.now)
+    activated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["is_active"], condition=Q(is_active=True), name="one_active_model")
+        ]
+
+    def __str__(self) -> str:
+        return self.version + (" (active)" if self.is_active else "")
+
+
+class Prediction(models.Model):
+    image = models.ForeignKey(LesionImage, on_delete=models.CASCADE, related_name="predictions")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="predictions")
+    probability_malignant = models.FloatField()
+    label = models.CharField(max_length=50)
+    threshold = models.FloatField()
+    probabilities = models.JSONField(default=dict)
+    inference_ms = models.FloatField(null=True, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["image", "model_version"], name="one_prediction_per_image_and_model")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.label} p={self.probability_malignant:.3f} ({self.model_version.version})"
+
+
+class ApiToken(AbstractAuthToken):
+    """A knox token (stored as a SHA-512 digest) with a name, so people can tell their tokens apart."""
+
+    name = models.CharField(max_length=100)
+
+    class Meta:
+        ordering = ["-created"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.token_key}…, {self.user})"
+
+
+class AuditEvent(models.Model):
+    """Who did what to which patient data, and when. Written by services; never edited."""
+
+    class Action(models.TextChoices):
+        VIEW_IMAGE = "view_image", "Viewed an image result"
+        DOWNLOAD_IMAGE = "download_image", "Downloaded an image"
+        UPLOAD_IMAGE = "upload_image", "Uploaded an image"
+        VIEW_PATIENT = "view_patient", "Viewed a patient"
+        CREATE_PATIENT = "create_patient", "Created a patient"
+        CREATE_LESION = "create_lesion", "Created a lesion"
+        CREATE_TOKEN = "create_token", "Created an API token"
+        REVOKE_TOKEN = "revoke_token", "Revoked an API token"
+        ACTIVATE_MODEL = "activate_model", "Activated a model version"
+
+    at = models.DateTimeField(default=timezone.now, db_index=True)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    actor_username = models.CharField(max_length=150, blank=True)
+    clinic = models.ForeignKey(Clinic, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    action = models.CharField(max_length=30, choices=Action.choices)
+    object_type = models.CharField(max_length=50, blank=True)
+    object_id = models.CharField(max_length=64, blank=True)
+    via = models.CharField(max_length=20, blank=True, help_text="api, portal, admin or cli")
+    ip_address = models.GenericIPAddressField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-at"]
+
+    def __str__(self) -> str:
+        return f"{self.at:%Y-%m-%d %H:%M:%S} {self.actor_username} {self.action} {self.object_type} {self.object_id}"

@@ -1,0 +1,1 @@
+"""Business logic as keyword-only functions. Views, serializers, tasks and commands call these."""

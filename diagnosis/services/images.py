@@ -1,0 +1,146 @@
+"""Uploads and the image state machine: queued -> processing -> done | failed."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from mlcore.preprocessing import ImageValidationError, decode_image, encode_for_storage
+
+from ..models import AuditEvent, Clinic, ImageState, Lesion, LesionImage
+from .audit import record_event
+
+logger = logging.getLogger(__name__)
+
+
+def read_upload(upload, *, max_bytes: int) -> bytes:
+    """Read an uploaded file, refusing oversize ones before reading them into memory."""
+    size = getattr(upload, "size", None)
+    if size is not None and size > max_bytes:
+        raise ImageValidationError(
+            "file_too_large", f"The file is {size / 1e6:.1f} MB; the limit is {max_bytes / 1e6:.0f} MB."
+        )
+    upload.seek(0)
+    data = upload.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ImageValidationError("file_too_large", f"The file is larger than the {max_bytes / 1e6:.0f} MB limit.")
+    return data
+
+
+def submit_image(*, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "") -> LesionImage:
+    """Validate, strip metadata, store under a random key, record as queued, and enqueue on commit.
+
+    Raises ImageValidationError for bad files and ValidationError for a lesion of another clinic;
+    in both cases nothing is stored.
+    """
+    if lesion is not None and lesion.patient.clinic_id != clinic.pk:
+        raise ValidationError({"lesion": ["Unknown lesion."]})
+    data = read_upload(upload, max_bytes=settings.MAX_UPLOAD_BYTES)
+    decoded = decode_image(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
+    clean_bytes, extension, content_type = encode_for_storage(decoded)
+    sha256 = hashlib.sha256(data).hexdigest()
+
+    stored_name = default_storage.save(f"images/{uuid.uuid4().hex}.{extension}", ContentFile(clean_bytes))
+    try:
+        with transaction.atomic():
+            image = LesionImage.objects.create(
+                clinic=clinic,
+                lesion=lesion,
+                uploaded_by=uploader,
+                file=stored_name,
+                content_type=content_type,
+                sha256=sha256,
+                width=decoded.width,
+                height=decoded.height,
+                file_size=len(clean_bytes),
+                state=ImageState.QUEUED,
+                enqueued_at=timezone.now(),
+            )
+            record_event(actor=uploader, action=AuditEvent.Action.UPLOAD_IMAGE, obj=image, via=via)
+            image_id = str(image.pk)
+            # robust: a broker outage must not turn a committed upload into a 500. The image stays
+            # queued and the sweeper enqueues it again once the broker is back.
+            transaction.on_commit(lambda: enqueue_prediction(image_id), robust=True)
+    except BaseException:
+        default_storage.delete(stored_name)  # never leave a file whose row did not commit
+        raise
+    return image
+
+
+def enqueue_prediction(image_id: str) -> None:
+    from ..tasks import predict_image_task
+
+    predict_image_task.apply_async(args=[image_id])
+
+
+def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:
+    """Move an image from queued to processing with one conditional UPDATE; None if not ours to take.
+
+    A processing claim can be taken over when it is stale (its worker died) or when it is this
+    very message being redelivered after its worker was lost.
+    """
+    now = timezone.now()
+    stale_before = now - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS)
+    claimable = Q(state=ImageState.QUEUED) | Q(state=ImageState.PROCESSING, claimed_at__lt=stale_before)
+    if worker_id:
+        claimable |= Q(state=ImageState.PROCESSING, claimed_by=worker_id)
+    updated = (
+        LesionImage.objects.filter(pk=image_id)
+        .filter(claimable)
+        .update(state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id, attempts=F("attempts") + 1)
+    )
+    if updated != 1:
+        return None
+    return LesionImage.objects.select_related("clinic").get(pk=image_id)
+
+
+def fail_image(*, image_id: str, reason: str) -> None:
+    LesionImage.objects.filter(pk=image_id).exclude(state=ImageState.DONE).update(
+        state=ImageState.FAILED, error=reason[:2000], processed_at=timezone.now(), claimed_at=None
+    )
+
+
+def release_image(*, image_id: str) -> None:
+    """Give a claim back (before a retry of a transient error) so the next attempt can take it."""
+    LesionImage.objects.filter(pk=image_id, state=ImageState.PROCESSING).update(
+        state=ImageState.QUEUED, claimed_at=None, enqueued_at=timezone.now()
+    )
+
+
+def requeue_stale_images(*, now=None) -> dict[str, int]:
+    """Recover uploads whose message or worker was lost. Tasks are idempotent, so a spare message
+    for an image that is in fact still waiting in the queue costs one no-op claim."""
+    now = now or timezone.now()
+    dead_claims = LesionImage.objects.filter(
+        state=ImageState.PROCESSING, claimed_at__lt=now - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS)
+    )
+    reclaimed = dead_claims.update(state=ImageState.QUEUED, claimed_at=None, enqueued_at=None)
+    waiting = list(
+        LesionImage.objects.filter(state=ImageState.QUEUED)
+        .filter(
+            Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - timedelta(seconds=settings.REQUEUE_AFTER_SECONDS))
+        )
+        .values_list("pk", flat=True)[:1000]
+    )
+    requeued = 0
+    for image_id in waiting:
+        try:
+            enqueue_prediction(str(image_id))
+        except Exception:  # broker still down: try again on the next sweep
+            logger.warning("could not enqueue image %s; will retry on the next sweep", image_id)
+            break
+        LesionImage.objects.filter(pk=image_id, state=ImageState.QUEUED).update(enqueued_at=now)
+        requeued += 1
+    if reclaimed or requeued:
+        logger.info("sweeper: %d dead claims returned to the queue, %d images enqueued again", reclaimed, requeued)
+    return {"reclaimed": reclaimed, "requeued": requeued}

@@ -1,0 +1,127 @@
+"""The worker side of an upload: claim it, run the active model, record the prediction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from ..models import ImageState, LesionImage, ModelVersion, Prediction
+from .images import claim_image, fail_image
+from .registry import active_model_version, cached_weights_path
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _LoadedPredictor:
+    key: tuple[int, str]
+    predictor: object
+
+
+_predictor_lock = threading.Lock()
+_loaded: _LoadedPredictor | None = None
+
+
+def predictor_for(model_version: ModelVersion):
+    """The process-wide Predictor for this version; loading a new version drops the old one."""
+    global _loaded
+    key = (model_version.pk, model_version.weights_sha256)
+    with _predictor_lock:
+        if _loaded is None or _loaded.key != key:
+            from mlcore.inference import Predictor
+
+            path = cached_weights_path(model_version)
+            _loaded = None  # release the old model before loading the new one
+            _loaded = _LoadedPredictor(key, Predictor.from_checkpoint(path, device=settings.INFERENCE_DEVICE))
+            logger.info("loaded model %s on %s", model_version.version, _loaded.predictor.device)
+        return _loaded.predictor
+
+
+def record_prediction(*, image: LesionImage, model_version: ModelVersion, result, inference_ms: float) -> Prediction:
+    """Idempotent: one Prediction per (image, model version), and the image ends done."""
+    with transaction.atomic():
+        prediction, _ = Prediction.objects.update_or_create(
+            image=image,
+            model_version=model_version,
+            defaults={
+                "probability_malignant": result.probability_malignant,
+                "label": result.label,
+                "threshold": result.threshold,
+                "probabilities": result.probabilities,
+                "inference_ms": inference_ms,
+            },
+        )
+        LesionImage.objects.filter(pk=image.pk).exclude(state=ImageState.DONE).update(
+            state=ImageState.DONE, error="", processed_at=timezone.now(), claimed_at=None
+        )
+    return prediction
+
+
+class TransientError(Exception):
+    """Raised for failures worth retrying (database or storage briefly unavailable)."""
+
+
+def process_image(*, image_id: str, worker_id: str) -> str:
+    """Returns 'done', 'failed' or 'skipped' (another worker has it, or it is finished)."""
+    from django.db import InterfaceError, OperationalError
+
+    from mlcore.preprocessing import ImageValidationError, decode_image
+
+    image = claim_image(image_id=image_id, worker_id=worker_id)
+    if image is None:
+        return "skipped"
+    if image.attempts > settings.MAX_PROCESSING_ATTEMPTS:
+        fail_image(
+            image_id=image_id,
+            reason=f"Processing was started {image.attempts - 1} times and never finished; "
+            "the image may be too large or damaged. Upload it again or contact support.",
+        )
+        return "failed"
+    model_version = active_model_version()
+    if model_version is None:
+        fail_image(image_id=image_id, reason="No model is active. An administrator must activate a model version.")
+        return "failed"
+    try:
+        predictor = predictor_for(model_version)
+        with image.file.open("rb") as handle:
+            data = handle.read()
+        decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
+                               max_pixels=settings.MAX_IMAGE_PIXELS)
+        started = time.perf_counter()
+        result = predictor.predict([decoded.image])[0]
+        inference_ms = (time.perf_counter() - started) * 1000
+    except ImageValidationError as exc:
+        fail_image(image_id=image_id, reason=f"The stored image could not be read: {exc.message}")
+        return "failed"
+    except (OperationalError, InterfaceError, ConnectionError, TimeoutError) as exc:
+        from .images import release_image
+
+        try:
+            release_image(image_id=image_id)
+        except Exception:  # the database itself is down; the sweeper will recover the claim
+            logger.warning("could not release image %s after a transient error", image_id)
+        raise TransientError(str(exc)) from exc
+    except FileNotFoundError:
+        fail_image(image_id=image_id, reason="The stored image file is missing. Upload it again.")
+        return "failed"
+    except Exception as exc:
+        from celery.exceptions import SoftTimeLimitExceeded
+
+        if isinstance(exc, SoftTimeLimitExceeded):
+            fail_image(image_id=image_id, reason="The model took too long on this image and was stopped.")
+            return "failed"
+        logger.exception("model failed on image %s", image_id)
+        fail_image(
+            image_id=image_id,
+            reason=f"The model could not process this image (internal error: {type(exc).__name__}). "
+            "The team has been notified in the logs.",
+        )
+        return "failed"
+    record_prediction(image=image, model_version=model_version, result=result, inference_ms=inference_ms)
+    return "done"

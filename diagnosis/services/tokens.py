@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+
+from ..models import ApiToken, AuditEvent
+from .audit import record_event
+from .clinics import clinic_of
+
+
+def create_api_token(*, user, name: str, expires_in_days: int | None = -1, actor=None,
+                     via: str = "cli") -> tuple[ApiToken, str]:
+    """Create a named token; the plain token is returned once and only its digest is stored.
+
+    expires_in_days: -1 for the configured default (API_TOKEN_TTL_DAYS), None for no expiry.
+    """
+    name = name.strip()
+    if not name:
+        raise ValueError("A token needs a name, e.g. the system that will use it.")
+    if expires_in_days == -1:
+        expires_in_days = settings.API_TOKEN_TTL_DAYS or None
+    if expires_in_days is not None and expires_in_days <= 0:
+        raise ValueError("A token's lifetime must be a positive number of days.")
+    expiry = timedelta(days=expires_in_days) if expires_in_days else None
+    with transaction.atomic():
+        token, plain = ApiToken.objects.create(user=user, expiry=expiry, name=name)
+        record_event(actor=actor or user, action=AuditEvent.Action.CREATE_TOKEN, obj=token,
+                     clinic=clinic_of(user), via=via)
+    return token, plain
+
+
+def revoke_api_token(*, token: ApiToken, actor=None, via: str = "cli") -> None:
+    with transaction.atomic():
+        record_event(actor=actor or token.user, action=AuditEvent.Action.REVOKE_TOKEN, obj=token,
+                     clinic=clinic_of(token.user), via=via)
+        token.delete()

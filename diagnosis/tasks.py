@@ -1,0 +1,28 @@
+"""Thin Celery tasks: take primary keys, call one service."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from .services.images import requeue_stale_images
+from .services.predictions import TransientError, process_image
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(TransientError,),
+    max_retries=3,
+    retry_backoff=2,
+    retry_backoff_max=30,
+    soft_time_limit=120,
+    time_limit=180,
+)
+def predict_image_task(self, image_id: str) -> str:
+    return process_image(image_id=image_id, worker_id=f"{self.request.hostname}:{self.request.id}")
+
+
+@shared_task(soft_time_limit=60, time_limit=90)
+def requeue_stale_images_task() -> dict[str, int]:
+    return requeue_stale_images()

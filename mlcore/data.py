@@ -1,0 +1,159 @@
+"""Synthetic skin lesions whose classes differ the way melanomas differ from benign moles.
+
+The ABCD rule of dermoscopy scores Asymmetry, Border irregularity, Colour variegation and
+Diameter. Each generated lesion draws a latent severity (benign ~ Beta(2, 5), malignant ~
+Beta(5, 2)) and derives all four from it with noise, so the classes overlap like atypical naevi
+and early melanomas do: a model can learn real signal, but not reach a perfect score. Skin tone,
+lighting, hairs, position and elongation vary independently of the class, as nuisances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter
+
+CLASS_NAMES = ("benign", "malignant")
+
+_SKIN_TONES = np.array(
+    [(241, 213, 190), (228, 190, 160), (212, 165, 130), (190, 140, 105), (160, 110, 80), (120, 80, 58)],
+    dtype=np.float64,
+)
+_BENIGN_BROWNS = np.array([(150, 100, 65), (125, 80, 50), (170, 120, 80), (110, 70, 45)], dtype=np.float64)
+_MALIGNANT_PALETTE = np.array(
+    [(60, 35, 25), (25, 18, 18), (140, 60, 50), (95, 105, 125), (165, 115, 80), (100, 55, 35)],
+    dtype=np.float64,
+)
+
+
+@dataclass(frozen=True)
+class SyntheticLesion:
+    image: Image.Image
+    mask: np.ndarray  # bool, True inside the lesion
+    malignant: bool
+    severity: float
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    grid = rng.random((cells, cells)).astype(np.float32)
+    field = Image.fromarray(grid, mode="F").resize((size, size), Image.Resampling.BICUBIC)
+    array = np.asarray(field, dtype=np.float64)
+    return (array - array.min()) / max(array.max() - array.min(), 1e-6)
+
+
+def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 128) -> SyntheticLesion:
+    severity = float(rng.beta(5, 2) if malignant else rng.beta(2, 5))
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+
+    # Skin: a tone, a lighting gradient and fine texture, independent of the class.
+    tone = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.92, 1.06, size=3)
+    angle = rng.uniform(0, 2 * np.pi)
+    gradient = ((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size
+    lighting = 1.0 + rng.uniform(0.05, 0.2) * gradient
+    texture = 1.0 + 0.04 * (_smooth_noise(rng, size, size // 4) - 0.5) + rng.normal(0, 0.012, (size, size))
+    skin = tone[None, None, :] * (lighting * texture)[:, :, None]
+
+    # Diameter: grows with severity.
+    radius = size * (0.11 + 0.17 * severity + rng.normal(0, 0.025))
+    radius = float(np.clip(radius, size * 0.08, size * 0.38))
+    cx = size / 2 + rng.normal(0, size * 0.05)
+    cy = size / 2 + rng.normal(0, size * 0.05)
+    dx, dy = xx - cx, yy - cy
+    theta = np.arctan2(dy, dx)
+    elongation = rng.uniform(0.8, 1.2)
+    rot = rng.uniform(0, np.pi)
+    u = dx * np.cos(rot) + dy * np.sin(rot)
+    v = -dx * np.sin(rot) + dy * np.cos(rot)
+    distance = np.sqrt((u / elongation) ** 2 + (v * elongation) ** 2)
+
+    # Asymmetry (low harmonics) and border irregularity (high harmonics) grow with severity.
+    boundary = np.ones_like(theta)
+    for k in (1, 2, 3):
+        amplitude = max(0.0, rng.normal(0.02 + 0.16 * severity, 0.03)) / k
+        boundary += amplitude * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    for k in range(5, 17):
+        amplitude = max(0.0, rng.normal(0.002 + 0.022 * severity, 0.006))
+        boundary += amplitude * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
+    edge = radius * boundary
+    softness = 0.6 + 2.5 * (1.0 - severity) * rng.uniform(0.5, 1.0)
+    alpha = 1.0 / (1.0 + np.exp((distance - edge) / softness))
+    mask = distance <= edge
+
+    # Colour: one brown with a gentle radial fall-off when benign; several blotchy colours when not.
+    radial = np.clip(distance / np.maximum(edge, 1e-6), 0, 1)
+    base = _BENIGN_BROWNS[rng.integers(len(_BENIGN_BROWNS))] * rng.uniform(0.85, 1.15)
+    lesion = base[None, None, :] * (0.9 + 0.2 * radial)[:, :, None]
+    n_colours = int(np.clip(round(1 + 4 * severity + rng.normal(0, 0.7)), 1, 5))
+    if n_colours > 1:
+        chosen = rng.choice(len(_MALIGNANT_PALETTE), size=n_colours - 1, replace=False)
+        for index in chosen:
+            blotch = _smooth_noise(rng, size, int(rng.integers(3, 7)))
+            weight = np.clip((blotch - rng.uniform(0.45, 0.7)) * 4.0, 0, 1) * (0.5 + 0.5 * severity)
+            lesion = lesion * (1 - weight[:, :, None]) + _MALIGNANT_PALETTE[index][None, None, :] * weight[:, :, None]
+    lesion *= (1.0 + rng.normal(0, 0.03, (size, size)))[:, :, None]
+
+    pixels = skin * (1 - alpha[:, :, None]) + lesion * alpha[:, :, None]
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+
+    # Hairs cross skin and lesion alike.
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(0, 4))):
+        points = rng.uniform(-0.1 * size, 1.1 * size, size=(3, 2))
+        ts = np.linspace(0, 1, 24)[:, None]
+        curve = (1 - ts) ** 2 * points[0] + 2 * (1 - ts) * ts * points[1] + ts**2 * points[2]
+        shade = int(rng.integers(20, 70))
+        draw.line([tuple(p) for p in curve], fill=(shade, shade - 10 if shade > 10 else 0, 0), width=1)
+    image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.2, 0.7)))
+    return SyntheticLesion(image=image, mask=mask, malignant=malignant, severity=severity)
+
+
+class SyntheticLesions(Sequence[tuple[Image.Image, int]]):
+    """A deterministic, balanced, map-style data set: item i is always the same image.
+
+    It needs no torch, but a torch DataLoader can index it directly.
+    """
+
+    def __init__(self, count: int, *, size: int = 128, seed: int = 0) -> None:
+        self.count = count
+        self.size = size
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def lesion(self, index: int) -> SyntheticLesion:
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        rng = np.random.default_rng([self.seed, index])
+        return generate_lesion(rng, malignant=bool(index % 2), size=self.size)
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, int]:  # type: ignore[override]
+        lesion = self.lesion(index)
+        return lesion.image, int(lesion.malignant)
+
+    def __iter__(self) -> Iterator[tuple[Image.Image, int]]:
+        for index in range(self.count):
+            yield self[index]
+
+    @property
+    def labels(self) -> list[int]:
+        return [index % 2 for index in range(self.count)]
+
+
+def write_image_folder(
+    root: str | Path, *, splits: dict[str, int], size: int = 128, seed: int = 0, image_format: str = "JPEG"
+) -> Path:
+    """Write an ImageFolder tree, e.g. ``splits={"train": 200, "test": 50}`` gives train/{benign,malignant}/..."""
+    root = Path(root)
+    extension = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}[image_format]
+    for offset, (split, count) in enumerate(splits.items()):
+        data = SyntheticLesions(count, size=size, seed=seed * 1000 + offset)
+        for index in range(count):
+            image, label = data[index]
+            folder = root / split / CLASS_NAMES[label]
+            folder.mkdir(parents=True, exist_ok=True)
+            image.save(folder / f"{split}_{index:05d}.{extension}", format=image_format)
+    return root

@@ -1,0 +1,94 @@
+"""Predictor: load a checkpoint once, predict batches under inference_mode (bf16 autocast on CUDA)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from PIL import Image
+
+from .model import CheckpointMeta, load_checkpoint
+from .preprocessing import TransformSpec, to_tensor
+
+
+def select_device(preference: str | None = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else the CPU; anything else is taken literally ('cpu', 'cuda:1')."""
+    preference = (preference or "auto").strip().lower()
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {preference!r} was requested but CUDA is not available")
+    return device
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    probability_malignant: float
+    label: str
+    threshold: float
+    probabilities: dict[str, float]
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, *, device: str | None = "auto",
+                 max_batch_size: int = 32) -> None:
+        self.meta = meta
+        self.device = select_device(device)
+        self.max_batch_size = max_batch_size
+        self.spec = TransformSpec(meta.input_size, meta.mean, meta.std)
+        model = model.to(self.device).eval()
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+
+    @classmethod
+    def from_checkpoint(cls, source: str | Path | BinaryIO | bytes, **kwargs: object) -> Predictor:
+        model, meta = load_checkpoint(source)
+        return cls(model, meta, **kwargs)  # type: ignore[arg-type]
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        return to_tensor(image, self.spec)
+
+    @torch.inference_mode()
+    def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
+        """Softmax probabilities for a preprocessed batch, as float32 on the CPU."""
+        outputs = []
+        for chunk in batch.split(self.max_batch_size):
+            chunk = chunk.to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                logits = self.model(chunk)
+            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+        return torch.cat(outputs)
+
+    def predict(self, images: Sequence[Image.Image]) -> list[PredictionResult]:
+        if not images:
+            return []
+        probabilities = self.predict_tensors(torch.stack([self.preprocess(image) for image in images]))
+        positive = self.meta.positive_index
+        negative_label = next(name for name in self.meta.class_names if name != self.meta.positive_class)
+        results = []
+        for row in probabilities.tolist():
+            p = float(row[positive])
+            results.append(
+                PredictionResult(
+                    probability_malignant=p,
+                    label=self.meta.positive_class if p >= self.meta.threshold else negative_label,
+                    threshold=self.meta.threshold,
+                    probabilities=dict(zip(self.meta.class_names, (float(v) for v in row), strict=True)),
+                )
+            )
+        return results
+
+
+def configure_torch_threads(default: int | None = None) -> int:
+    """Size torch's intra-op pool to the cores this process really has (a prefork child shares them)."""
+    threads = int(os.environ.get("TORCH_NUM_THREADS", "0") or 0) or default or (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+    return torch.get_num_threads()

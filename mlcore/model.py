@@ -1,0 +1,166 @@
+"""Build ResNet classifiers and save/load self-describing checkpoints.
+
+A checkpoint is a plain dict of tensors and primitive values, loaded with
+``torch.load(weights_only=True)`` so that a checkpoint file can never execute code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import torch
+from torch import nn
+from torchvision import models as tv_models
+from torchvision.models.resnet import BasicBlock
+
+CHECKPOINT_FORMAT = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_CLASS_NAMES = ("benign", "malignant")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt or describes a model we cannot build."""
+
+
+class TinyResNet(nn.Module):
+    """A ResNet with the torchvision layout (conv1, bn1, layer1..4, fc) but narrow and shallow.
+
+    It exists so tests can train and explain a real residual network in seconds on a CPU; code
+    that walks ``layer4`` (Grad-CAM) or replaces ``fc`` treats it like any torchvision ResNet.
+    """
+
+    def __init__(self, num_classes: int = 2, widths: tuple[int, ...] = (8, 16, 32, 64)) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        in_planes = widths[0]
+        for index, width in enumerate(widths, start=1):
+            stride = 1 if index == 1 else 2
+            downsample = None
+            if stride != 1 or in_planes != width:
+                downsample = nn.Sequential(
+                    nn.Conv2d(in_planes, width, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm2d(width),
+                )
+            setattr(self, f"layer{index}", nn.Sequential(BasicBlock(in_planes, width, stride, downsample)))
+            in_planes = width
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(in_planes, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+_TORCHVISION_ARCHITECTURES = {
+    "resnet18": tv_models.resnet18,
+    "resnet34": tv_models.resnet34,
+    "resnet50": tv_models.resnet50,
+}
+ARCHITECTURES = (*_TORCHVISION_ARCHITECTURES, "resnet_tiny")
+
+
+def build_model(arch: str, *, num_classes: int = 2, pretrained_weights: str | Path | None = None) -> nn.Module:
+    """Build an untrained (or ImageNet-initialised, from a local file) ResNet with a new head."""
+    if arch == "resnet_tiny":
+        if pretrained_weights is not None:
+            raise CheckpointError("resnet_tiny has no ImageNet weights")
+        return TinyResNet(num_classes=num_classes)
+    try:
+        factory = _TORCHVISION_ARCHITECTURES[arch]
+    except KeyError:
+        raise CheckpointError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+    model = factory(weights=None)
+    if pretrained_weights is not None:
+        state = torch.load(Path(pretrained_weights), map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    model.fc = nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+@dataclass
+class CheckpointMeta:
+    arch: str
+    input_size: int
+    class_names: tuple[str, ...] = DEFAULT_CLASS_NAMES
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    threshold: float = 0.5
+    positive_class: str = "malignant"
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.class_names = tuple(self.class_names)
+        self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
+        self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
+        if self.positive_class not in self.class_names:
+            raise CheckpointError(f"positive class {self.positive_class!r} is not among {self.class_names}")
+        if not 0.0 < self.threshold < 1.0:
+            raise CheckpointError(f"threshold must lie strictly between 0 and 1, not {self.threshold}")
+        if self.input_size < 16:
+            raise CheckpointError(f"input size {self.input_size} is too small")
+
+    @property
+    def positive_index(self) -> int:
+        return self.class_names.index(self.positive_class)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["class_names"] = list(self.class_names)
+        data["mean"] = list(self.mean)
+        data["std"] = list(self.std)
+        return data
+
+
+def save_checkpoint(model: nn.Module, meta: CheckpointMeta, destination: str | Path | BinaryIO) -> None:
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "meta": meta.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    torch.save(payload, destination)
+
+
+def checkpoint_bytes(model: nn.Module, meta: CheckpointMeta) -> bytes:
+    buffer = io.BytesIO()
+    save_checkpoint(model, meta, buffer)
+    return buffer.getvalue()
+
+
+def load_checkpoint(source: str | Path | BinaryIO | bytes) -> tuple[nn.Module, CheckpointMeta]:
+    """Load a checkpoint into an eval-mode model on the CPU."""
+    if isinstance(source, bytes):
+        source = io.BytesIO(source)
+    try:
+        payload = torch.load(source, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # torch raises many types for a corrupt or hostile file
+        raise CheckpointError(f"not a readable checkpoint: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError("not a checkpoint written by mlcore (missing or unknown 'format')")
+    try:
+        meta = CheckpointMeta(**payload["meta"])
+        model = build_model(meta.arch, num_classes=len(meta.class_names))
+        model.load_state_dict(payload["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint does not match its declared architecture: {exc}") from exc
+    model.eval()
+    return model, meta
+
+
+def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,184 @@
+"""A small, seeded training loop: enough to produce the demo model, shaped to grow into full training.
+
+Items are (PIL image, label) pairs; the eval transform is the one serving uses, with augmentation
+applied before it during training only.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2 as T
+from tqdm import tqdm
+
+from . import metrics
+from .inference import select_device
+from .model import CheckpointMeta, build_model
+from .preprocessing import TransformSpec, resize_for_model, to_tensor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "resnet18"
+    input_size: int = 128
+    epochs: int = 4
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    patience: int = 3
+    target_sensitivity: float = 0.90
+    device: str = "auto"
+    class_names: tuple[str, ...] = ("benign", "malignant")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    meta: CheckpointMeta
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _TransformedItems(Dataset):
+    def __init__(self, items: Sequence[tuple[Image.Image, int]], transform: Callable[[Image.Image], torch.Tensor]):
+        self.items = items
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, label = self.items[index]
+        return self.transform(image), label
+
+
+def augmentation(input_size: int) -> Callable[[Image.Image], Image.Image]:
+    augment = T.Compose(
+        [
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomRotation(20),
+            T.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1, hue=0.02),
+        ]
+    )
+    return lambda image: augment(resize_for_model(image, input_size))
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+@torch.inference_mode()
+def predict_probabilities(
+    model: nn.Module, items: Sequence[tuple[Image.Image, int]], spec: TransformSpec, *, positive_index: int = 1
+) -> np.ndarray:
+    model.eval()
+    device = next(model.parameters()).device
+    loader = DataLoader(_TransformedItems(items, lambda im: to_tensor(im, spec)), batch_size=64)
+    scores = []
+    for batch, _ in loader:
+        logits = model(batch.to(device))
+        scores.append(torch.softmax(logits.float(), dim=1)[:, positive_index].cpu().numpy())
+    return np.concatenate(scores)
+
+
+def train_classifier(
+    train_items: Sequence[tuple[Image.Image, int]],
+    val_items: Sequence[tuple[Image.Image, int]],
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+) -> TrainResult:
+    """Train with AdamW and a one-cycle schedule, keep the weights with the best validation AUC,
+    and set the operating threshold on validation for the target sensitivity."""
+    started = time.perf_counter()
+    generator = seed_everything(config.seed)
+    device = select_device(config.device)
+    spec = TransformSpec(config.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    augment = augmentation(config.input_size)
+    train_loader = DataLoader(
+        _TransformedItems(train_items, lambda im: to_tensor(augment(im), spec)),
+        batch_size=config.batch_size,
+        shuffle=True,
+        generator=generator,
+        drop_last=len(train_items) > config.batch_size,
+    )
+    model = build_model(config.arch, num_classes=len(config.class_names)).to(device)
+    labels = np.asarray([label for _, label in train_items])
+    # Class weighting keeps an imbalanced set from collapsing onto the majority class.
+    counts = np.bincount(labels, minlength=len(config.class_names)).astype(np.float64)
+    weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * len(train_loader))
+    )
+    val_labels = np.asarray([label for _, label in val_items])
+    best_auc, best_state, stale_epochs = -1.0, None, 0
+    history: list[dict[str, float]] = []
+    try:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            running, seen = 0.0, 0
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+            for images, targets in bar:
+                images, targets = images.to(device), targets.to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    loss = criterion(model(images), targets)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                running += float(loss.detach()) * len(targets)
+                seen += len(targets)
+                bar.set_postfix(loss=f"{running / seen:.3f}")
+            scores = predict_probabilities(model, val_items, spec)
+            val_auc = metrics.roc_auc(val_labels, scores)
+            history.append({"epoch": epoch, "loss": running / max(seen, 1), "val_auc": val_auc})
+            if progress:
+                tqdm.write(f"epoch {epoch}/{config.epochs}  loss {running / max(seen, 1):.3f}  val AUC {val_auc:.3f}")
+            if val_auc > best_auc:
+                best_auc, best_state, stale_epochs = val_auc, copy.deepcopy(model.state_dict()), 0
+            else:
+                stale_epochs += 1
+                if stale_epochs >= config.patience:
+                    break
+    except KeyboardInterrupt:
+        if best_state is None:
+            raise
+        logger.warning("training interrupted; keeping the best epoch so far")
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model = model.cpu().eval()
+    scores = predict_probabilities(model, val_items, spec)
+    threshold = metrics.threshold_for_sensitivity(val_labels, scores, config.target_sensitivity)
+    validation = metrics.summarise(val_labels, scores, threshold)
+    training: dict[str, Any] = {"config": asdict(config), "history": history, "device": str(device)}
+    meta = CheckpointMeta(
+        arch=config.arch,
+        input_size=config.input_size,
+        class_names=config.class_names,
+        threshold=threshold,
+        metrics={"validation": validation},
+        training=training,
+    )
+    return TrainResult(model=model, meta=meta, history=history, seconds=time.perf_counter() - started)

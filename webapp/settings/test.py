@@ -1,0 +1,28 @@
+"""Test settings: the real PostgreSQL and Redis of this machine, local files in a temporary folder."""
+
+from __future__ import annotations
+
+import tempfile
+
+from .base import *  # noqa: F403
+from .base import database_from_env
+from .env import env_str
+
+DEBUG = False
+SECRET_KEY = env_str("SECRET_KEY", "test-only-key")
+DATABASES = {"default": database_from_env("postgres://postgres@127.0.0.1:5432/melanoma")}
+DATABASES["default"]["CONN_MAX_AGE"] = 0
+CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/14")
+# Each process gets its own media folder unless one is given; the test suite passes its folder
+# on to the worker processes it starts.
+MEDIA_ROOT = env_str("MEDIA_ROOT", tempfile.mkdtemp(prefix="melanoma-test-media-"))
+MODEL_CACHE_DIR = env_str("MODEL_CACHE_DIR", tempfile.mkdtemp(prefix="melanoma-test-models-"))
+STORAGES = {
+    "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": MEDIA_ROOT, "base_url": None},
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
