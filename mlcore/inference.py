@@ -35,8 +35,9 @@ class PredictionResult:
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, *, device: str | None = "auto",
-                 max_batch_size: int = 32) -> None:
+    def __init__(
+        self, model: torch.nn.Module, meta: CheckpointMeta, *, device: str | None = "auto", max_batch_size: int = 32
+    ) -> None:
         self.meta = meta
         self.device = select_device(device)
         self.max_batch_size = max_batch_size

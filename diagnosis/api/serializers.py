@@ -70,7 +70,10 @@ class PredictionSerializer(serializers.ModelSerializer):
 class ImageUploadSerializer(serializers.Serializer):
     image = serializers.FileField(help_text="A JPEG, PNG or WebP photo of the lesion.", allow_empty_file=True)
     lesion = ClinicScopedPrimaryKeyField(
-        queryset=Lesion.objects.all(), required=False, allow_null=True, pk_field=serializers.UUIDField(),
+        queryset=Lesion.objects.all(),
+        required=False,
+        allow_null=True,
+        pk_field=serializers.UUIDField(),
         help_text="Optional: the lesion this photo shows.",
     )
 
@@ -85,8 +88,20 @@ class ImageSerializer(serializers.ModelSerializer):
     class Meta:
         model = LesionImage
         fields = [
-            "id", "state", "error", "status_url", "file_url", "lesion", "width", "height", "content_type",
-            "sha256", "created_at", "processed_at", "prediction", "disclaimer",
+            "id",
+            "state",
+            "error",
+            "status_url",
+            "file_url",
+            "lesion",
+            "width",
+            "height",
+            "content_type",
+            "sha256",
+            "created_at",
+            "processed_at",
+            "prediction",
+            "disclaimer",
         ]
         read_only_fields = fields
 

@@ -34,8 +34,9 @@ def client_ip(request) -> str | None:
         responses={201: PatientSerializer, **error_responses(400, 401, 403)},
     ),
 )
-class PatientViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
-                     viewsets.GenericViewSet):
+class PatientViewSet(
+    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet
+):
     serializer_class = PatientSerializer
 
     def get_queryset(self):
@@ -56,8 +57,13 @@ class PatientViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cr
 
     def retrieve(self, request, *args, **kwargs):
         patient = self.get_object()
-        record_event(actor=request.user, action=AuditEvent.Action.VIEW_PATIENT, obj=patient, via="api",
-                     ip_address=client_ip(request))
+        record_event(
+            actor=request.user,
+            action=AuditEvent.Action.VIEW_PATIENT,
+            obj=patient,
+            via="api",
+            ip_address=client_ip(request),
+        )
         return Response(self.get_serializer(patient).data)
 
 
@@ -72,8 +78,7 @@ class PatientViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cr
         summary="Add a lesion to a patient", responses={201: LesionSerializer, **error_responses(400, 401, 403)}
     ),
 )
-class LesionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
-                    viewsets.GenericViewSet):
+class LesionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
     serializer_class = LesionSerializer
 
     def get_queryset(self):
@@ -88,8 +93,11 @@ class LesionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cre
     def perform_create(self, serializer):
         data = serializer.validated_data
         serializer.instance = patient_services.create_lesion(
-            patient=data["patient"], body_site=data["body_site"], note=data.get("note", ""),
-            created_by=self.request.user, via="api",
+            patient=data["patient"],
+            body_site=data["body_site"],
+            note=data.get("note", ""),
+            created_by=self.request.user,
+            via="api",
         )
         serializer.instance.image_count = 0
 
@@ -130,8 +138,7 @@ def _uuid_param(name: str, value: str):
         responses={202: ImageSerializer, **error_responses(400, 401, 403, 503)},
     ),
 )
-class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin,
-                   viewsets.GenericViewSet):
+class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
     serializer_class = ImageSerializer
 
     def get_queryset(self):
@@ -145,7 +152,9 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             if state not in ImageState.values:
                 from rest_framework.exceptions import ValidationError
 
-                raise ValidationError({"state": [f"Unknown state {state!r}; use one of {', '.join(ImageState.values)}."]})
+                raise ValidationError(
+                    {"state": [f"Unknown state {state!r}; use one of {', '.join(ImageState.values)}."]}
+                )
             queryset = queryset.filter(state=state)
         return queryset
 
@@ -172,8 +181,13 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     def retrieve(self, request, *args, **kwargs):
         image = self.get_object()
         if image.state == ImageState.DONE:
-            record_event(actor=request.user, action=AuditEvent.Action.VIEW_IMAGE, obj=image, via="api",
-                         ip_address=client_ip(request))
+            record_event(
+                actor=request.user,
+                action=AuditEvent.Action.VIEW_IMAGE,
+                obj=image,
+                via="api",
+                ip_address=client_ip(request),
+            )
         return Response(self.get_serializer(image).data)
 
     @extend_schema(
@@ -187,11 +201,18 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     @action(detail=True, methods=["get"], url_path="file", url_name="file")
     def file(self, request, pk=None):
         image = self.get_object()
-        record_event(actor=request.user, action=AuditEvent.Action.DOWNLOAD_IMAGE, obj=image, via="api",
-                     ip_address=client_ip(request))
+        record_event(
+            actor=request.user,
+            action=AuditEvent.Action.DOWNLOAD_IMAGE,
+            obj=image,
+            via="api",
+            ip_address=client_ip(request),
+        )
         extension = "jpg" if image.content_type == "image/jpeg" else "png"
         response = FileResponse(
-            image.file.open("rb"), as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
+            image.file.open("rb"),
+            as_attachment=True,
+            filename=f"lesion-image-{image.pk}.{extension}",
             content_type=image.content_type,
         )
         response["X-Content-Type-Options"] = "nosniff"

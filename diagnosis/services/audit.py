@@ -13,6 +13,7 @@ def record_event(
     clinic: Clinic | None = None,
     via: str = "",
     ip_address: str | None = None,
+    object_id: str | None = None,
 ) -> AuditEvent:
     if clinic is None and obj is not None:
         clinic = getattr(obj, "clinic", None)
@@ -23,7 +24,7 @@ def record_event(
         clinic=clinic,
         action=action,
         object_type=obj._meta.model_name if obj is not None else "",
-        object_id=str(obj.pk) if obj is not None else "",
+        object_id=object_id if object_id is not None else (str(obj.pk) if obj is not None else ""),
         via=via,
         ip_address=ip_address,
     )

@@ -20,8 +20,9 @@ def clinic_of(user) -> Clinic | None:
 
 
 @transaction.atomic
-def create_clinician(*, clinic: Clinic, username: str, password: str | None, email: str = "",
-                     role: str = ClinicMembership.Role.CLINICIAN):
+def create_clinician(
+    *, clinic: Clinic, username: str, password: str | None, email: str = "", role: str = ClinicMembership.Role.CLINICIAN
+):
     user_model = get_user_model()
     user = user_model.objects.create_user(username=username, email=email, password=password)
     ClinicMembership.objects.create(user=user, clinic=clinic, role=role)

@@ -25,6 +25,7 @@ def create_lesion(*, patient: Patient, body_site: str, note: str = "", created_b
     lesion.full_clean(exclude=["patient", "created_by"])
     with transaction.atomic():
         lesion.save()
-        record_event(actor=created_by, action=AuditEvent.Action.CREATE_LESION, obj=lesion, clinic=patient.clinic,
-                     via=via)
+        record_event(
+            actor=created_by, action=AuditEvent.Action.CREATE_LESION, obj=lesion, clinic=patient.clinic, via=via
+        )
     return lesion

@@ -91,8 +91,9 @@ def process_image(*, image_id: str, worker_id: str) -> str:
         predictor = predictor_for(model_version)
         with image.file.open("rb") as handle:
             data = handle.read()
-        decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
-                               max_pixels=settings.MAX_IMAGE_PIXELS)
+        decoded = decode_image(
+            data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)), max_pixels=settings.MAX_IMAGE_PIXELS
+        )
         started = time.perf_counter()
         result = predictor.predict([decoded.image])[0]
         inference_ms = (time.perf_counter() - started) * 1000

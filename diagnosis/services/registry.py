@@ -19,8 +19,9 @@ from ..models import AuditEvent, ModelVersion
 from .audit import record_event
 
 
-def register_model(*, checkpoint: bytes, version: str | None = None, activate: bool = False, actor=None,
-                   via: str = "cli") -> ModelVersion:
+def register_model(
+    *, checkpoint: bytes, version: str | None = None, activate: bool = False, actor=None, via: str = "cli"
+) -> ModelVersion:
     """Check that a checkpoint loads and predicts, store it, and record a ModelVersion."""
     from mlcore.data import generate_lesion
     from mlcore.inference import Predictor
@@ -65,9 +66,7 @@ def register_model(*, checkpoint: bytes, version: str | None = None, activate: b
 def activate_model(*, model_version: ModelVersion, actor=None, via: str = "cli") -> ModelVersion:
     """Make one version active. Workers read the active version before every task, so they switch
     without a restart."""
-    ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=model_version.pk).update(
-        is_active=False
-    )
+    ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=model_version.pk).update(is_active=False)
     model_version.is_active = True
     model_version.activated_at = timezone.now()
     model_version.save(update_fields=["is_active", "activated_at"])

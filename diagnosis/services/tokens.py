@@ -10,8 +10,9 @@ from .audit import record_event
 from .clinics import clinic_of
 
 
-def create_api_token(*, user, name: str, expires_in_days: int | None = -1, actor=None,
-                     via: str = "cli") -> tuple[ApiToken, str]:
+def create_api_token(
+    *, user, name: str, expires_in_days: int | None = -1, actor=None, via: str = "cli"
+) -> tuple[ApiToken, str]:
     """Create a named token; the plain token is returned once and only its digest is stored.
 
     expires_in_days: -1 for the configured default (API_TOKEN_TTL_DAYS), None for no expiry.
@@ -26,13 +27,25 @@ def create_api_token(*, user, name: str, expires_in_days: int | None = -1, actor
     expiry = timedelta(days=expires_in_days) if expires_in_days else None
     with transaction.atomic():
         token, plain = ApiToken.objects.create(user=user, expiry=expiry, name=name)
-        record_event(actor=actor or user, action=AuditEvent.Action.CREATE_TOKEN, obj=token,
-                     clinic=clinic_of(user), via=via)
+        record_event(
+            actor=actor or user,
+            action=AuditEvent.Action.CREATE_TOKEN,
+            obj=token,
+            object_id=token.token_key,
+            clinic=clinic_of(user),
+            via=via,
+        )
     return token, plain
 
 
 def revoke_api_token(*, token: ApiToken, actor=None, via: str = "cli") -> None:
     with transaction.atomic():
-        record_event(actor=actor or token.user, action=AuditEvent.Action.REVOKE_TOKEN, obj=token,
-                     clinic=clinic_of(token.user), via=via)
+        record_event(
+            actor=actor or token.user,
+            action=AuditEvent.Action.REVOKE_TOKEN,
+            obj=token,
+            object_id=token.token_key,
+            clinic=clinic_of(token.user),
+            via=via,
+        )
         token.delete()

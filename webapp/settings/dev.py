@@ -27,4 +27,5 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "polling_interval": env_float("FILESYSTEM_BROKER_POLL_SECONDS", 0.1),
     }
 
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405 - whitenoise warns when it is missing
 EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"

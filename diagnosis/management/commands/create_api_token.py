@@ -11,8 +11,9 @@ class Command(BaseCommand):
         parser.add_argument("username")
         parser.add_argument("--name", default="api", help="What the token is for, e.g. 'hospital-pacs'.")
         lifetime = parser.add_mutually_exclusive_group()
-        lifetime.add_argument("--expires-days", type=int, default=-1,
-                              help="Lifetime in days (default: API_TOKEN_TTL_DAYS).")
+        lifetime.add_argument(
+            "--expires-days", type=int, default=-1, help="Lifetime in days (default: API_TOKEN_TTL_DAYS)."
+        )
         lifetime.add_argument("--no-expiry", action="store_true", help="A token that never expires.")
 
     def handle(self, *args, **options):
@@ -22,7 +23,9 @@ class Command(BaseCommand):
             raise CommandError(f"No user named {options['username']!r}.") from None
         try:
             token, plain = create_api_token(
-                user=user, name=options["name"], expires_in_days=None if options["no_expiry"] else options["expires_days"]
+                user=user,
+                name=options["name"],
+                expires_in_days=None if options["no_expiry"] else options["expires_days"],
             )
         except ValueError as exc:
             raise CommandError(str(exc)) from None

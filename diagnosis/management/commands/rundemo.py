@@ -45,7 +45,9 @@ class Command(BaseCommand):
             clinician_password=clinician_password, admin_password=admin_password
         )
         training = DemoTraining(
-            arch=options["arch"], input_size=options["input_size"], train_images=options["train_images"],
+            arch=options["arch"],
+            input_size=options["input_size"],
+            train_images=options["train_images"],
             epochs=options["epochs"],
         )
         if active_model_version() is None:
@@ -71,25 +73,60 @@ class Command(BaseCommand):
         self._serve(url, options, log_dir, clinician_password, admin_password, token, model_version.version)
 
     def _serve(self, url, options, log_dir, clinician_password, admin_password, token, version):
-        env = {**os.environ, "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "webapp.settings.dev"),
-               "CELERY_WORKER_CONCURRENCY": "1", "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "webapp.settings.dev"),
+            "CELERY_WORKER_CONCURRENCY": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
         manage = str(Path(settings.BASE_DIR) / "manage.py")
         worker_log = open(log_dir / "worker.log", "ab")  # noqa: SIM115 - closed in finally
         web_log = open(log_dir / "web.log", "ab")  # noqa: SIM115
         processes: list[subprocess.Popen] = []
         try:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--beat",
-                 "--schedule", str(Path(settings.VAR_DIR) / "celerybeat-schedule"),
-                 "-Q", "inference,explain,default", "--concurrency", "1", "--loglevel", "INFO",
-                 "--hostname", "demo@%h"],
-                cwd=settings.BASE_DIR, env=env, stdout=worker_log, stderr=subprocess.STDOUT,
-            ))
-            processes.append(subprocess.Popen(
-                [sys.executable, manage, "runserver", f"{options['host']}:{options['port']}", "--noreload",
-                 "--skip-checks"],
-                cwd=settings.BASE_DIR, env=env, stdout=web_log, stderr=subprocess.STDOUT,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "celery",
+                        "-A",
+                        "webapp",
+                        "worker",
+                        "--beat",
+                        "--schedule",
+                        str(Path(settings.VAR_DIR) / "celerybeat-schedule"),
+                        "-Q",
+                        "inference,explain,default",
+                        "--concurrency",
+                        "1",
+                        "--loglevel",
+                        "INFO",
+                        "--hostname",
+                        "demo@%h",
+                    ],
+                    cwd=settings.BASE_DIR,
+                    env=env,
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        manage,
+                        "runserver",
+                        f"{options['host']}:{options['port']}",
+                        "--noreload",
+                        "--skip-checks",
+                    ],
+                    cwd=settings.BASE_DIR,
+                    env=env,
+                    stdout=web_log,
+                    stderr=subprocess.STDOUT,
+                )
+            )
             self._wait_for_web(url, processes, log_dir)
             self._banner(url, clinician_password, admin_password, token, version, log_dir)
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))

@@ -1,0 +1,47 @@
+# The two commands a new user needs: `make run` and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# pip here warns about local package mirrors it cannot use; the warnings are noise.
+PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: run test lint format install install-dev clean-var
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed-base: requirements/base.txt | $(PY)
+	$(PIP) -r requirements/base.txt $(PIP_QUIET)
+	touch $@
+
+$(VENV)/.installed-dev: requirements/base.txt requirements/dev.txt | $(PY)
+	$(PIP) -r requirements/dev.txt $(PIP_QUIET)
+	touch $@ $(VENV)/.installed-base
+
+install: $(VENV)/.installed-base
+install-dev: $(VENV)/.installed-dev
+
+## make run: install what is missing, prepare the embedded default, start web server + worker.
+run: $(VENV)/.installed-base
+	DJANGO_SETTINGS_MODULE=webapp.settings.dev $(PY) manage.py rundemo
+
+## make test: install the dev requirements, lint, and run the whole suite with a coverage summary.
+test: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest --cov --cov-report=term:skip-covered
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+## Forget the embedded default's database, files, broker and demo model.
+clean-var:
+	rm -rf var
