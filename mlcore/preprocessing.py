@@ -131,6 +131,10 @@ def decode_image(
                 "too_many_pixels", f"The image has too many pixels; the limit is {max_pixels / 1e6:.0f} megapixels."
             ) from None
         except Exception as exc:
+            if "truncated" in str(exc).lower():
+                raise ImageValidationError(
+                    "truncated_image", "The image file is truncated: part of it is missing. Upload it again."
+                ) from None
             raise ImageValidationError("corrupt_image", f"The image header is damaged ({exc}).") from None
 
         width, height = image.size

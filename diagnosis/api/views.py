@@ -174,7 +174,9 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             )
         except ImageValidationError as exc:
             raise InvalidImage(exc.code, exc.message) from None
-        image = self.get_queryset().get(pk=image.pk)
+        # Describe the upload as accepted (queued, no prediction), even if a fast worker has already
+        # claimed it by now: the status URL is where progress is read.
+        image._prefetched_objects_cache = {"predictions": Prediction.objects.none()}
         data = ImageSerializer(image, context={"request": request}).data
         return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": data["status_url"]})
 

@@ -144,6 +144,9 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 KNOX_TOKEN_MODEL = "diagnosis.ApiToken"
+# knox's own migrations create its default AuthToken table even when the model is swapped out;
+# that stray table references auth_user and breaks TRUNCATE. Our ApiToken replaces it entirely.
+MIGRATION_MODULES = {"knox": None}
 REST_KNOX = {
     "TOKEN_TTL": timedelta(days=API_TOKEN_TTL_DAYS) if API_TOKEN_TTL_DAYS > 0 else None,
     "TOKEN_PREFIX": "mlt_",

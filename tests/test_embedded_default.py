@@ -1,0 +1,82 @@
+"""`make run`'s embedded default, end to end: `manage.py rundemo` with SQLite, the filesystem
+broker and local files, a real web server and a real worker, then a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import ROOT, lesion_jpeg, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_rundemo_serves_the_api_with_sqlite_and_filesystem_broker(tmp_path):
+    port = free_port()
+    var_dir = tmp_path / "var"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DATABASE_URL", "CELERY_BROKER_URL", "MEDIA_ROOT", "MODEL_CACHE_DIR", "STATIC_ROOT")
+    }
+    env.update({"DJANGO_SETTINGS_MODULE": "webapp.settings.dev", "VAR_DIR": str(var_dir), "PYTHONUNBUFFERED": "1"})
+    output = tmp_path / "rundemo.out"
+    with open(output, "wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "rundemo", "--port", str(port), "--arch", "resnet_tiny",
+             "--input-size", "64", "--train-images", "120", "--epochs", "1"],
+            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        wait_for(
+            lambda: "Press Ctrl-C" in output.read_text() or process.poll() is not None, 180, message="rundemo banner"
+        )
+        banner = output.read_text()
+        assert process.poll() is None, banner
+        token = re.search(r"API token:\s+(mlt_\w+)", banner).group(1)
+        assert f"http://127.0.0.1:{port}/" in banner
+        assert "demo / demo-clinician" in banner
+        assert (var_dir / "db.sqlite3").exists()
+
+        headers = {"Authorization": f"Token {token}"}
+        base = f"http://127.0.0.1:{port}"
+        response = requests.post(
+            f"{base}/api/v1/images/", headers=headers, files={"image": ("lesion.jpg", lesion_jpeg(seed=5))}, timeout=30
+        )
+        assert response.status_code == 202, response.text
+        status_url = response.json()["status_url"]
+
+        def finished():
+            body = requests.get(status_url, headers=headers, timeout=10).json()
+            return body if body["state"] in ("done", "failed") else None
+
+        body = wait_for(finished, 60, interval=0.2, message="the embedded worker to finish the upload")
+        worker_log = (var_dir / "log" / "worker.log").read_text()
+        assert body["state"] == "done", (body, worker_log[-3000:])
+        assert body["prediction"]["model_version"] == "demo-resnet_tiny-64px-seed0"
+        assert "filesystem://" in worker_log
+        stored = list(Path(var_dir / "media" / "images").glob("*.jpg"))
+        assert len(stored) == 1
+        assert requests.get(f"{base}/api/v1/images/", timeout=10).status_code == 401
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+        returncode = process.wait(timeout=60)
+    assert returncode == 0, output.read_text()[-3000:]
+    assert "Stopped." in output.read_text()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/", timeout=5)

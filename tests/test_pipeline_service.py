@@ -1,0 +1,189 @@
+"""The worker-side services, called in-process against the real database: claims, the state
+machine, idempotent predictions, failures with readable reasons, and the sweeper."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.utils import timezone
+
+from diagnosis.models import ImageState, LesionImage, ModelVersion, Prediction
+from diagnosis.services import predictions as prediction_services
+from diagnosis.services.images import claim_image, requeue_stale_images, submit_image
+from diagnosis.services.predictions import process_image, record_prediction
+from diagnosis.services.registry import activate_model, register_model
+from tests.conftest import lesion_jpeg, upload_file
+
+
+@pytest.fixture
+def queued_image(clinic, clinician):
+    return submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=3)))
+
+
+def test_process_image_records_prediction_equal_to_in_process_model(queued_image, active_model, tiny_checkpoint):
+    from mlcore.inference import Predictor
+    from mlcore.preprocessing import decode_image
+
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "done"
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.DONE and queued_image.error == ""
+    assert queued_image.processed_at is not None and queued_image.attempts == 1
+    prediction = Prediction.objects.get(image=queued_image)
+    assert prediction.model_version == active_model
+
+    stored = decode_image(queued_image.file.open("rb").read()).image
+    expected = Predictor.from_checkpoint(tiny_checkpoint, device="cpu").predict([stored])[0]
+    assert prediction.probability_malignant == pytest.approx(expected.probability_malignant, abs=1e-6)
+    assert prediction.label == expected.label
+    assert prediction.threshold == pytest.approx(active_model.threshold)
+    assert sum(prediction.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_second_claim_of_same_image_is_refused(queued_image):
+    assert claim_image(image_id=str(queued_image.pk), worker_id="w1:task-a") is not None
+    assert claim_image(image_id=str(queued_image.pk), worker_id="w2:task-b") is None
+    assert process_image(image_id=str(queued_image.pk), worker_id="w2:task-b") == "skipped"
+
+
+def test_redelivered_message_may_retake_its_own_claim(queued_image):
+    assert claim_image(image_id=str(queued_image.pk), worker_id="w1:task-a") is not None
+    again = claim_image(image_id=str(queued_image.pk), worker_id="w1:task-a")
+    assert again is not None and again.attempts == 2
+
+
+def test_stale_claim_can_be_taken_over(queued_image, settings):
+    assert claim_image(image_id=str(queued_image.pk), worker_id="dead:task") is not None
+    LesionImage.objects.filter(pk=queued_image.pk).update(
+        claimed_at=timezone.now() - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS + 1)
+    )
+    assert claim_image(image_id=str(queued_image.pk), worker_id="alive:task") is not None
+
+
+def test_done_image_is_not_processed_again(queued_image, active_model):
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "done"
+    assert process_image(image_id=str(queued_image.pk), worker_id="w2") == "skipped"
+    assert Prediction.objects.filter(image=queued_image).count() == 1
+
+
+def test_record_prediction_is_idempotent(queued_image, active_model):
+    from mlcore.inference import PredictionResult
+
+    first = PredictionResult(0.2, "benign", 0.5, {"benign": 0.8, "malignant": 0.2})
+    second = PredictionResult(0.7, "malignant", 0.5, {"benign": 0.3, "malignant": 0.7})
+    record_prediction(image=queued_image, model_version=active_model, result=first, inference_ms=1.0)
+    record_prediction(image=queued_image, model_version=active_model, result=second, inference_ms=1.0)
+    prediction = Prediction.objects.get(image=queued_image)
+    assert prediction.probability_malignant == pytest.approx(0.7)
+
+
+def test_no_active_model_fails_with_readable_reason(queued_image):
+    assert not ModelVersion.objects.filter(is_active=True).exists()
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "failed"
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.FAILED
+    assert "No model is active" in queued_image.error
+
+
+def test_corrupted_stored_file_fails_with_reason_not_a_crash(queued_image, active_model):
+    name = queued_image.file.name
+    default_storage.delete(name)
+    default_storage.save(name, ContentFile(b"\xff\xd8\xff\xe0 garbage"))
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "failed"
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.FAILED
+    assert queued_image.error.startswith("The stored image could not be read")
+
+
+def test_missing_stored_file_fails_with_reason(queued_image, active_model):
+    default_storage.delete(queued_image.file.name)
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "failed"
+    queued_image.refresh_from_db()
+    assert "missing" in queued_image.error
+
+
+def test_model_crash_fails_the_image_with_reason(queued_image, active_model, monkeypatch):
+    class ExplodingPredictor:
+        def predict(self, images):
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(prediction_services, "predictor_for", lambda model_version: ExplodingPredictor())
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "failed"
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.FAILED
+    assert "internal error: RuntimeError" in queued_image.error
+
+
+def test_image_that_keeps_killing_workers_is_failed_after_max_attempts(queued_image, active_model, settings):
+    settings.MAX_PROCESSING_ATTEMPTS = 2
+    for task in ("a", "b"):
+        assert claim_image(image_id=str(queued_image.pk), worker_id=f"w:{task}") is not None
+        LesionImage.objects.filter(pk=queued_image.pk).update(state=ImageState.QUEUED)  # as the sweeper would
+    assert process_image(image_id=str(queued_image.pk), worker_id="w:c") == "failed"
+    queued_image.refresh_from_db()
+    assert "never finished" in queued_image.error
+
+
+def test_worker_switches_to_newly_activated_model(queued_image, clinic, clinician, active_model, tiny_checkpoint):
+    from mlcore.model import CheckpointMeta, checkpoint_bytes, load_checkpoint
+
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "done"
+    model, meta = load_checkpoint(tiny_checkpoint)
+    meta.threshold = 0.01
+    newer = register_model(checkpoint=checkpoint_bytes(model, CheckpointMeta(**meta.to_dict())), version="v2")
+    activate_model(model_version=newer)
+    second = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=4)))
+    assert process_image(image_id=str(second.pk), worker_id="w1") == "done"
+    prediction = Prediction.objects.get(image=second)
+    assert prediction.model_version == newer
+    assert prediction.threshold == pytest.approx(0.01)
+    assert prediction.label == "malignant"
+    assert ModelVersion.objects.filter(is_active=True).get() == newer
+
+
+def test_sweeper_returns_dead_claims_and_reenqueues_lost_messages(queued_image, settings, monkeypatch):
+    published = []
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", published.append)  # the broker is outside
+    long_ago = timezone.now() - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS + 60)
+    assert claim_image(image_id=str(queued_image.pk), worker_id="dead:task") is not None
+    LesionImage.objects.filter(pk=queued_image.pk).update(claimed_at=long_ago)
+
+    counts = requeue_stale_images()
+    assert counts == {"reclaimed": 1, "requeued": 1}
+    assert published == [str(queued_image.pk)]
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.QUEUED and queued_image.enqueued_at is not None
+    # A fresh queued image is left alone: its message is presumably still in the queue.
+    assert requeue_stale_images() == {"reclaimed": 0, "requeued": 0}
+
+
+def test_register_model_rejects_a_file_that_is_not_a_checkpoint(db):
+    from django.core.exceptions import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot be used"):
+        register_model(checkpoint=b"definitely not a checkpoint")
+    assert ModelVersion.objects.count() == 0
+
+
+def test_only_one_model_is_active(db, tiny_checkpoint):
+    first = register_model(checkpoint=tiny_checkpoint, version="a", activate=True)
+    second = register_model(checkpoint=tiny_checkpoint, version="b", activate=True)
+    first.refresh_from_db()
+    assert not first.is_active and second.is_active
+
+
+def test_weights_cache_is_verified_by_sha256(active_model, settings, tmp_path):
+    from django.core.exceptions import ValidationError
+
+    from diagnosis.services.registry import cached_weights_path
+
+    settings.MODEL_CACHE_DIR = str(tmp_path)
+    path = cached_weights_path(active_model)
+    assert path.name == f"{active_model.weights_sha256}.pt" and path.stat().st_size > 0
+    tampered = ModelVersion.objects.get(pk=active_model.pk)
+    tampered.weights_sha256 = "0" * 64
+    with pytest.raises(ValidationError, match="do not match"):
+        cached_weights_path(tampered)
+    assert not (tmp_path / ("0" * 64 + ".pt")).exists()
