@@ -88,12 +88,18 @@ def test_jpeg_missing_only_its_last_bytes_is_rejected_with_truncated_image_code(
     assert rejection(data[:-200]).code == "truncated_image"
 
 
-def test_jpeg_cut_inside_its_header_is_rejected_with_corrupt_image_code():
-    # Cut before the scan starts: Pillow fails while still reading the header, which decode_image reports
-    # as a damaged header rather than as truncation.
-    data = encode(lesion_image(size=96), "JPEG", quality=92)
-    error = rejection(data[:100])
-    assert error.code == "corrupt_image"
+@pytest.mark.parametrize(
+    ("image_format", "kept_tail"),
+    [("JPEG", 0), ("PNG", 30), ("WEBP", 0)],
+    ids=["jpeg", "png", "webp"],
+)
+def test_upload_cut_short_at_any_point_is_rejected_never_decoded(image_format, kept_tail):
+    # Every prefix is refused (a PNG missing only its final checksum and IEND chunk has all its pixels, so the last
+    # few cuts are allowed to pass). Which code a header cut gets depends on where it falls; it must be one of these.
+    data = encode(lesion_image(size=32), image_format)
+    for length in range(1, len(data) - kept_tail):
+        error = rejection(data[:length])
+        assert error.code in {"not_an_image", "truncated_image", "corrupt_image"}, length
 
 
 def _tiff_big_endian() -> bytes:

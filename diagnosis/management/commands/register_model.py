@@ -11,7 +11,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("checkpoint", type=Path)
-        parser.add_argument("--version", help="A name for this version (default: arch, date and hash).")
+        parser.add_argument("--name", help="A name for this version (default: arch, date and hash).")
         parser.add_argument("--activate", action="store_true", help="Make it the active model at once.")
 
     def handle(self, *args, **options):
@@ -20,7 +20,7 @@ class Command(BaseCommand):
             raise CommandError(f"{path} is not a file.")
         try:
             model_version = register_model(
-                checkpoint=path.read_bytes(), version=options["version"], activate=options["activate"]
+                checkpoint=path.read_bytes(), version=options["name"], activate=options["activate"]
             )
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from None
