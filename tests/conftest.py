@@ -39,9 +39,13 @@ def require_service(name: str, host: str, port: int, how_to_start: str) -> None:
 
 
 def pytest_sessionstart(session):
-    if not reachable("127.0.0.1", 5432):
+    from django.conf import settings
+
+    database = settings.DATABASES["default"]
+    host, port = database.get("HOST") or "127.0.0.1", int(database.get("PORT") or 5432)
+    if not reachable(host, port):
         pytest.exit(
-            "PostgreSQL is not reachable at 127.0.0.1:5432 and the test database lives there. Start it with: "
+            f"PostgreSQL is not reachable at {host}:{port} and the test database lives there. Start it with: "
             "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
             returncode=1,
         )

@@ -95,3 +95,27 @@ def test_image_that_breaks_the_model_ends_failed_with_reason(celery_worker, e2e_
     assert body["state"] == "failed"
     assert "could not be read" in body["error"] and "truncated" in body["error"]
     assert body["prediction"] is None
+
+
+def test_running_worker_serves_a_newly_activated_model_without_restart(celery_worker, e2e_setup, tiny_checkpoint):
+    from diagnosis.services.registry import activate_model, register_model
+    from mlcore.model import CheckpointMeta, checkpoint_bytes, load_checkpoint
+
+    client, _, first_version = e2e_setup
+    upload = {"image": upload_file(lesion_jpeg(seed=21))}
+    first = poll_until_finished(client, client.post("/api/v1/images/", upload, format="multipart").json()["status_url"])
+    assert first["prediction"]["model_version"] == first_version.version
+
+    model, meta = load_checkpoint(tiny_checkpoint)
+    meta.threshold = 0.001  # the new version calls everything malignant: easy to tell apart
+    second_version = register_model(checkpoint=checkpoint_bytes(model, CheckpointMeta(**meta.to_dict())), version="v2")
+    activate_model(model_version=second_version)
+
+    upload = {"image": upload_file(lesion_jpeg(seed=22))}
+    second = poll_until_finished(
+        client, client.post("/api/v1/images/", upload, format="multipart").json()["status_url"]
+    )
+    assert second["prediction"]["model_version"] == "v2"
+    assert second["prediction"]["threshold"] == pytest.approx(0.001)
+    assert second["prediction"]["label"] == "malignant"
+    assert celery_worker.process.poll() is None  # the same worker process, never restarted

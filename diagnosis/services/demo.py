@@ -36,8 +36,14 @@ def ensure_demo_model(*, training: DemoTraining, progress: bool = True) -> tuple
     from mlcore.train import TrainConfig, train_classifier
 
     size = training.input_size
-    train_items = list(SyntheticLesions(training.train_images, size=size, seed=training.seed * 10 + 1))
-    val_items = list(SyntheticLesions(training.val_images, size=size, seed=training.seed * 10 + 2))
+    from tqdm import tqdm
+
+    def generate(count: int, seed: int, what: str) -> list:
+        lesions = SyntheticLesions(count, size=size, seed=seed)
+        return list(tqdm(lesions, total=count, desc=f"generating {what} lesions", disable=not progress, leave=False))
+
+    train_items = generate(training.train_images, training.seed * 10 + 1, "training")
+    val_items = generate(training.val_images, training.seed * 10 + 2, "validation")
     config = TrainConfig(arch=training.arch, input_size=size, epochs=training.epochs, seed=training.seed)
     result = train_classifier(train_items, val_items, config, progress=progress)
     result.meta.training["data"] = "synthetic lesions (mlcore.data), demo model: not for clinical use"
