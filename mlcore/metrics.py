@@ -54,9 +54,7 @@ def threshold_for_sensitivity(labels: ArrayLike, scores: ArrayLike, target_sensi
     if len(positives) == 0:
         raise ValueError("no positive cases to set a threshold on")
     needed = int(np.ceil(target_sensitivity * len(positives)))
-    threshold = float(positives[needed - 1])
-    # keep strictly inside (0, 1) so a checkpoint can always store it
-    return float(np.clip(threshold, 1e-6, 1 - 1e-6))
+    return float(np.clip(positives[needed - 1], 0.0, 1.0))
 
 
 def summarise(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float | int]:

@@ -80,8 +80,13 @@ def build_model(arch: str, *, num_classes: int = 2, pretrained_weights: str | Pa
         raise CheckpointError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
     model = factory(weights=None)
     if pretrained_weights is not None:
-        state = torch.load(Path(pretrained_weights), map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
+        try:
+            state = torch.load(Path(pretrained_weights), map_location="cpu", weights_only=True)
+            model.load_state_dict(state)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise CheckpointError(f"{pretrained_weights} is not a {arch} ImageNet state dict: {exc}") from exc
     model.fc = nn.Linear(model.fc.in_features, num_classes)
     return model
 
@@ -104,8 +109,8 @@ class CheckpointMeta:
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.positive_class not in self.class_names:
             raise CheckpointError(f"positive class {self.positive_class!r} is not among {self.class_names}")
-        if not 0.0 < self.threshold < 1.0:
-            raise CheckpointError(f"threshold must lie strictly between 0 and 1, not {self.threshold}")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise CheckpointError(f"threshold must lie between 0 and 1, not {self.threshold}")
         if self.input_size < 16:
             raise CheckpointError(f"input size {self.input_size} is too small")
 

@@ -119,14 +119,16 @@ def decode_image(
             "unsupported_format", f"{unsupported} files are not accepted. Upload a JPEG, PNG or WebP photo."
         )
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        # Our own max_pixels check below is the limit; Pillow's warning would only duplicate it.
+        # (Pillow still refuses images over twice its MAX_IMAGE_PIXELS, about 179 MP, outright.)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
         except UnidentifiedImageError:
             raise ImageValidationError(
                 "not_an_image", "The file is not a readable image. Upload a JPEG, PNG or WebP photo."
             ) from None
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except Image.DecompressionBombError:
             raise ImageValidationError(
                 "too_many_pixels", f"The image has too many pixels; the limit is {max_pixels / 1e6:.0f} megapixels."
             ) from None
@@ -135,7 +137,9 @@ def decode_image(
                 raise ImageValidationError(
                     "truncated_image", "The image file is truncated: part of it is missing. Upload it again."
                 ) from None
-            raise ImageValidationError("corrupt_image", f"The image header is damaged ({exc}).") from None
+            raise ImageValidationError(
+                "corrupt_image", "The image is damaged or incomplete and cannot be read. Upload the original again."
+            ) from None
 
         width, height = image.size
         if width < 1 or height < 1:
@@ -149,17 +153,18 @@ def decode_image(
         source_format = image.format or "UNKNOWN"
         try:
             image.load()  # the full decode: catches truncation and corrupt data
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        except Image.DecompressionBombError:
             raise ImageValidationError(
                 "too_many_pixels", f"The image has too many pixels; the limit is {max_pixels / 1e6:.0f} megapixels."
             ) from None
         except Exception as exc:
-            message = str(exc)
-            if "truncated" in message.lower():
+            if "truncated" in str(exc).lower():
                 raise ImageValidationError(
                     "truncated_image", "The image file is truncated: part of it is missing. Upload it again."
                 ) from None
-            raise ImageValidationError("corrupt_image", f"The image data is damaged ({message}).") from None
+            raise ImageValidationError(
+                "corrupt_image", "The image is damaged or incomplete and cannot be read. Upload the original again."
+            ) from None
 
         try:
             oriented = ImageOps.exif_transpose(image)
@@ -194,7 +199,8 @@ class TransformSpec:
 def resize_for_model(image: Image.Image, input_size: int) -> Image.Image:
     """Squash to a square rather than centre-crop: no part of a lesion is ever cut off, and a heatmap
     computed on the model input maps back onto the whole photo."""
-    image = image.convert("RGB")
+    if image.mode != "RGB":
+        image = _to_rgb(image)  # the same conversion as uploads: transparency becomes white, not black
     if image.size == (input_size, input_size):
         return image
     return image.resize((input_size, input_size), Image.Resampling.BILINEAR, reducing_gap=3.0)

@@ -89,10 +89,14 @@ def test_threshold_for_sensitivity_is_the_highest_threshold_reaching_the_target(
     assert sensitivity_specificity(labels, scores, np.nextafter(threshold, 1.0))[0] < target
 
 
-def test_threshold_for_sensitivity_stays_strictly_below_one():
+def test_threshold_for_sensitivity_keeps_its_promise_at_the_extremes():
     threshold = threshold_for_sensitivity([1, 1, 0], [1.0, 1.0, 0.2], 0.9)
-    assert 0.99 < threshold < 1.0
+    assert threshold == 1.0
     assert sensitivity_specificity([1, 1, 0], [1.0, 1.0, 0.2], threshold) == (1.0, 1.0)
+    # A positive case scored exactly 0 (float32 softmax underflow) still counts: the threshold drops to 0.
+    threshold = threshold_for_sensitivity([1, 1, 0], [0.9, 0.0, 0.5], 1.0)
+    assert threshold == 0.0
+    assert sensitivity_specificity([1, 1, 0], [0.9, 0.0, 0.5], threshold)[0] == 1.0
 
 
 @pytest.mark.parametrize("target", [0.0, -0.1, 1.01])

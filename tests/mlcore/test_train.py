@@ -23,7 +23,9 @@ def validation_items():
 @pytest.fixture(scope="module")
 def trained(validation_items):
     config = TrainConfig(arch="resnet_tiny", input_size=64, epochs=4, seed=0)
-    return train_classifier(list(SyntheticLesions(400, size=DATA_SIZE, seed=1)), validation_items, config, progress=False)
+    return train_classifier(
+        list(SyntheticLesions(400, size=DATA_SIZE, seed=1)), validation_items, config, progress=False
+    )
 
 
 def _spec(meta) -> TransformSpec:
@@ -90,7 +92,10 @@ def test_trained_model_round_trips_through_a_checkpoint(trained, validation_item
 def _short_run(seed: int):
     config = TrainConfig(arch="resnet_tiny", input_size=32, epochs=1, batch_size=16, seed=seed, device="cpu")
     return train_classifier(
-        list(SyntheticLesions(64, size=32, seed=21)), list(SyntheticLesions(32, size=32, seed=22)), config, progress=False
+        list(SyntheticLesions(64, size=32, seed=21)),
+        list(SyntheticLesions(32, size=32, seed=22)),
+        config,
+        progress=False,
     )
 
 
