@@ -5,3 +5,6 @@ class DiagnosisConfig(AppConfig):
     name = "diagnosis"
     verbose_name = "Lesion triage"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401 - registers the system checks

@@ -170,6 +170,10 @@ class ModelVersion(models.Model):
     metadata = models.JSONField(default=dict, blank=True, help_text="The checkpoint's full metadata")
     weights = models.FileField(max_length=255)
     weights_sha256 = models.CharField(max_length=64)
+    plots = models.JSONField(default=dict, blank=True, help_text="Plot name -> PNG file in storage")
+    provenance = models.JSONField(
+        default=dict, blank=True, help_text="Training config, data set hash, library versions, git commit, duration"
+    )
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     activated_at = models.DateTimeField(null=True, blank=True)
@@ -182,6 +186,73 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return self.version + (" (active)" if self.is_active else "")
+
+
+class ModelActivation(models.Model):
+    """Every promotion and rollback, in order: the history a rollback walks back through."""
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="activations")
+    previous = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    activated_at = models.DateTimeField(default=timezone.now)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+"
+    )
+    forced = models.BooleanField(
+        default=False, help_text="Promoted despite a lower test AUC than the model it replaced"
+    )
+    note = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-activated_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.activated_at:%Y-%m-%d %H:%M} {self.model_version.version}"
+
+
+class ReferenceFeature(models.Model):
+    """Drift features (mlcore.drift) of one training image, the reference set for drift monitoring."""
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="reference_features")
+    split = models.CharField(max_length=20)
+    label = models.CharField(max_length=50)
+    path = models.CharField(max_length=500)
+    values = models.JSONField()
+
+    class Meta:
+        indexes = [models.Index(fields=["model_version", "split"], name="reference_version_split")]
+
+    def __str__(self) -> str:
+        return f"{self.model_version.version}: {self.path}"
+
+
+class TrainingRun(models.Model):
+    """One training run (a sweep has several): its config and validation metrics, kept offline."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        FINISHED = "finished", "Finished"
+        FAILED = "failed", "Failed"
+        INTERRUPTED = "interrupted", "Interrupted"
+
+    sweep = models.UUIDField(null=True, blank=True, db_index=True, help_text="Runs of one sweep share this id")
+    data_directory = models.CharField(max_length=500)
+    data_sha256 = models.CharField(max_length=64, blank=True)
+    config = models.JSONField()
+    metrics = models.JSONField(default=dict, blank=True)
+    status = models.CharField(max_length=12, choices=Status.choices, default=Status.RUNNING)
+    error = models.TextField(blank=True)
+    selected = models.BooleanField(default=False, help_text="The best run of its sweep, the one registered")
+    model_version = models.ForeignKey(
+        ModelVersion, on_delete=models.SET_NULL, null=True, blank=True, related_name="training_runs"
+    )
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at"]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} ({self.status})"
 
 
 class Prediction(models.Model):

@@ -16,13 +16,12 @@ from .services.predictions import TransientError, process_image
     max_retries=3,
     retry_backoff=2,
     retry_backoff_max=30,
-    soft_time_limit=120,
-    time_limit=180,
 )
 def predict_image_task(self, image_id: str) -> str:
+    # Time limits come from CELERY_TASK_SOFT_TIME_LIMIT and CELERY_TASK_TIME_LIMIT.
     return process_image(image_id=image_id, worker_id=f"{self.request.hostname}:{self.request.id}")
 
 
-@shared_task(soft_time_limit=60, time_limit=90)
+@shared_task
 def requeue_stale_images_task() -> dict[str, int]:
     return requeue_stale_images()

@@ -57,7 +57,7 @@ class Predictor:
 
     @torch.inference_mode()
     def predict_tensors(self, batch: torch.Tensor) -> torch.Tensor:
-        """Softmax probabilities for a preprocessed batch, as float32 on the CPU."""
+        """Calibrated softmax probabilities for a preprocessed batch, as float32 on the CPU."""
         outputs = []
         for chunk in batch.split(self.max_batch_size):
             chunk = chunk.to(self.device, non_blocking=True)
@@ -65,7 +65,7 @@ class Predictor:
                 chunk = chunk.contiguous(memory_format=torch.channels_last)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model(chunk)
-            outputs.append(torch.softmax(logits.float(), dim=1).cpu())
+            outputs.append(torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu())
         return torch.cat(outputs)
 
     def predict(self, images: Sequence[Image.Image]) -> list[PredictionResult]:

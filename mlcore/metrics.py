@@ -70,3 +70,126 @@ def summarise(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[st
         "n": int(len(y)),
         "n_positive": int(y.sum()),
     }
+
+
+def predictive_values(labels: ArrayLike, scores: ArrayLike, threshold: float) -> tuple[float | None, float | None]:
+    """(PPV, NPV); None where no case was called positive (or negative)."""
+    c = confusion_at(labels, scores, threshold)
+    ppv = c["tp"] / (c["tp"] + c["fp"]) if c["tp"] + c["fp"] else None
+    npv = c["tn"] / (c["tn"] + c["fn"]) if c["tn"] + c["fn"] else None
+    return ppv, npv
+
+
+def bootstrap_auc_interval(
+    labels: ArrayLike, scores: ArrayLike, *, n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap interval for the AUC, resampling cases within each class (stratified),
+    so every resample has both classes."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    positives, negatives = s[y], s[~y]
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError("AUC needs at least one positive and one negative case")
+    rng = np.random.default_rng(seed)
+    values = np.empty(n_resamples)
+    for index in range(n_resamples):
+        pos = positives[rng.integers(0, len(positives), len(positives))]
+        neg = negatives[rng.integers(0, len(negatives), len(negatives))]
+        values[index] = _auc_two_samples(pos, neg)
+    alpha = (1.0 - confidence) / 2.0
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
+def _auc_two_samples(positives: np.ndarray, negatives: np.ndarray) -> float:
+    combined = np.concatenate([positives, negatives])
+    labels = np.concatenate([np.ones(len(positives), bool), np.zeros(len(negatives), bool)])
+    return roc_auc(labels, combined)
+
+
+def expected_calibration_error(labels: ArrayLike, scores: ArrayLike, *, n_bins: int = 15) -> float:
+    """ECE of the positive-class probability: the case-weighted mean |observed rate - mean score|
+    over equal-width bins of the score."""
+    y = np.asarray(labels).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        raise ValueError("ECE needs at least one case")
+    bins = np.minimum((s * n_bins).astype(int), n_bins - 1)
+    error = 0.0
+    for b in range(n_bins):
+        in_bin = bins == b
+        if in_bin.any():
+            error += in_bin.sum() / len(s) * abs(y[in_bin].mean() - s[in_bin].mean())
+    return float(error)
+
+
+def reliability_curve(labels: ArrayLike, scores: ArrayLike, *, n_bins: int = 10) -> list[dict[str, float]]:
+    y = np.asarray(labels).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    bins = np.minimum((s * n_bins).astype(int), n_bins - 1)
+    return [
+        {"mean_score": float(s[bins == b].mean()), "observed": float(y[bins == b].mean()), "n": int((bins == b).sum())}
+        for b in range(n_bins)
+        if (bins == b).any()
+    ]
+
+
+def softmax(logits: ArrayLike, temperature: float = 1.0) -> np.ndarray:
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def negative_log_likelihood(logits: ArrayLike, labels: ArrayLike, temperature: float = 1.0) -> float:
+    probabilities = softmax(logits, temperature)
+    y = np.asarray(labels).astype(int)
+    return float(-np.log(np.clip(probabilities[np.arange(len(y)), y], 1e-12, None)).mean())
+
+
+def fit_temperature(logits: ArrayLike, labels: ArrayLike, *, low: float = 0.05, high: float = 20.0) -> float:
+    """Temperature scaling (Guo et al., 2017): the T > 0 minimising the NLL of softmax(logits / T).
+
+    The NLL is unimodal in log T, so a golden-section search on log T finds it without an optimiser.
+    """
+    a, b = np.log(low), np.log(high)
+    ratio = (np.sqrt(5) - 1) / 2
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc = negative_log_likelihood(logits, labels, np.exp(c))
+    fd = negative_log_likelihood(logits, labels, np.exp(d))
+    for _ in range(80):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = negative_log_likelihood(logits, labels, np.exp(c))
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = negative_log_likelihood(logits, labels, np.exp(d))
+    return float(np.exp((a + b) / 2))
+
+
+def full_report(
+    labels: ArrayLike, scores: ArrayLike, threshold: float, *, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, object]:
+    """Everything a clinical-style evaluation table shows, at one operating threshold."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    sensitivity, specificity = sensitivity_specificity(y, s, threshold)
+    ppv, npv = predictive_values(y, s, threshold)
+    report: dict[str, object] = {
+        "n": int(len(y)),
+        "n_positive": int(y.sum()),
+        "threshold": float(threshold),
+        "auc": roc_auc(y, s),
+        "accuracy": float(((s >= threshold) == y).mean()),
+        "sensitivity": sensitivity,
+        "specificity": specificity,
+        "ppv": ppv,
+        "npv": npv,
+        "confusion": confusion_at(y, s, threshold),
+        "ece": expected_calibration_error(y, s),
+    }
+    if bootstrap:
+        low, high = bootstrap_auc_interval(y, s, n_resamples=bootstrap, seed=seed)
+        report["auc_ci95"] = [low, high]
+    return report

@@ -68,16 +68,30 @@ _TORCHVISION_ARCHITECTURES = {
 ARCHITECTURES = (*_TORCHVISION_ARCHITECTURES, "resnet_tiny")
 
 
-def build_model(arch: str, *, num_classes: int = 2, pretrained_weights: str | Path | None = None) -> nn.Module:
-    """Build an untrained (or ImageNet-initialised, from a local file) ResNet with a new head."""
+def build_model(
+    arch: str,
+    *,
+    num_classes: int = 2,
+    pretrained_weights: str | Path | None = None,
+    download_pretrained: bool = False,
+) -> nn.Module:
+    """Build an untrained ResNet with a new head, or one initialised from ImageNet weights read from
+    a local state-dict file. download_pretrained lets torchvision fetch the weights instead (it needs
+    the internet; nothing in this project does it by default)."""
     if arch == "resnet_tiny":
-        if pretrained_weights is not None:
+        if pretrained_weights is not None or download_pretrained:
             raise CheckpointError("resnet_tiny has no ImageNet weights")
         return TinyResNet(num_classes=num_classes)
     try:
         factory = _TORCHVISION_ARCHITECTURES[arch]
     except KeyError:
         raise CheckpointError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+    if download_pretrained:
+        if pretrained_weights is not None:
+            raise CheckpointError("give either a weights file or download_pretrained, not both")
+        model = factory(weights="DEFAULT")
+        model.fc = nn.Linear(model.fc.in_features, num_classes)
+        return model
     model = factory(weights=None)
     if pretrained_weights is not None:
         try:
@@ -99,6 +113,8 @@ class CheckpointMeta:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     threshold: float = 0.5
+    # Temperature scaling: served probabilities are softmax(logits / temperature).
+    temperature: float = 1.0
     positive_class: str = "malignant"
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
@@ -111,6 +127,8 @@ class CheckpointMeta:
             raise CheckpointError(f"positive class {self.positive_class!r} is not among {self.class_names}")
         if not 0.0 <= self.threshold <= 1.0:
             raise CheckpointError(f"threshold must lie between 0 and 1, not {self.threshold}")
+        if not self.temperature > 0:
+            raise CheckpointError(f"temperature must be positive, not {self.temperature}")
         if self.input_size < 16:
             raise CheckpointError(f"input size {self.input_size} is too small")
 

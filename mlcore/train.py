@@ -43,6 +43,9 @@ class TrainConfig:
     target_sensitivity: float = 0.90
     device: str = "auto"
     class_names: tuple[str, ...] = ("benign", "malignant")
+    positive_class: str = "malignant"
+    pretrained_weights: str | None = None
+    download_pretrained: bool = False
 
 
 @dataclass
@@ -51,6 +54,7 @@ class TrainResult:
     meta: CheckpointMeta
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    interrupted: bool = False
 
 
 class _TransformedItems(Dataset):
@@ -88,17 +92,27 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def predict_probabilities(
-    model: nn.Module, items: Sequence[tuple[Image.Image, int]], spec: TransformSpec, *, positive_index: int = 1
-) -> np.ndarray:
+def predict_logits(model: nn.Module, items: Sequence[tuple[Image.Image, int]], spec: TransformSpec) -> np.ndarray:
     model.eval()
     device = next(model.parameters()).device
     loader = DataLoader(_TransformedItems(items, lambda im: to_tensor(im, spec)), batch_size=64)
-    scores = []
+    outputs = []
     for batch, _ in loader:
-        logits = model(batch.to(device))
-        scores.append(torch.softmax(logits.float(), dim=1)[:, positive_index].cpu().numpy())
-    return np.concatenate(scores)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch.to(device))
+        outputs.append(logits.float().cpu().numpy())
+    return np.concatenate(outputs).astype(np.float64)
+
+
+def predict_probabilities(
+    model: nn.Module,
+    items: Sequence[tuple[Image.Image, int]],
+    spec: TransformSpec,
+    *,
+    positive_index: int = 1,
+    temperature: float = 1.0,
+) -> np.ndarray:
+    return metrics.softmax(predict_logits(model, items, spec), temperature)[:, positive_index]
 
 
 def train_classifier(
@@ -107,9 +121,15 @@ def train_classifier(
     config: TrainConfig,
     *,
     progress: bool = True,
+    on_improve: Callable[[nn.Module, CheckpointMeta], None] | None = None,
 ) -> TrainResult:
-    """Train with AdamW and a one-cycle schedule, keep the weights with the best validation AUC,
-    and set the operating threshold on validation for the target sensitivity."""
+    """Train with AdamW and a one-cycle schedule and keep the weights with the best validation AUC.
+    Then fit a temperature on validation (calibration) and set the operating threshold on the
+    calibrated validation probabilities for the target sensitivity.
+
+    on_improve(model, meta) is called whenever validation AUC improves, so a caller can write the
+    best checkpoint so far to disk; Ctrl-C then stops training and keeps the best epoch.
+    """
     started = time.perf_counter()
     generator = seed_everything(config.seed)
     device = select_device(config.device)
@@ -122,7 +142,26 @@ def train_classifier(
         generator=generator,
         drop_last=len(train_items) > config.batch_size,
     )
-    model = build_model(config.arch, num_classes=len(config.class_names)).to(device)
+    model = build_model(
+        config.arch,
+        num_classes=len(config.class_names),
+        pretrained_weights=config.pretrained_weights,
+        download_pretrained=config.download_pretrained,
+    ).to(device)
+    positive_index = config.class_names.index(config.positive_class)
+
+    def make_meta(threshold: float, temperature: float, extra: dict[str, Any]) -> CheckpointMeta:
+        return CheckpointMeta(
+            arch=config.arch,
+            input_size=config.input_size,
+            class_names=config.class_names,
+            positive_class=config.positive_class,
+            threshold=threshold,
+            temperature=temperature,
+            metrics=extra,
+            training={"config": asdict(config), "history": history, "device": str(device)},
+        )
+
     labels = np.asarray([label for _, label in train_items])
     # Class weighting keeps an imbalanced set from collapsing onto the majority class.
     counts = np.bincount(labels, minlength=len(config.class_names)).astype(np.float64)
@@ -133,7 +172,7 @@ def train_classifier(
         optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * len(train_loader))
     )
     val_labels = np.asarray([label for _, label in val_items])
-    best_auc, best_state, stale_epochs = -1.0, None, 0
+    best_auc, best_state, stale_epochs, interrupted = -1.0, None, 0, False
     history: list[dict[str, float]] = []
     try:
         for epoch in range(1, config.epochs + 1):
@@ -151,13 +190,15 @@ def train_classifier(
                 running += float(loss.detach()) * len(targets)
                 seen += len(targets)
                 bar.set_postfix(loss=f"{running / seen:.3f}")
-            scores = predict_probabilities(model, val_items, spec)
-            val_auc = metrics.roc_auc(val_labels, scores)
+            scores = predict_probabilities(model, val_items, spec, positive_index=positive_index)
+            val_auc = metrics.roc_auc(val_labels == positive_index, scores)
             history.append({"epoch": epoch, "loss": running / max(seen, 1), "val_auc": val_auc})
             if progress:
                 tqdm.write(f"epoch {epoch}/{config.epochs}  loss {running / max(seen, 1):.3f}  val AUC {val_auc:.3f}")
             if val_auc > best_auc:
                 best_auc, best_state, stale_epochs = val_auc, copy.deepcopy(model.state_dict()), 0
+                if on_improve is not None:
+                    on_improve(model, make_meta(0.5, 1.0, {"validation": {"auc": val_auc, "epoch": epoch}}))
             else:
                 stale_epochs += 1
                 if stale_epochs >= config.patience:
@@ -165,20 +206,23 @@ def train_classifier(
     except KeyboardInterrupt:
         if best_state is None:
             raise
+        interrupted = True
         logger.warning("training interrupted; keeping the best epoch so far")
     assert best_state is not None
     model.load_state_dict(best_state)
-    model = model.cpu().eval()
-    scores = predict_probabilities(model, val_items, spec)
-    threshold = metrics.threshold_for_sensitivity(val_labels, scores, config.target_sensitivity)
-    validation = metrics.summarise(val_labels, scores, threshold)
-    training: dict[str, Any] = {"config": asdict(config), "history": history, "device": str(device)}
-    meta = CheckpointMeta(
-        arch=config.arch,
-        input_size=config.input_size,
-        class_names=config.class_names,
-        threshold=threshold,
-        metrics={"validation": validation},
-        training=training,
+    model.eval()
+    val_logits = predict_logits(model, val_items, spec)
+    positives = val_labels == positive_index
+    temperature = metrics.fit_temperature(val_logits, val_labels)
+    calibrated = metrics.softmax(val_logits, temperature)[:, positive_index]
+    threshold = metrics.threshold_for_sensitivity(positives, calibrated, config.target_sensitivity)
+    validation = metrics.summarise(positives, calibrated, threshold)
+    validation["ece_before_calibration"] = metrics.expected_calibration_error(
+        positives, metrics.softmax(val_logits)[:, positive_index]
     )
-    return TrainResult(model=model, meta=meta, history=history, seconds=time.perf_counter() - started)
+    validation["ece"] = metrics.expected_calibration_error(positives, calibrated)
+    meta = make_meta(threshold, temperature, {"validation": validation})
+    meta.training["interrupted"] = interrupted
+    return TrainResult(
+        model=model.cpu(), meta=meta, history=history, seconds=time.perf_counter() - started, interrupted=interrupted
+    )

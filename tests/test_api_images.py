@@ -266,3 +266,55 @@ def test_done_image_shows_prediction_fields(api_client, active_model):
     assert prediction["model_version"] == active_model.version
     assert body["processed_at"] and body["created_at"]
     assert AuditEvent.objects.filter(action="view_image", object_id=image_id).exists()
+
+
+def test_on_commit_hook_enqueues_the_new_image(api_client, django_capture_on_commit_callbacks, monkeypatch):
+    sent = []
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", sent.append)  # the broker is outside
+    with django_capture_on_commit_callbacks(execute=True):
+        response = post_image(api_client, lesion_jpeg())
+    assert sent == [response.json()["id"]]
+
+
+def test_stored_png_and_webp_keep_no_metadata(api_client):
+    source = Image.new("RGB", (50, 40), (120, 80, 60))
+    exif = Image.Exif()
+    exif[0x010F] = "CameraMaker"
+    for image_format, name in (("PNG", "a.png"), ("WEBP", "b.webp")):
+        buffer = io.BytesIO()
+        source.save(buffer, format=image_format, exif=exif)
+        response = post_image(api_client, buffer.getvalue(), name=name)
+        assert response.status_code == 202
+        stored = LesionImage.objects.get(pk=response.json()["id"]).file.open("rb").read()
+        reopened = Image.open(io.BytesIO(stored))
+        assert reopened.format == "PNG"
+        assert len(reopened.getexif()) == 0 and b"CameraMaker" not in stored
+        assert not {"exif", "icc_profile", "XML:com.adobe.xmp"} & set(reopened.info)
+
+
+def test_gps_block_is_gone_from_stored_jpeg(api_client):
+    exif = Image.Exif()
+    exif[0x8825] = {1: "N", 2: (51.0, 30.0, 0.0)}
+    buffer = io.BytesIO()
+    Image.new("RGB", (60, 60), (200, 150, 120)).save(buffer, format="JPEG", exif=exif)
+    assert Image.open(io.BytesIO(buffer.getvalue())).getexif().get_ifd(0x8825)  # the GPS IFD was there
+    response = post_image(api_client, buffer.getvalue())
+    stored = LesionImage.objects.get(pk=response.json()["id"]).file.open("rb").read()
+    assert Image.open(io.BytesIO(stored)).getexif().get_ifd(0x8825) == {}
+
+
+def test_download_of_missing_file_is_404_and_not_audited(api_client):
+    [image_id] = make_images(api_client, 1)
+    from django.core.files.storage import default_storage
+
+    default_storage.delete(LesionImage.objects.get(pk=image_id).file.name)
+    response = api_client.get(f"{URL}{image_id}/file/")
+    assert response.status_code == 404
+    assert "missing" in response.json()["detail"]
+    assert not AuditEvent.objects.filter(action="download_image").exists()
+
+
+def test_bad_cursor_gets_400(api_client):
+    response = api_client.get(URL, {"cursor": "garbage"})
+    assert response.status_code == 400
+    assert "cursor" in response.json()["errors"]

@@ -87,3 +87,9 @@ def test_lesion_with_unknown_body_site_gets_400(api_client, clinic):
     response = api_client.post("/api/v1/lesions/", {"patient": str(patient.pk), "body_site": "elbow?"}, format="json")
     assert response.status_code == 400
     assert "body_site" in response.json()["errors"]
+
+
+def test_search_with_control_characters_gets_400(api_client):
+    response = api_client.get("/api/v1/patients/", {"reference": "PT\x00"})
+    assert response.status_code == 400
+    assert "reference" in response.json()["errors"]

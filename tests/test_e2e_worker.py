@@ -73,6 +73,8 @@ def test_many_uploads_each_get_exactly_one_prediction(celery_worker, e2e_setup):
     )
     assert Prediction.objects.filter(image_id__in=ids, model_version=model_version).count() == len(ids)
     assert not LesionImage.objects.filter(pk__in=ids, state=ImageState.PROCESSING).exists()
+    # each image was claimed once: no message was processed twice
+    assert set(LesionImage.objects.filter(pk__in=ids).values_list("attempts", flat=True)) == {1}
 
 
 def test_image_that_breaks_the_model_ends_failed_with_reason(celery_worker, e2e_setup):

@@ -187,3 +187,84 @@ def test_weights_cache_is_verified_by_sha256(active_model, settings, tmp_path):
     with pytest.raises(ValidationError, match="do not match"):
         cached_weights_path(tampered)
     assert not (tmp_path / ("0" * 64 + ".pt")).exists()
+
+
+def test_transient_errors_do_not_count_as_attempts_or_fail_the_image(queued_image, active_model, settings, monkeypatch):
+    from django.db import OperationalError
+
+    from diagnosis.services.predictions import TransientError
+
+    settings.MAX_PROCESSING_ATTEMPTS = 2
+
+    def database_blip(model_version):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(prediction_services, "predictor_for", database_blip)
+    for attempt in range(5):
+        with pytest.raises(TransientError):
+            process_image(image_id=str(queued_image.pk), worker_id=f"w:{attempt}")
+        queued_image.refresh_from_db()
+        assert queued_image.state == ImageState.QUEUED and queued_image.attempts == 0
+    monkeypatch.undo()
+    assert process_image(image_id=str(queued_image.pk), worker_id="w:ok") == "done"
+
+
+def test_unloadable_model_leaves_the_image_queued(queued_image, active_model):
+    from diagnosis.services.predictions import ModelUnavailable
+
+    prediction_services._loaded = None  # no cached predictor: the weights must be read
+    default_storage.delete(active_model.weights.name)
+    ModelVersion.objects.filter(pk=active_model.pk).update(weights_sha256="f" * 64)  # not in any local cache
+    with pytest.raises(ModelUnavailable):
+        process_image(image_id=str(queued_image.pk), worker_id="w1")
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.QUEUED and queued_image.error == "" and queued_image.attempts == 0
+
+
+def test_a_stale_worker_cannot_release_fail_or_finish_a_claim_taken_over(queued_image, active_model, settings):
+    from diagnosis.services.images import fail_image, release_image
+    from mlcore.inference import PredictionResult
+
+    assert claim_image(image_id=str(queued_image.pk), worker_id="A:1") is not None
+    LesionImage.objects.filter(pk=queued_image.pk).update(
+        claimed_at=timezone.now() - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS + 1)
+    )
+    assert claim_image(image_id=str(queued_image.pk), worker_id="B:2") is not None
+    release_image(image_id=str(queued_image.pk), worker_id="A:1")
+    fail_image(image_id=str(queued_image.pk), reason="late", worker_id="A:1")
+    result = PredictionResult(0.2, "benign", 0.5, {"benign": 0.8, "malignant": 0.2})
+    record_prediction(image=queued_image, model_version=active_model, result=result, inference_ms=1, worker_id="A:1")
+    queued_image.refresh_from_db()
+    assert queued_image.state == ImageState.PROCESSING and queued_image.claimed_by == "B:2"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_claims_from_two_connections_give_the_image_to_exactly_one(tiny_checkpoint):
+    import threading
+
+    from django.db import connection
+
+    from tests.factories import ClinicFactory, ClinicianFactory
+
+    clinic = ClinicFactory(name="race")
+    clinician = ClinicianFactory(membership__clinic=clinic)
+    winners = []
+    for round_number in range(10):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)
+            image = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=round_number)))
+        barrier = threading.Barrier(2)
+        results = []
+
+        def claim(worker, image_id=str(image.pk), barrier=barrier, results=results):
+            barrier.wait()
+            results.append(claim_image(image_id=image_id, worker_id=worker) is not None)
+            connection.close()
+
+        threads = [threading.Thread(target=claim, args=(f"w{n}",)) for n in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        winners.append(sorted(results))
+    assert winners == [[False, True]] * 10

@@ -11,5 +11,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]
 
+handler400 = "webapp.views.bad_request"
+handler403 = "webapp.views.permission_denied"
 handler404 = "webapp.views.not_found"
 handler500 = "webapp.views.server_error"

@@ -1,5 +1,6 @@
 """Error pages: JSON under /api/, HTML elsewhere."""
 
+from django.http import JsonResponse
 from django.views import defaults
 
 from diagnosis.api.errors import json_not_found, json_server_error
@@ -9,6 +10,19 @@ def not_found(request, exception=None):
     if request.path.startswith("/api/"):
         return json_not_found(request, exception)
     return defaults.page_not_found(request, exception)
+
+
+def bad_request(request, exception=None):
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Bad request (too many fields or too large a body).", "code": "bad_request"},
+                            status=400)  # fmt: skip
+    return defaults.bad_request(request, exception)
+
+
+def permission_denied(request, exception=None):
+    if request.path.startswith("/api/"):
+        return JsonResponse({"detail": "Permission denied.", "code": "permission_denied"}, status=403)
+    return defaults.permission_denied(request, exception)
 
 
 def server_error(request):

@@ -1,3 +1,4 @@
+from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import CursorPagination
 
 
@@ -7,3 +8,21 @@ class NewestFirstPagination(CursorPagination):
     ordering = "-created_at"
     page_size_query_param = "page_size"
     max_page_size = 200
+
+    def decode_cursor(self, request):
+        from rest_framework.exceptions import NotFound
+
+        try:
+            cursor = super().decode_cursor(request)
+        except NotFound:
+            raise ValidationError({"cursor": ["Invalid cursor; follow the 'next' and 'previous' links."]}) from None
+        if cursor is not None and cursor.position is not None:
+            from django.utils.dateparse import parse_datetime
+
+            try:
+                valid = parse_datetime(cursor.position) is not None
+            except ValueError:
+                valid = False
+            if not valid:
+                raise ValidationError({"cursor": ["Invalid cursor; follow the 'next' and 'previous' links."]})
+        return cursor

@@ -43,6 +43,10 @@ class PatientViewSet(
         queryset = Patient.objects.visible_to(self.request.user).annotate(lesion_count=Count("lesions"))
         reference = self.request.query_params.get("reference")
         if reference:
+            if not reference.isprintable():
+                from rest_framework.exceptions import ValidationError
+
+                raise ValidationError({"reference": ["The search text contains control characters."]})
             queryset = queryset.filter(reference__istartswith=reference)
         return queryset
 
@@ -202,21 +206,20 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     )
     @action(detail=True, methods=["get"], url_path="file", url_name="file")
     def file(self, request, pk=None):
+        from rest_framework.exceptions import NotFound
+
         image = self.get_object()
-        record_event(
-            actor=request.user,
-            action=AuditEvent.Action.DOWNLOAD_IMAGE,
-            obj=image,
-            via="api",
-            ip_address=client_ip(request),
-        )
+        try:
+            handle = image.file.open("rb")
+        except FileNotFoundError:
+            raise NotFound("The stored file of this image is missing.") from None
+        record_event(actor=request.user, action=AuditEvent.Action.DOWNLOAD_IMAGE, obj=image, via="api",
+                     ip_address=client_ip(request))  # fmt: skip
         extension = "jpg" if image.content_type == "image/jpeg" else "png"
         response = FileResponse(
-            image.file.open("rb"),
-            as_attachment=True,
-            filename=f"lesion-image-{image.pk}.{extension}",
+            handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
             content_type=image.content_type,
-        )
+        )  # fmt: skip
         response["X-Content-Type-Options"] = "nosniff"
         response["Cache-Control"] = "private, no-store"
         return response

@@ -13,6 +13,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.db.models import F, Q
+from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from mlcore.preprocessing import ImageValidationError, decode_image, encode_for_storage
@@ -104,17 +105,23 @@ def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:
     return LesionImage.objects.select_related("clinic").get(pk=image_id)
 
 
-def fail_image(*, image_id: str, reason: str) -> None:
-    LesionImage.objects.filter(pk=image_id).exclude(state=ImageState.DONE).update(
-        state=ImageState.FAILED, error=reason[:2000], processed_at=timezone.now(), claimed_at=None
-    )
+def fail_image(*, image_id: str, reason: str, worker_id: str | None = None) -> None:
+    """Mark failed with a reason. A worker passes its claim id, so it can only fail its own claim
+    (another worker may have taken a stale claim over)."""
+    images = LesionImage.objects.filter(pk=image_id).exclude(state=ImageState.DONE)
+    if worker_id is not None:
+        images = images.filter(state=ImageState.PROCESSING, claimed_by=worker_id)
+    images.update(state=ImageState.FAILED, error=reason[:2000], processed_at=timezone.now(), claimed_at=None)
 
 
-def release_image(*, image_id: str) -> None:
-    """Give a claim back (before a retry of a transient error) so the next attempt can take it."""
-    LesionImage.objects.filter(pk=image_id, state=ImageState.PROCESSING).update(
-        state=ImageState.QUEUED, claimed_at=None, enqueued_at=timezone.now()
-    )
+def release_image(*, image_id: str, worker_id: str) -> None:
+    """Give our claim back after a temporary error (database, storage or model briefly unavailable)
+    so a later attempt can take it. Such an attempt says nothing about the image, so it is not
+    counted towards MAX_PROCESSING_ATTEMPTS."""
+    LesionImage.objects.filter(pk=image_id, state=ImageState.PROCESSING, claimed_by=worker_id).update(
+        state=ImageState.QUEUED, claimed_at=None, claimed_by="", enqueued_at=timezone.now(),
+        attempts=Greatest(F("attempts") - 1, 0),
+    )  # fmt: skip
 
 
 def requeue_stale_images(*, now=None) -> dict[str, int]:
@@ -126,7 +133,8 @@ def requeue_stale_images(*, now=None) -> dict[str, int]:
     )
     reclaimed = dead_claims.update(state=ImageState.QUEUED, claimed_at=None, enqueued_at=None)
     waiting = list(
-        LesionImage.objects.filter(state=ImageState.QUEUED)
+        LesionImage.objects.order_by("enqueued_at")
+        .filter(state=ImageState.QUEUED)
         .filter(
             Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=now - timedelta(seconds=settings.REQUEUE_AFTER_SECONDS))
         )

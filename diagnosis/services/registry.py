@@ -1,4 +1,4 @@
-"""Model registry: register checkpoints, activate one, and fetch weights into a local cache."""
+"""Model registry: register checkpoints, promote and roll back, and cache weights locally."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tempfile
+import uuid
 from pathlib import Path
 
 from django.conf import settings
@@ -15,22 +16,37 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
 
-from ..models import AuditEvent, ModelVersion
+from ..models import AuditEvent, ModelActivation, ModelVersion, ReferenceFeature
 from .audit import record_event
 
 
+class PromotionBlocked(ValidationError):
+    """The candidate's AUC is lower than the active model's; promotion needs force."""
+
+
 def register_model(
-    *, checkpoint: bytes, version: str | None = None, activate: bool = False, actor=None, via: str = "cli"
+    *,
+    checkpoint: bytes,
+    version: str | None = None,
+    activate: bool = False,
+    force: bool = False,
+    actor=None,
+    via: str = "cli",
+    plots: dict[str, bytes] | None = None,
+    provenance: dict | None = None,
+    reference_features: list[dict] | None = None,
 ) -> ModelVersion:
-    """Check that a checkpoint loads and predicts, store it, and record a ModelVersion."""
+    """Check that a checkpoint loads and predicts, store it with its plots, and record the
+    ModelVersion with its drift reference set in one transaction. On any failure nothing is left:
+    no row and no file."""
+    import numpy as np
+
     from mlcore.data import generate_lesion
     from mlcore.inference import Predictor
     from mlcore.model import CheckpointError, load_checkpoint
 
     try:
         model, meta = load_checkpoint(io.BytesIO(checkpoint))
-        import numpy as np
-
         smoke = generate_lesion(np.random.default_rng(0), malignant=True, size=64).image
         Predictor(model, meta, device="cpu").predict([smoke])
     except CheckpointError as exc:
@@ -40,8 +56,14 @@ def register_model(
     version = version or f"{meta.arch}-{timezone.now():%Y%m%d-%H%M%S}-{sha256[:8]}"
     if ModelVersion.objects.filter(version=version).exists():
         raise ValidationError(f"Model version {version!r} already exists.")
-    stored_name = default_storage.save(f"models/{sha256}.pt", ContentFile(checkpoint))
+    stored: list[str] = []
     try:
+        stored.append(default_storage.save(f"models/{sha256}.pt", ContentFile(checkpoint)))
+        plot_names = {}
+        plot_folder = uuid.uuid4().hex
+        for name, png in (plots or {}).items():
+            plot_names[name] = default_storage.save(f"models/plots/{plot_folder}/{name}.png", ContentFile(png))
+            stored.append(plot_names[name])
         with transaction.atomic():
             model_version = ModelVersion.objects.create(
                 version=version,
@@ -51,27 +73,104 @@ def register_model(
                 threshold=meta.threshold,
                 metrics=meta.metrics,
                 metadata=meta.to_dict(),
-                weights=stored_name,
+                weights=stored[0],
                 weights_sha256=sha256,
+                plots=plot_names,
+                provenance=provenance or {},
             )
+            ReferenceFeature.objects.bulk_create(
+                [
+                    ReferenceFeature(
+                        model_version=model_version, split=row["split"], label=row["label"], path=row["path"][:500],
+                        values=row["features"],
+                    )
+                    for row in reference_features or []
+                ],
+                batch_size=1000,
+            )  # fmt: skip
             if activate:
-                activate_model(model_version=model_version, actor=actor, via=via)
+                activate_model(model_version=model_version, actor=actor, via=via, force=force)
     except BaseException:
-        default_storage.delete(stored_name)
+        for name in stored:
+            default_storage.delete(name)
         raise
     return model_version
 
 
+COMPARED_METRICS = ("auc", "sensitivity", "specificity", "ece")
+
+
+def headline_metrics(model_version: ModelVersion) -> tuple[str, dict]:
+    """The metrics two versions are compared on: the test set when known, else validation."""
+    metrics = model_version.metrics or {}
+    if metrics.get("test"):
+        return "test", metrics["test"]
+    return "validation", metrics.get("validation") or {}
+
+
+def compare_models(candidate: ModelVersion, current: ModelVersion | None) -> list[tuple[str, object, object]]:
+    """Rows of (metric, active model's value, candidate's value)."""
+    if current is None:
+        return []
+    kind_new, new = headline_metrics(candidate)
+    kind_old, old = headline_metrics(current)
+    suffix = kind_new if kind_new == kind_old else f"{kind_old} vs {kind_new}"
+    return [(f"{name} ({suffix})", old.get(name), new.get(name)) for name in COMPARED_METRICS]
+
+
+def auc_drop(candidate: ModelVersion, current: ModelVersion | None) -> tuple[float, float] | None:
+    """(active AUC, candidate AUC) when the candidate's is lower on the same kind of split."""
+    if current is None or current.pk == candidate.pk:
+        return None
+    kind_new, new = headline_metrics(candidate)
+    kind_old, old = headline_metrics(current)
+    if kind_new != kind_old or new.get("auc") is None or old.get("auc") is None:
+        return None
+    return (old["auc"], new["auc"]) if new["auc"] < old["auc"] else None
+
+
 @transaction.atomic
-def activate_model(*, model_version: ModelVersion, actor=None, via: str = "cli") -> ModelVersion:
+def activate_model(
+    *, model_version: ModelVersion, actor=None, via: str = "cli", force: bool = False, note: str = ""
+) -> ModelVersion:
     """Make one version active. Workers read the active version before every task, so they switch
-    without a restart."""
-    ModelVersion.objects.select_for_update().filter(is_active=True).exclude(pk=model_version.pk).update(is_active=False)
+    without a restart. A version with a lower AUC than the active one is refused unless forced."""
+    current = ModelVersion.objects.select_for_update().filter(is_active=True).first()
+    drop = auc_drop(model_version, current)
+    if drop and not force:
+        raise PromotionBlocked(
+            f"{model_version.version} has a lower AUC ({drop[1]:.3f}) than the active {current.version} "
+            f"({drop[0]:.3f}). Promote it anyway with --force (or the admin's forced action)."
+        )
+    if current is not None and current.pk != model_version.pk:
+        ModelVersion.objects.filter(pk=current.pk).update(is_active=False)
     model_version.is_active = True
     model_version.activated_at = timezone.now()
     model_version.save(update_fields=["is_active", "activated_at"])
+    ModelActivation.objects.create(
+        model_version=model_version,
+        previous=current if current is not None and current.pk != model_version.pk else None,
+        actor=actor if getattr(actor, "is_authenticated", False) else None,
+        forced=bool(drop),
+        note=note[:200],
+    )
     record_event(actor=actor, action=AuditEvent.Action.ACTIVATE_MODEL, obj=model_version, via=via)
     return model_version
+
+
+def rollback_model(*, to: ModelVersion | None = None, actor=None, via: str = "cli") -> ModelVersion:
+    """Return to the version that was active before the current one, or to a named version.
+
+    A rollback goes back to a version that was trusted before, so the AUC guard does not apply."""
+    current = active_model_version()
+    if to is None:
+        last = ModelActivation.objects.filter(model_version=current).first() if current else None
+        if last is None or last.previous is None:
+            raise ValidationError("There is no earlier active version to roll back to.")
+        to = last.previous
+    if current is not None and to.pk == current.pk:
+        raise ValidationError(f"{to.version} is already active.")
+    return activate_model(model_version=to, actor=actor, via=via, force=True, note="rollback")
 
 
 def active_model_version() -> ModelVersion | None:

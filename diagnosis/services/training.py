@@ -1,0 +1,176 @@
+"""`train_model`: train on a labelled folder (optionally a sweep), evaluate, and register the best."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.utils import timezone
+
+from ..models import ModelVersion, TrainingRun
+from .registry import PromotionBlocked, activate_model, register_model
+
+
+@dataclass
+class TrainingReport:
+    checkpoint_path: Path
+    model_version: ModelVersion | None
+    evaluation: dict
+    runs: list[TrainingRun] = field(default_factory=list)
+    interrupted: bool = False
+    activation_refused: str | None = None
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def git_commit() -> str | None:
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=settings.BASE_DIR, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=settings.BASE_DIR, capture_output=True, text=True, timeout=5,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def train_and_register(
+    *,
+    data_dir: str | Path,
+    config,
+    output: Path,
+    version: str | None = None,
+    activate: bool = False,
+    force: bool = False,
+    sweep: dict | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> TrainingReport:
+    """Train one model (or every trial of a sweep, selected on validation AUC), evaluate the chosen
+    one on the test set, write its checkpoint to `output`, and register it.
+
+    Raises ValidationError for unusable data; nothing is registered then. On Ctrl-C during training
+    the best epoch so far is evaluated and written to `output`, and is not registered.
+    """
+    from mlcore.datasets import DataError
+    from mlcore.model import CheckpointError, save_checkpoint
+    from mlcore.pipeline import finalize, prepare_data, sweep_configs, train_candidate
+
+    started = time.perf_counter()
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        prepared = prepare_data(data_dir, image_size=config.input_size, seed=config.seed, progress=progress, log=log)
+        configs = sweep_configs(sweep, config, seed=config.seed) if sweep else [config]
+    except (DataError, ValueError) as exc:
+        raise ValidationError(str(exc)) from None
+    data = prepared.data
+    if data.skipped:
+        log(f"Skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+    log(
+        f"Data: {len(prepared.train.items)} training, {len(prepared.validation.items)} validation and "
+        f"{len(data.test.items)} test images; classes {', '.join(data.class_names)}."
+    )
+    sweep_id = uuid.uuid4() if sweep else None
+    runs: list[TrainingRun] = []
+    best: tuple[TrainingRun, object] | None = None
+    interrupted = False
+    for index, candidate in enumerate(configs, start=1):
+        if sweep:
+            changed = {k: getattr(candidate, k) for k in ("arch", "lr", "batch_size", "epochs", "weight_decay")}
+            log(f"Trial {index}/{len(configs)}: {changed}")
+        run = TrainingRun.objects.create(
+            sweep=sweep_id, data_directory=str(data.root), data_sha256=data.file_list_sha256,
+            config=dataclasses.asdict(candidate),
+        )  # fmt: skip
+        runs.append(run)
+        trial_output = output if not sweep else output.with_name(f"{output.stem}-trial{index}{output.suffix}")
+
+        def keep_best(model, meta, path=trial_output):
+            save_checkpoint(model, meta, path)
+
+        try:
+            result = train_candidate(prepared, candidate, progress=progress, on_improve=keep_best)
+        except KeyboardInterrupt:
+            _finish(run, TrainingRun.Status.INTERRUPTED, error="Interrupted before the first epoch finished.")
+            raise
+        except (CheckpointError, RuntimeError, ValueError) as exc:
+            _finish(run, TrainingRun.Status.FAILED, error=str(exc))
+            if not sweep:
+                raise ValidationError(f"Training failed: {exc}") from exc
+            log(f"Trial {index} failed: {exc}")
+            continue
+        validation = result.meta.metrics.get("validation", {})
+        _finish(
+            run,
+            TrainingRun.Status.INTERRUPTED if result.interrupted else TrainingRun.Status.FINISHED,
+            metrics={**validation, "history": result.history},
+        )
+        if best is None or validation.get("auc", -1) > best[1].meta.metrics["validation"].get("auc", -1):
+            best = (run, result)
+        if result.interrupted:
+            interrupted = True
+            break
+    if best is None:
+        raise ValidationError("Every trial of the sweep failed; see the errors above.")
+    run, result = best
+    outcome = finalize(
+        prepared, result, started=started, extra_provenance={"git_commit": git_commit(), "sweep": str(sweep_id or "")}
+    )
+    save_checkpoint(outcome.model, outcome.meta, output)
+    report = TrainingReport(output, None, outcome.evaluation, runs, interrupted, skipped=data.skipped)
+    if interrupted:
+        return report
+    with open(output, "rb") as handle:
+        model_version = register_model(
+            checkpoint=handle.read(), version=version, plots=outcome.plots, provenance=outcome.provenance,
+            reference_features=outcome.reference_features,
+        )  # fmt: skip
+    TrainingRun.objects.filter(pk=run.pk).update(selected=True, model_version=model_version)
+    report.model_version = model_version
+    if activate:
+        try:
+            activate_model(model_version=model_version, force=force)
+        except PromotionBlocked as exc:
+            report.activation_refused = exc.messages[0]
+    return report
+
+
+def _finish(run: TrainingRun, status: str, *, metrics: dict | None = None, error: str = "") -> None:
+    run.status = status
+    run.metrics = metrics or {}
+    run.error = error
+    run.finished_at = timezone.now()
+    run.save(update_fields=["status", "metrics", "error", "finished_at"])
+
+
+def evaluate_registered_model(*, model_version: ModelVersion, data_dir: str | Path, progress: bool = True) -> dict:
+    """Re-evaluate a registered model on a labelled folder, with the metrics of training."""
+    from mlcore.datasets import DataError, load_evaluation_folder
+    from mlcore.model import load_checkpoint
+    from mlcore.pipeline import evaluate_split
+
+    from .registry import cached_weights_path
+
+    model, meta = load_checkpoint(cached_weights_path(model_version))
+    try:
+        split = load_evaluation_folder(
+            data_dir, class_names=meta.class_names, image_size=meta.input_size, progress=progress
+        )
+    except DataError as exc:
+        raise ValidationError(str(exc)) from None
+    report = evaluate_split(model, meta, split)
+    report.pop("_scores")
+    report["skipped"] = split.skipped
+    return report

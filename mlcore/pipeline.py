@@ -1,0 +1,275 @@
+"""From a labelled folder to an evaluated, calibrated checkpoint: the training pipeline behind
+`manage.py train_model`, framework-free so it can run anywhere."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from . import metrics, plots
+from .datasets import ImageFolderData, LoadedSplit, load_image_folder, stratified_split
+from .leakage import find_near_duplicates
+from .model import CheckpointMeta
+from .preprocessing import TransformSpec
+from .train import TrainConfig, TrainResult, predict_logits, train_classifier
+
+VALIDATION_FRACTION = 0.10
+METRIC_ROWS = (
+    ("n", "cases", "{:d}"),
+    ("n_positive", "malignant cases", "{:d}"),
+    ("auc", "AUC", "{:.3f}"),
+    ("auc_ci95", "AUC 95% CI", "{:.3f}–{:.3f}"),
+    ("accuracy", "accuracy", "{:.3f}"),
+    ("sensitivity", "sensitivity", "{:.3f}"),
+    ("specificity", "specificity", "{:.3f}"),
+    ("ppv", "PPV", "{:.3f}"),
+    ("npv", "NPV", "{:.3f}"),
+    ("ece_before_calibration", "ECE before calibration", "{:.3f}"),
+    ("ece", "ECE (calibrated)", "{:.3f}"),
+    ("confusion", "TP / FP / TN / FN", "{tp} / {fp} / {tn} / {fn}"),
+)
+
+
+@dataclass
+class PreparedData:
+    data: ImageFolderData
+    train: LoadedSplit
+    validation: LoadedSplit
+
+
+@dataclass
+class TrainingOutcome:
+    result: TrainResult
+    evaluation: dict[str, Any]
+    plots: dict[str, bytes]
+    reference_features: list[dict[str, Any]]
+    provenance: dict[str, Any]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.result.model
+
+    @property
+    def meta(self) -> CheckpointMeta:
+        return self.result.meta
+
+
+def prepare_data(
+    data_dir, *, image_size: int, seed: int, progress: bool = True, log: Callable[[str], None] = print
+) -> PreparedData:
+    data = load_image_folder(data_dir, image_size=image_size, seed=seed, progress=progress, log=log)
+    kept, held = stratified_split(data.train.labels, VALIDATION_FRACTION, seed)
+    return PreparedData(data, data.train.subset(kept), data.train.subset(held))
+
+
+def train_candidate(
+    prepared: PreparedData,
+    config: TrainConfig,
+    *,
+    progress: bool = True,
+    on_improve: Callable[[nn.Module, CheckpointMeta], None] | None = None,
+) -> TrainResult:
+    config = dataclasses.replace(config, class_names=prepared.data.class_names)
+    return train_classifier(
+        prepared.train.pairs(), prepared.validation.pairs(), config, progress=progress, on_improve=on_improve
+    )
+
+
+def evaluate_split(model: nn.Module, meta: CheckpointMeta, split: LoadedSplit, *, bootstrap: int = 1000) -> dict:
+    """The full metrics table on one labelled split, with calibration before and after."""
+    spec = TransformSpec(meta.input_size, meta.mean, meta.std)
+    logits = predict_logits(model, split.pairs(), spec)
+    positive = meta.positive_index
+    labels = split.labels == positive
+    calibrated = metrics.softmax(logits, meta.temperature)[:, positive]
+    report = metrics.full_report(labels, calibrated, meta.threshold, bootstrap=bootstrap)
+    report["ece_before_calibration"] = metrics.expected_calibration_error(labels, metrics.softmax(logits)[:, positive])
+    report["_scores"] = {"labels": labels, "raw": metrics.softmax(logits)[:, positive], "calibrated": calibrated}
+    return report
+
+
+def evaluate_on_test(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData) -> tuple[dict, dict[str, bytes]]:
+    data = prepared.data
+    test = evaluate_split(model, meta, data.test)
+    scores = test.pop("_scores")
+    # Leakage: test images with a near-duplicate anywhere in the training folder (train + validation).
+    duplicates = find_near_duplicates(
+        [item.fingerprint for item in data.test.items], [item.fingerprint for item in data.train.items]
+    )
+    leakage = {
+        "test_images": len(data.test.items),
+        "near_duplicates_in_train": duplicates.count,
+        "examples": [
+            {"test": data.test.items[t].path, "train": data.train.items[r].path, "hamming": h, "difference": d}
+            for t, r, h, d in zip(
+                duplicates.test_indices[:20], duplicates.train_indices[:20], duplicates.hamming[:20],
+                duplicates.thumbnail_difference[:20], strict=True,
+            )
+        ],
+    }  # fmt: skip
+    evaluation: dict[str, Any] = {"test": test, "leakage": leakage, "test_deduplicated": None}
+    if duplicates.count:
+        keep = sorted(set(range(len(data.test.items))) - set(duplicates.test_indices))
+        remaining = data.test.subset(keep)
+        if len(set(remaining.labels.tolist())) == 2:
+            deduplicated = evaluate_split(model, meta, remaining)
+            deduplicated.pop("_scores")
+            evaluation["test_deduplicated"] = deduplicated
+    else:
+        evaluation["test_deduplicated"] = {key: value for key, value in test.items()}
+    figures = {
+        "roc": plots.roc_plot(scores["labels"], scores["calibrated"], meta.threshold),
+        "precision_recall": plots.precision_recall_plot(scores["labels"], scores["calibrated"]),
+        "reliability": plots.reliability_plot(scores["labels"], scores["raw"], scores["calibrated"]),
+        "training_curves": plots.training_curves_plot(meta.training.get("history", [])),
+    }
+    return evaluation, figures
+
+
+def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData) -> list[dict[str, Any]]:
+    """Drift features of every training image plus the model's calibrated probability on it."""
+    spec = TransformSpec(meta.input_size, meta.mean, meta.std)
+    rows = []
+    for split_name, split in (("train", prepared.train), ("validation", prepared.validation)):
+        probabilities = metrics.softmax(predict_logits(model, split.pairs(), spec), meta.temperature)
+        for item, probability in zip(split.items, probabilities[:, meta.positive_index], strict=True):
+            rows.append(
+                {
+                    "path": item.path,
+                    "split": split_name,
+                    "label": prepared.data.class_names[item.label],
+                    "features": {**item.features, "probability_malignant": float(probability)},
+                }
+            )
+    return rows
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import PIL
+    import torch
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": numpy.__version__,
+        "pillow": PIL.__version__,
+    }
+
+
+def finalize(
+    prepared: PreparedData, result: TrainResult, *, started: float, extra_provenance: dict[str, Any] | None = None
+) -> TrainingOutcome:
+    evaluation, figures = evaluate_on_test(result.model, result.meta, prepared)
+    data = prepared.data
+    counts = {
+        split: {name: int((labels == index).sum()) for index, name in enumerate(data.class_names)}
+        for split, labels in (
+            ("train", prepared.train.labels), ("validation", prepared.validation.labels), ("test", data.test.labels)
+        )
+    }  # fmt: skip
+    provenance = {
+        "config": result.meta.training.get("config", {}),
+        "data": {
+            "directory": str(data.root),
+            "file_list_sha256": data.file_list_sha256,
+            "counts": counts,
+            "test_split_made": data.test_split_made,
+            "skipped": [{"path": path, "reason": reason} for path, reason in data.skipped],
+        },
+        "libraries": library_versions(),
+        "platform": platform.platform(),
+        "device": result.meta.training.get("device"),
+        "duration_seconds": round(time.perf_counter() - started, 1),
+        "interrupted": result.interrupted,
+        **(extra_provenance or {}),
+    }
+    result.meta.metrics = {
+        "validation": result.meta.metrics.get("validation", {}),
+        "test": _jsonable(evaluation["test"]),
+        "test_deduplicated": _jsonable(evaluation["test_deduplicated"]),
+        "leakage": evaluation["leakage"],
+    }
+    result.meta.training["provenance"] = provenance
+    return TrainingOutcome(result, evaluation, figures, reference_features(result.model, result.meta, prepared),
+                           provenance)  # fmt: skip
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if not k.startswith("_")}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def format_metrics_table(columns: dict[str, dict | None]) -> str:
+    """A plain-text table: one row per metric, one column per report (e.g. full vs de-duplicated test)."""
+    names = list(columns)
+    width = max(len(label) for _, label, _ in METRIC_ROWS) + 2
+    lines = ["".ljust(width) + "".join(name.rjust(24) for name in names)]
+    for key, label, pattern in METRIC_ROWS:
+        cells = []
+        for name in names:
+            report = columns[name] or {}
+            value = report.get(key)
+            if value is None:
+                cells.append("—")
+            elif key == "confusion":
+                cells.append(pattern.format(**value))
+            elif key == "auc_ci95":
+                cells.append(pattern.format(*value))
+            else:
+                cells.append(pattern.format(value))
+        lines.append(label.ljust(width) + "".join(cell.rjust(24) for cell in cells))
+    return "\n".join(lines)
+
+
+@dataclass
+class SweepTrial:
+    config: TrainConfig
+    result: TrainResult | None = None
+    error: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def sweep_configs(spec: dict[str, Any], base: TrainConfig, *, seed: int = 0) -> list[TrainConfig]:
+    """Grid or random search over lr, batch_size, arch, epochs and weight_decay.
+
+    spec: {"method": "grid"|"random", "trials": N (random only), "parameters": {name: [values]}}
+    """
+    import itertools
+    import random
+
+    allowed = {"lr", "batch_size", "arch", "epochs", "weight_decay"}
+    parameters = spec.get("parameters") or {}
+    if not isinstance(parameters, dict) or not parameters:
+        raise ValueError("A sweep needs 'parameters': a mapping of name to a list of values.")
+    unknown = set(parameters) - allowed
+    if unknown:
+        raise ValueError(f"Cannot sweep over {sorted(unknown)}; choose from {sorted(allowed)}.")
+    for name, values in parameters.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"Sweep parameter {name!r} needs a non-empty list of values.")
+    names = sorted(parameters)
+    grid = [
+        dict(zip(names, combination, strict=True)) for combination in itertools.product(*(parameters[n] for n in names))
+    ]
+    method = spec.get("method", "grid")
+    if method == "random":
+        trials = int(spec.get("trials", 4))
+        grid = random.Random(seed).sample(grid, min(trials, len(grid)))
+    elif method != "grid":
+        raise ValueError(f"Unknown sweep method {method!r}; use grid or random.")
+    return [dataclasses.replace(base, **{k: type(getattr(base, k))(v) for k, v in point.items()}) for point in grid]

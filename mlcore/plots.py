@@ -1,0 +1,81 @@
+"""Evaluation plots as PNG bytes (matplotlib's Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from numpy.typing import ArrayLike
+
+from .metrics import reliability_curve, roc_auc
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def roc_curve_points(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    thresholds = np.concatenate([[np.inf], np.unique(s)[::-1]])
+    tpr = np.array([(s[y] >= t).mean() for t in thresholds])
+    fpr = np.array([(s[~y] >= t).mean() for t in thresholds])
+    return fpr, tpr, thresholds
+
+
+def roc_plot(labels: ArrayLike, scores: ArrayLike, threshold: float) -> bytes:
+    fpr, tpr, _ = roc_curve_points(labels, scores)
+    y, s = np.asarray(labels).astype(bool), np.asarray(scores)
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot(fpr, tpr, label=f"ROC (AUC {roc_auc(labels, scores):.3f})")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
+    axis.scatter([(s[~y] >= threshold).mean()], [(s[y] >= threshold).mean()], color="crimson", zorder=3,
+                 label=f"operating point (t={threshold:.3f})")  # fmt: skip
+    axis.set(xlabel="1 − specificity", ylabel="sensitivity", title="ROC curve (test set)", xlim=(0, 1), ylim=(0, 1))
+    axis.legend(loc="lower right", fontsize=8)
+    return _png(figure)
+
+
+def precision_recall_plot(labels: ArrayLike, scores: ArrayLike) -> bytes:
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    thresholds = np.unique(s)[::-1]
+    recall = np.array([(s[y] >= t).mean() for t in thresholds])
+    precision = np.array([y[s >= t].mean() for t in thresholds])
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot(recall, precision)
+    axis.axhline(y.mean(), linestyle="--", color="grey", label=f"prevalence {y.mean():.2f}")
+    axis.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", title="Precision–recall (test set)",
+             xlim=(0, 1), ylim=(0, 1.02))  # fmt: skip
+    axis.legend(loc="lower left", fontsize=8)
+    return _png(figure)
+
+
+def reliability_plot(labels: ArrayLike, raw_scores: ArrayLike, calibrated_scores: ArrayLike) -> bytes:
+    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    for scores, name in ((raw_scores, "before temperature scaling"), (calibrated_scores, "after")):
+        curve = reliability_curve(labels, scores)
+        axis.plot([p["mean_score"] for p in curve], [p["observed"] for p in curve], marker="o", label=name)
+    axis.set(xlabel="predicted probability of malignancy", ylabel="observed rate", title="Reliability (test set)",
+             xlim=(0, 1), ylim=(0, 1))  # fmt: skip
+    axis.legend(loc="upper left", fontsize=8)
+    return _png(figure)
+
+
+def training_curves_plot(history: list[dict[str, float]]) -> bytes:
+    epochs = [h["epoch"] for h in history]
+    figure, (loss_axis, auc_axis) = plt.subplots(1, 2, figsize=(8, 3.5))
+    loss_axis.plot(epochs, [h["loss"] for h in history], marker="o")
+    loss_axis.set(xlabel="epoch", ylabel="training loss", title="Loss")
+    auc_axis.plot(epochs, [h["val_auc"] for h in history], marker="o", color="darkgreen")
+    auc_axis.set(xlabel="epoch", ylabel="validation AUC", title="Validation AUC")
+    return _png(figure)
