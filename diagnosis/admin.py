@@ -1,4 +1,10 @@
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
+from django.core.files.storage import default_storage
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
 
 from .models import (
     ApiToken,
@@ -7,11 +13,20 @@ from .models import (
     ClinicMembership,
     Lesion,
     LesionImage,
+    ModelActivation,
     ModelVersion,
     Patient,
     Prediction,
+    TrainingRun,
 )
-from .services.registry import activate_model
+from .services.registry import (
+    PromotionBlocked,
+    activate_model,
+    active_model_version,
+    auc_drop,
+    compare_models,
+    rollback_model,
+)
 
 
 @admin.register(Clinic)
@@ -50,24 +65,203 @@ class PredictionInline(admin.TabularInline):
 class LesionImageAdmin(admin.ModelAdmin):
     list_display = ["id", "clinic", "state", "created_at", "processed_at", "attempts"]
     list_filter = ["state", "clinic"]
-    readonly_fields = [f.name for f in LesionImage._meta.fields]
+    # The file is shown by name only: media has no public URL, and the admin is not a viewer.
+    exclude = ["file"]
+    readonly_fields = ["stored_file", *[f.name for f in LesionImage._meta.fields if f.name != "file"]]
     inlines = [PredictionInline]
+
+    @admin.display(description="stored file")
+    def stored_file(self, obj):
+        return obj.file.name
+
+    def has_add_permission(self, request):
+        return False  # uploads go through the API or the portal, which validate and strip metadata
+
+
+def _number(value) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, list) and len(value) == 2:
+        return f"{value[0]:.3f}–{value[1]:.3f}"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+METRIC_ROWS = [
+    ("n", "cases"), ("n_positive", "malignant cases"), ("auc", "AUC"), ("auc_ci95", "AUC 95% CI"),
+    ("accuracy", "accuracy"), ("sensitivity", "sensitivity"), ("specificity", "specificity"), ("ppv", "PPV"),
+    ("npv", "NPV"), ("ece_before_calibration", "ECE before calibration"), ("ece", "ECE (calibrated)"),
+]  # fmt: skip
 
 
 @admin.register(ModelVersion)
 class ModelVersionAdmin(admin.ModelAdmin):
-    list_display = ["version", "arch", "input_size", "threshold", "is_active", "created_at", "activated_at"]
-    readonly_fields = ["weights", "weights_sha256", "metadata", "is_active", "activated_at"]
-    actions = ["activate"]
+    list_display = ["version", "arch", "input_size", "threshold", "test_auc", "is_active", "created_at"]
+    exclude = ["weights"]
+    readonly_fields = [
+        "version", "arch", "input_size", "class_names", "threshold", "is_active", "activated_at", "created_at",
+        "weights_file", "weights_sha256", "metrics_table", "comparison_with_active", "plot_images", "provenance",
+        "metadata",
+    ]  # fmt: skip
+    fields = readonly_fields
+    actions = ["activate", "activate_forced", "roll_back"]
 
-    @admin.action(description="Activate the selected model version")
-    def activate(self, request, queryset):
+    def has_add_permission(self, request):
+        return False  # models are registered by train_model / register_model, which check them
+
+    @admin.display(description="test AUC")
+    def test_auc(self, obj):
+        return _number((obj.metrics or {}).get("test", {}).get("auc"))
+
+    @admin.display(description="weights")
+    def weights_file(self, obj):
+        return obj.weights.name
+
+    @admin.display(description="metrics")
+    def metrics_table(self, obj):
+        metrics = obj.metrics or {}
+        columns = [
+            (title, metrics.get(key))
+            for key, title in (
+                ("validation", "validation"), ("test", "test (all)"), ("test_deduplicated", "test (de-duplicated)")
+            )
+            if metrics.get(key)
+        ]  # fmt: skip
+        if not columns:
+            return "—"
+        header = format_html_join("", "<th>{}</th>", ((title,) for title, _ in columns))
+        rows = format_html_join(
+            "",
+            "<tr><th>{}</th>{}</tr>",
+            (
+                (label, format_html_join("", "<td>{}</td>", ((_number(report.get(key)),) for _, report in columns)))
+                for key, label in METRIC_ROWS
+            ),
+        )
+        leakage = metrics.get("leakage")
+        note = (
+            format_html(
+                "<p>{} of {} test images have a near-duplicate in the training folder.</p>",
+                leakage["near_duplicates_in_train"], leakage["test_images"],
+            )
+            if leakage
+            else ""
+        )  # fmt: skip
+        return format_html("<table><tr><th></th>{}</tr>{}</table>{}", header, rows, note)
+
+    @admin.display(description="compared with the active model")
+    def comparison_with_active(self, obj):
+        current = active_model_version()
+        if current is None or current.pk == obj.pk:
+            return "This is the active model." if obj.is_active else "No model is active."
+        rows = format_html_join(
+            "", "<tr><th>{}</th><td>{}</td><td>{}</td></tr>",
+            ((name, _number(old), _number(new)) for name, old, new in compare_models(obj, current)),
+        )  # fmt: skip
+        warning = ""
+        if auc_drop(obj, current):
+            warning = format_html(
+                "<p><strong>Lower AUC than the active model: promotion needs the forced action.</strong></p>"
+            )
+        return format_html(
+            "<table><tr><th></th><th>{} (active)</th><th>{}</th></tr>{}</table>{}", current.version, obj.version, rows,
+            warning,
+        )  # fmt: skip
+
+    @admin.display(description="plots")
+    def plot_images(self, obj):
+        if not obj.plots:
+            return "—"
+        return format_html_join(
+            "",
+            '<figure style="display:inline-block;margin:0 1em 1em 0"><img src="{}" alt="{} plot" '
+            'style="max-width:420px"><figcaption>{}</figcaption></figure>',
+            (
+                (reverse("admin:diagnosis_modelversion_plot", args=[obj.pk, name]), name.replace("_", " "),
+                 name.replace("_", " "))
+                for name in obj.plots
+            ),
+        )  # fmt: skip
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/plot/<slug:name>/",
+                self.admin_site.admin_view(self.plot_view),
+                name="diagnosis_modelversion_plot",
+            ),
+            *super().get_urls(),
+        ]
+
+    def plot_view(self, request, pk: int, name: str):
+        model_version = get_object_or_404(ModelVersion, pk=pk)
+        if not self.has_view_permission(request, model_version) or name not in (model_version.plots or {}):
+            raise Http404("No such plot.")
+        try:
+            handle = default_storage.open(model_version.plots[name], "rb")
+        except FileNotFoundError:
+            raise Http404("The plot file is missing.") from None
+        response = FileResponse(handle, content_type="image/png")
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def _activate(self, request, queryset, *, force: bool):
         if queryset.count() != 1:
-            self.message_user(request, "Select exactly one model version to activate.", level="error")
+            self.message_user(request, "Select exactly one model version.", level=messages.ERROR)
             return
         model_version = queryset.get()
-        activate_model(model_version=model_version, actor=request.user, via="admin")
+        try:
+            activate_model(model_version=model_version, actor=request.user, via="admin", force=force)
+        except PromotionBlocked as exc:
+            self.message_user(request, exc.messages[0], level=messages.ERROR)
+            return
         self.message_user(request, f"{model_version.version} is now active.")
+
+    @admin.action(description="Activate the selected version (refused if its AUC is lower)")
+    def activate(self, request, queryset):
+        self._activate(request, queryset, force=False)
+
+    @admin.action(description="Activate the selected version even if its AUC is lower (forced)")
+    def activate_forced(self, request, queryset):
+        self._activate(request, queryset, force=True)
+
+    @admin.action(description="Roll back to the previously active version")
+    def roll_back(self, request, queryset):
+        try:
+            model_version = rollback_model(actor=request.user, via="admin")
+        except ValidationError as exc:
+            self.message_user(request, " ".join(exc.messages), level=messages.ERROR)
+            return
+        self.message_user(request, f"Rolled back: {model_version.version} is active again.")
+
+
+@admin.register(ModelActivation)
+class ModelActivationAdmin(admin.ModelAdmin):
+    list_display = ["activated_at", "model_version", "previous", "actor", "forced", "note"]
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(TrainingRun)
+class TrainingRunAdmin(admin.ModelAdmin):
+    list_display = ["id", "sweep", "status", "validation_auc", "selected", "model_version", "started_at"]
+    list_filter = ["status", "selected"]
+    readonly_fields = [f.name for f in TrainingRun._meta.fields]
+
+    @admin.display(description="validation AUC")
+    def validation_auc(self, obj):
+        return _number((obj.metrics or {}).get("auc"))
+
+    def has_add_permission(self, request):
+        return False
 
 
 @admin.register(ApiToken)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -145,12 +146,23 @@ class CheckpointMeta:
 
 
 def save_checkpoint(model: nn.Module, meta: CheckpointMeta, destination: str | Path | BinaryIO) -> None:
+    # A JSON round trip keeps the metadata to plain types, which weights_only loading accepts
+    # (numpy scalars or torch's version string class would make the checkpoint unloadable).
+    plain_meta = json.loads(json.dumps(meta.to_dict(), default=_plain))
     payload = {
         "format": CHECKPOINT_FORMAT,
-        "meta": meta.to_dict(),
+        "meta": plain_meta,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     torch.save(payload, destination)
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def checkpoint_bytes(model: nn.Module, meta: CheckpointMeta) -> bytes:
