@@ -5,6 +5,7 @@ from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from .models import (
     ApiToken,
@@ -161,7 +162,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
         )  # fmt: skip
         warning = ""
         if auc_drop(obj, current):
-            warning = format_html(
+            warning = mark_safe(
                 "<p><strong>Lower AUC than the active model: promotion needs the forced action.</strong></p>"
             )
         return format_html(
