@@ -38,7 +38,7 @@ def test_rundemo_serves_the_api_with_sqlite_and_filesystem_broker(tmp_path):
     with open(output, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "manage.py", "rundemo", "--port", str(port), "--arch", "resnet_tiny",
-             "--input-size", "64", "--train-images", "120", "--epochs", "1"],
+             "--input-size", "64", "--train-images", "120", "--test-images", "40", "--epochs", "1"],
             cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
 from ..models import Clinic, ClinicMembership, ModelVersion
-from .registry import active_model_version, register_model
+from .registry import active_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -21,39 +23,51 @@ class DemoTraining:
     arch: str = "resnet18"
     input_size: int = 128
     train_images: int = 1200
-    val_images: int = 200
+    test_images: int = 300
     epochs: int = 4
     seed: int = 0
 
 
-def ensure_demo_model(*, training: DemoTraining, progress: bool = True) -> tuple[ModelVersion, bool]:
-    """Return the active model, training and registering a demo model first if none is active."""
+def write_demo_data(training: DemoTraining) -> Path:
+    """A synthetic ImageFolder (train/ and test/) under var/, written once per size and seed."""
+    from mlcore.data import write_image_folder
+
+    root = Path(settings.VAR_DIR) / "demo-data" / f"{training.train_images}-{training.test_images}-{training.seed}"
+    marker = root / ".complete"
+    if not marker.exists():
+        write_image_folder(
+            root, splits={"train": training.train_images, "test": training.test_images},
+            size=max(128, training.input_size), seed=training.seed,
+        )  # fmt: skip
+        marker.touch()
+    return root
+
+
+def ensure_demo_model(*, training: DemoTraining, progress: bool = True, log=print) -> tuple[ModelVersion, bool]:
+    """Return the active model, first training, evaluating and registering a demo model on synthetic
+    lesions (through the same pipeline as train_model) if none is active."""
     existing = active_model_version()
     if existing is not None:
         return existing, False
-    from mlcore.data import SyntheticLesions
-    from mlcore.model import checkpoint_bytes
-    from mlcore.train import TrainConfig, train_classifier
+    from mlcore.train import TrainConfig
 
-    size = training.input_size
-    from tqdm import tqdm
+    from .training import train_and_register
 
-    def generate(count: int, seed: int, what: str) -> list:
-        lesions = SyntheticLesions(count, size=size, seed=seed)
-        return list(tqdm(lesions, total=count, desc=f"generating {what} lesions", disable=not progress, leave=False))
-
-    train_items = generate(training.train_images, training.seed * 10 + 1, "training")
-    val_items = generate(training.val_images, training.seed * 10 + 2, "validation")
-    config = TrainConfig(arch=training.arch, input_size=size, epochs=training.epochs, seed=training.seed)
-    result = train_classifier(train_items, val_items, config, progress=progress)
-    result.meta.training["data"] = "synthetic lesions (mlcore.data), demo model: not for clinical use"
-    model_version = register_model(
-        checkpoint=checkpoint_bytes(result.model, result.meta),
-        version=f"demo-{training.arch}-{size}px-seed{training.seed}",
-        activate=True,
-        via="cli",
+    config = TrainConfig(
+        arch=training.arch, input_size=training.input_size, epochs=training.epochs, seed=training.seed, lr=2e-3
     )
-    return model_version, True
+    report = train_and_register(
+        data_dir=write_demo_data(training),
+        config=config,
+        output=Path(settings.VAR_DIR) / "training" / "demo.pt",
+        version=f"demo-{training.arch}-{training.input_size}px-seed{training.seed}",
+        activate=True,
+        progress=progress,
+        log=log,
+    )
+    if report.model_version is None:
+        raise RuntimeError("Demo training was interrupted; run it again.")
+    return report.model_version, True
 
 
 @transaction.atomic

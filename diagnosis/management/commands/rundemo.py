@@ -30,6 +30,7 @@ class Command(BaseCommand):
         parser.add_argument("--arch", default="resnet18", help="Demo model architecture (when none is active).")
         parser.add_argument("--input-size", type=int, default=128)
         parser.add_argument("--train-images", type=int, default=1200)
+        parser.add_argument("--test-images", type=int, default=300)
         parser.add_argument("--epochs", type=int, default=4)
         parser.add_argument("--no-serve", action="store_true", help="Prepare everything, then exit.")
 
@@ -48,6 +49,7 @@ class Command(BaseCommand):
             arch=options["arch"],
             input_size=options["input_size"],
             train_images=options["train_images"],
+            test_images=options["test_images"],
             epochs=options["epochs"],
         )
         if active_model_version() is None:
@@ -55,12 +57,13 @@ class Command(BaseCommand):
                 f"No model is registered: training a demo {training.arch} on {training.train_images} synthetic "
                 f"lesions at {training.input_size} px ({training.epochs} epochs; a few minutes on 2 CPU cores)..."
             )
-        model_version, trained = ensure_demo_model(training=training, progress=True)
+        model_version, trained = ensure_demo_model(training=training, progress=True, log=self.stdout.write)
         if trained:
-            validation = model_version.metrics.get("validation", {})
+            test = model_version.metrics.get("test", {})
             self.stdout.write(
-                f"Registered {model_version.version}: validation AUC {validation.get('auc', float('nan')):.3f}, "
-                f"threshold {model_version.threshold:.3f} (set for {0.9:.0%} sensitivity)."
+                f"Registered {model_version.version}: test AUC {test.get('auc', float('nan')):.3f}, "
+                f"sensitivity {test.get('sensitivity', float('nan')):.2f} at threshold {model_version.threshold:.3f} "
+                "(set on validation for 90% sensitivity). Plots and metrics: admin > Model versions."
             )
         # Tokens are stored hashed, so a run cannot show an old one: replace the demo token each time.
         ApiToken.objects.filter(user=clinician, name="demo").delete()
