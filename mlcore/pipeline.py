@@ -75,11 +75,13 @@ def train_candidate(
     *,
     progress: bool = True,
     on_improve: Callable[[nn.Module, CheckpointMeta], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     config = dataclasses.replace(config, class_names=prepared.data.class_names)
     return train_classifier(
-        prepared.train.pairs(), prepared.validation.pairs(), config, progress=progress, on_improve=on_improve
-    )
+        prepared.train.pairs(), prepared.validation.pairs(), config, progress=progress, on_improve=on_improve,
+        log=log,
+    )  # fmt: skip
 
 
 def evaluate_split(model: nn.Module, meta: CheckpointMeta, split: LoadedSplit, *, bootstrap: int = 1000) -> dict:

@@ -122,6 +122,7 @@ def train_classifier(
     *,
     progress: bool = True,
     on_improve: Callable[[nn.Module, CheckpointMeta], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train with AdamW and a one-cycle schedule and keep the weights with the best validation AUC.
     Then fit a temperature on validation (calibration) and set the operating threshold on the
@@ -193,8 +194,11 @@ def train_classifier(
             scores = predict_probabilities(model, val_items, spec, positive_index=positive_index)
             val_auc = metrics.roc_auc(val_labels == positive_index, scores)
             history.append({"epoch": epoch, "loss": running / max(seen, 1), "val_auc": val_auc})
+            summary = f"epoch {epoch}/{config.epochs}  loss {running / max(seen, 1):.3f}  val AUC {val_auc:.3f}"
             if progress:
-                tqdm.write(f"epoch {epoch}/{config.epochs}  loss {running / max(seen, 1):.3f}  val AUC {val_auc:.3f}")
+                tqdm.write(summary)
+            elif log is not None:
+                log(summary)
             if val_auc > best_auc:
                 best_auc, best_state, stale_epochs = val_auc, copy.deepcopy(model.state_dict()), 0
                 if on_improve is not None:

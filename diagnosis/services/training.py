@@ -101,7 +101,7 @@ def train_and_register(
             save_checkpoint(model, meta, path)
 
         try:
-            result = train_candidate(prepared, candidate, progress=progress, on_improve=keep_best)
+            result = train_candidate(prepared, candidate, progress=progress, on_improve=keep_best, log=log)
         except KeyboardInterrupt:
             _finish(run, TrainingRun.Status.INTERRUPTED, error="Interrupted before the first epoch finished.")
             raise
