@@ -78,6 +78,9 @@ class LesionImageAdmin(admin.ModelAdmin):
     def has_add_permission(self, request):
         return False  # uploads go through the API or the portal, which validate and strip metadata
 
+    def has_delete_permission(self, request, obj=None):
+        return False  # deleting must also delete files and be audited: a purge command does that
+
 
 def _number(value) -> str:
     if value is None:

@@ -190,7 +190,9 @@ def train_classifier(
                 scheduler.step()
                 running += float(loss.detach()) * len(targets)
                 seen += len(targets)
-                bar.set_postfix(loss=f"{running / seen:.3f}")
+                bar.set_postfix(
+                    loss=f"{running / seen:.3f}", val_auc=f"{history[-1]['val_auc']:.3f}" if history else "–"
+                )
             scores = predict_probabilities(model, val_items, spec, positive_index=positive_index)
             val_auc = metrics.roc_auc(val_labels == positive_index, scores)
             history.append({"epoch": epoch, "loss": running / max(seen, 1), "val_auc": val_auc})
