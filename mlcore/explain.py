@@ -1,0 +1,343 @@
+"""Explanations: Captum attribution methods on the served model, turned into heatmaps.
+
+What is explained is the target class's log-odds, log p(target) - log(1 - p(target)), which for a
+two-logit model is z_target - z_other. Unlike one raw logit it accounts for both outputs, it is
+what the decision threshold acts on, and unlike the probability it does not saturate. Integrated
+Gradients' completeness then reads: sum(attributions) = log-odds(image) - log-odds(baseline).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch import nn
+
+from .model import CheckpointMeta
+from .preprocessing import TransformSpec, resize_for_model, to_tensor
+
+BASELINES = ("black", "blurred", "mean")
+DEFAULT_MAX_STEPS = 300  # IG steps per explanation
+DEFAULT_MAX_EVALUATIONS = 2000  # model evaluations (forward, or forward + backward) per explanation
+
+
+class ExplanationError(ValueError):
+    """A request for an explanation that cannot be honoured; `code` is stable, the message is for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class LogOdds(nn.Module):
+    """Wraps a classifier: output[:, c] = z_c - logsumexp(z_others), the log-odds of class c."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x).float()
+        classes = logits.shape[1]
+        others = logits.unsqueeze(1).expand(-1, classes, -1)
+        eye = torch.eye(classes, dtype=torch.bool, device=logits.device)
+        others = others.masked_fill(eye.unsqueeze(0), float("-inf"))
+        return logits - torch.logsumexp(others, dim=2)
+
+
+# --- parameters --------------------------------------------------------------------------------------
+
+_PARAMETERS: dict[str, dict[str, tuple]] = {
+    # name: (type, default, low, high) for numbers; (str, default, choices) for strings
+    "integrated_gradients": {"n_steps": (int, 50, 2, None), "baseline": (str, "black", BASELINES)},
+    "gradcam": {},
+    "occlusion": {"window": (int, None, 4, None), "stride": (int, None, 1, None),
+                  "baseline": (str, "blurred", BASELINES)},
+    "gradient_shap": {"n_samples": (int, 32, 1, None), "stdevs": (float, 0.1, 0.0, 2.0)},
+    "smoothgrad": {"n_samples": (int, 8, 1, 64), "stdevs": (float, 0.15, 0.0, 2.0), "n_steps": (int, 20, 2, None),
+                   "baseline": (str, "black", BASELINES)},
+    "lime": {"n_segments": (int, 40, 4, 400), "n_samples": (int, 200, 10, None),
+             "baseline": (str, "blurred", BASELINES)},
+}  # fmt: skip
+METHODS = tuple(_PARAMETERS)
+METHOD_LABELS = {
+    "integrated_gradients": "Integrated Gradients",
+    "gradcam": "Grad-CAM",
+    "occlusion": "Occlusion",
+    "gradient_shap": "GradientSHAP",
+    "smoothgrad": "SmoothGrad (IG)",
+    "lime": "LIME",
+}
+SIGNED = set(METHODS)  # every map is signed: red towards the target class, blue away from it
+PIXEL_LEVEL = {"integrated_gradients", "gradient_shap", "smoothgrad"}  # speckled: blurred for display
+
+
+def evaluations(method: str, params: dict[str, Any], input_size: int) -> int:
+    """How many model evaluations a request costs: the budget is checked against this."""
+    if method == "integrated_gradients":
+        return params["n_steps"]
+    if method == "gradcam":
+        return 1
+    if method == "occlusion":
+        positions = math.ceil((input_size - params["window"]) / params["stride"] + 1) ** 2
+        return positions + 1
+    if method == "gradient_shap":
+        return params["n_samples"]
+    if method == "smoothgrad":
+        return params["n_samples"] * params["n_steps"]
+    if method == "lime":
+        return params["n_samples"]
+    raise ExplanationError("unknown_method", f"Unknown method {method!r}.")
+
+
+def validate_params(
+    method: str,
+    params: dict[str, Any] | None,
+    *,
+    input_size: int,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    max_evaluations: int = DEFAULT_MAX_EVALUATIONS,
+) -> dict[str, Any]:
+    """Canonical parameters (defaults filled in, sorted keys) or an ExplanationError naming the problem."""
+    if method not in _PARAMETERS:
+        raise ExplanationError("unknown_method", f"Unknown method {method!r}. Choose one of: {', '.join(METHODS)}.")
+    params = dict(params or {})
+    if not isinstance(params, dict):
+        raise ExplanationError("invalid_params", "params must be an object.")
+    spec = _PARAMETERS[method]
+    unknown = sorted(set(params) - set(spec))
+    if unknown:
+        allowed = ", ".join(spec) or "none"
+        raise ExplanationError(
+            "invalid_params", f"Unknown parameter(s) for {method}: {', '.join(unknown)}. Allowed: {allowed}."
+        )
+    canonical: dict[str, Any] = {}
+    for name, rule in spec.items():
+        kind, default = rule[0], rule[1]
+        value = params.get(name, default)
+        if method == "occlusion" and value is None:
+            value = max(4, input_size // 8) if name == "window" else max(1, canonical["window"] // 2)
+        if kind is str:
+            if value not in rule[2]:
+                raise ExplanationError("invalid_params", f"{name} must be one of {', '.join(rule[2])}, not {value!r}.")
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+                raise ExplanationError(
+                    "invalid_params", f"{name} must be {'an integer' if kind is int else 'a number'}."
+                )
+            value = kind(value)
+            low, high = rule[2], rule[3]
+            if low is not None and value < low or high is not None and value > high:
+                bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+                raise ExplanationError("invalid_params", f"{name} must be {bounds}, not {value}.")
+        canonical[name] = value
+    if method == "occlusion" and canonical["window"] > input_size // 2:
+        raise ExplanationError("invalid_params", f"window must be at most {input_size // 2} (half the model input).")
+    steps = canonical.get("n_steps", 0)
+    if steps > max_steps:
+        raise ExplanationError("over_budget", f"n_steps={steps} is over the budget of {max_steps} steps.")
+    cost = evaluations(method, canonical, input_size)
+    if cost > max_evaluations:
+        raise ExplanationError(
+            "over_budget", f"This request needs {cost} model evaluations; the budget is {max_evaluations}."
+        )
+    return dict(sorted(canonical.items()))
+
+
+# --- attribution ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Attribution:
+    method: str
+    params: dict[str, Any]
+    target_index: int
+    target_class: str
+    raw: np.ndarray  # float32: (3, S, S) for pixel methods, (S, S) for Grad-CAM
+    map: np.ndarray  # float32 (S, S): per-pixel evidence (signed unless Grad-CAM)
+    signed: bool
+    convergence_delta: float | None
+    seconds: float
+
+
+def available_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30
+
+
+class Explainer:
+    """Runs one attribution method for one image. Build it once per model and reuse it."""
+
+    def __init__(self, model: nn.Module, meta: CheckpointMeta, *, device: torch.device | str = "cpu") -> None:
+        self.meta = meta
+        self.device = torch.device(device)
+        self.spec = TransformSpec(meta.input_size, meta.mean, meta.std)
+        self.model = model.to(self.device).eval()
+        # Gradients are needed for the input only: not computing the weights' gradients saves a
+        # large share of every backward pass.
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        self.forward = LogOdds(self.model)
+        self._sample_bytes: int | None = None
+
+    def target_for(self, probability_positive: float) -> int:
+        """The predicted class at the model's operating threshold, as the default target."""
+        positive = self.meta.positive_index
+        if probability_positive >= self.meta.threshold:
+            return positive
+        return next(i for i in range(len(self.meta.class_names)) if i != positive)
+
+    def input_tensor(self, image: Image.Image) -> torch.Tensor:
+        return to_tensor(image, self.spec).unsqueeze(0).to(self.device)
+
+    def baseline(self, kind: str, image: Image.Image) -> torch.Tensor:
+        if kind == "black":
+            return self.input_tensor(Image.new("RGB", (self.meta.input_size,) * 2, (0, 0, 0)))
+        if kind == "mean":
+            return torch.zeros(1, 3, self.meta.input_size, self.meta.input_size, device=self.device)
+        blurred = resize_for_model(image, self.meta.input_size).filter(
+            ImageFilter.GaussianBlur(radius=self.meta.input_size / 12)
+        )
+        return self.input_tensor(blurred)
+
+    def sample_bytes(self) -> int:
+        """Memory one sample takes in a forward + backward pass (activations and their gradients),
+        measured once with forward hooks."""
+        if self._sample_bytes is None:
+            total = 0
+
+            def count(_module, _inputs, output):
+                nonlocal total
+                if isinstance(output, torch.Tensor):
+                    total += output.numel() * output.element_size()
+
+            hooks = [m.register_forward_hook(count) for m in self.model.modules() if not list(m.children())]
+            with torch.no_grad():
+                self.model(torch.zeros(1, 3, self.meta.input_size, self.meta.input_size, device=self.device))
+            for hook in hooks:
+                hook.remove()
+            self._sample_bytes = max(total * 3, 1)
+        return self._sample_bytes
+
+    def internal_batch_size(self, steps: int) -> int:
+        """Steps per Captum call from the memory free now (a quarter of it at most). On the CPU,
+        batches beyond 16 bring no speed, only memory."""
+        budget = available_memory_bytes(self.device) // 4
+        size = max(1, min(steps, budget // self.sample_bytes()))
+        if self.device.type == "cpu":
+            size = min(size, int(os.environ.get("EXPLAIN_CPU_BATCH", "16")))
+        return size
+
+    def explain(self, image: Image.Image, method: str, params: dict[str, Any], target_index: int) -> Attribution:
+        from captum import attr as captum_attr
+
+        started = time.perf_counter()
+        x = self.input_tensor(image)
+        delta: float | None = None
+        if method == "integrated_gradients":
+            baseline = self.baseline(params["baseline"], image)
+            ig = captum_attr.IntegratedGradients(self.forward)
+            raw, deltas = ig.attribute(
+                x, baselines=baseline, target=target_index, n_steps=params["n_steps"],
+                internal_batch_size=self.internal_batch_size(params["n_steps"]), return_convergence_delta=True,
+            )  # fmt: skip
+            delta = float(deltas.abs().max())
+        elif method == "gradcam":
+            x.requires_grad_(True)
+            layer = self.model.layer4
+            # Signed, without Grad-CAM's final ReLU: with two classes the evidence for one is the evidence
+            # against the other, and the ReLU would blank the map whenever the pooled evidence is negative.
+            cam = captum_attr.LayerGradCam(self.forward, layer).attribute(
+                x, target=target_index, relu_attributions=False
+            )
+            raw = captum_attr.LayerAttribution.interpolate(cam, (self.meta.input_size,) * 2, "bilinear")[0, 0]
+        elif method == "occlusion":
+            window, stride = params["window"], params["stride"]
+            raw = captum_attr.Occlusion(self.forward).attribute(
+                x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
+                baselines=self.baseline(params["baseline"], image), target=target_index,
+                perturbations_per_eval=self.internal_batch_size(64),
+            )  # fmt: skip
+        elif method == "gradient_shap":
+            baselines = torch.cat([self.baseline(kind, image) for kind in BASELINES])
+            raw, deltas = captum_attr.GradientShap(self.forward).attribute(
+                x, baselines=baselines, n_samples=params["n_samples"], stdevs=params["stdevs"], target=target_index,
+                return_convergence_delta=True,
+            )  # fmt: skip
+            delta = float(deltas.abs().mean())
+        elif method == "smoothgrad":
+            tunnel = captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(self.forward))
+            raw = tunnel.attribute(
+                x, nt_type="smoothgrad", nt_samples=params["n_samples"], stdevs=params["stdevs"],
+                baselines=self.baseline(params["baseline"], image), target=target_index, n_steps=params["n_steps"],
+                internal_batch_size=self.internal_batch_size(params["n_steps"]),
+            )  # fmt: skip
+        elif method == "lime":
+            segments = superpixels(resize_for_model(image, self.meta.input_size), params["n_segments"])
+            mask = torch.from_numpy(segments).to(self.device).long().unsqueeze(0).unsqueeze(0).expand(1, 3, -1, -1)
+            raw = captum_attr.Lime(self.forward).attribute(
+                x, baselines=self.baseline(params["baseline"], image), target=target_index,
+                feature_mask=mask, n_samples=params["n_samples"],
+                perturbations_per_eval=self.internal_batch_size(32),
+            )  # fmt: skip
+        else:
+            raise ExplanationError("unknown_method", f"Unknown method {method!r}.")
+        raw_array = raw.detach().float().cpu().numpy()
+        if raw_array.ndim == 4:
+            raw_array = raw_array[0]
+        per_pixel = raw_array if raw_array.ndim == 2 else raw_array.sum(axis=0)
+        return Attribution(
+            method=method,
+            params=params,
+            target_index=target_index,
+            target_class=self.meta.class_names[target_index],
+            raw=raw_array.astype(np.float32),
+            map=per_pixel.astype(np.float32),
+            signed=method in SIGNED,
+            convergence_delta=delta,
+            seconds=time.perf_counter() - started,
+        )
+
+
+def superpixels(image: Image.Image, n_segments: int, *, compactness: float = 10.0, iterations: int = 6) -> np.ndarray:
+    """A small SLIC: k-means over colour and position from a regular grid of seeds. Returns an
+    (H, W) array of consecutive segment ids."""
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0 * 100.0
+    height, width = rgb.shape[:2]
+    step = max(1.0, math.sqrt(height * width / n_segments))
+    ys = np.arange(step / 2, height, step)
+    xs = np.arange(step / 2, width, step)
+    centres_yx = np.array([(y, x) for y in ys for x in xs], dtype=np.float32)
+    centres_rgb = rgb[centres_yx[:, 0].astype(int), centres_yx[:, 1].astype(int)]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels_yx = np.stack([yy.ravel(), xx.ravel()], axis=1)
+    pixels_rgb = rgb.reshape(-1, 3)
+    weight = (compactness / step) ** 2
+    labels = np.zeros(len(pixels_yx), dtype=np.int64)
+    for _ in range(iterations):
+        colour = ((pixels_rgb[:, None, :] - centres_rgb[None, :, :]) ** 2).sum(axis=2)
+        space = ((pixels_yx[:, None, :] - centres_yx[None, :, :]) ** 2).sum(axis=2)
+        labels = np.argmin(colour + weight * space, axis=1)
+        for index in range(len(centres_yx)):
+            members = labels == index
+            if members.any():
+                centres_yx[index] = pixels_yx[members].mean(axis=0)
+                centres_rgb[index] = pixels_rgb[members].mean(axis=0)
+    _, consecutive = np.unique(labels, return_inverse=True)
+    return consecutive.reshape(height, width)

@@ -1,0 +1,107 @@
+"""Attribution maps as pictures: a transparent heatmap, an overlay with a legend, and the raw array."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+from scipy.ndimage import gaussian_filter
+
+DISPLAY_MAX_SIDE = 1024  # overlays are rendered at most this large, whatever the upload's size
+LEGEND_HEIGHT = 56
+
+
+def display_size(width: int, height: int, max_side: int = DISPLAY_MAX_SIDE) -> tuple[int, int]:
+    scale = min(1.0, max_side / max(width, height))
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def normalise(attribution: np.ndarray, *, signed: bool) -> np.ndarray:
+    """Scale to [-1, 1] (signed) or [0, 1] by the 99th percentile of the magnitude, so one extreme
+    pixel does not wash out the rest."""
+    magnitude = np.abs(attribution) if signed else np.clip(attribution, 0, None)
+    scale = float(np.percentile(magnitude, 99)) or float(magnitude.max()) or 1.0
+    limits = (-1.0, 1.0) if signed else (0.0, 1.0)
+    return np.clip(attribution / scale, *limits)
+
+
+def heatmap_rgba(attribution: np.ndarray, size: tuple[int, int], *, signed: bool, smooth: bool = False) -> Image.Image:
+    """RGBA at `size`: red where the evidence favours the target, blue against (signed methods);
+    transparency grows as the evidence fades, so the photo shows through."""
+    if smooth:
+        # Pixel-level attributions (IG and friends) are speckled; a light blur shows regions. The
+        # raw array, unblurred, is stored next to the pictures.
+        attribution = gaussian_filter(attribution.astype(np.float32), sigma=max(1.0, attribution.shape[0] / 32))
+    resized = np.asarray(
+        Image.fromarray(attribution.astype(np.float32), mode="F").resize(size, Image.Resampling.BILINEAR)
+    )
+    values = normalise(resized, signed=signed)
+    if signed:
+        colours = colormaps["RdBu_r"]((values + 1) / 2)
+        alpha = np.abs(values)
+    else:
+        colours = colormaps["YlOrRd"](values)
+        alpha = values
+    rgba = np.empty((*values.shape, 4), dtype=np.uint8)
+    rgba[..., :3] = (colours[..., :3] * 255).astype(np.uint8)
+    # Weak evidence stays transparent: only the upper part of the range is painted.
+    rgba[..., 3] = (np.clip((alpha - 0.15) / 0.6, 0, 1) * 255).astype(np.uint8)
+    return Image.fromarray(rgba, mode="RGBA")
+
+
+def legend_text(*, method_label: str, target_class: str, signed: bool) -> tuple[str, str]:
+    title = f"{method_label} · explaining: {target_class}"
+    if signed:
+        return title, f"red: pushed towards '{target_class}'    blue: pushed away from it"
+    return title, f"red: regions that most drove '{target_class}'"
+
+
+def _fit_font(draw: ImageDraw.ImageDraw, text: str, width: int) -> ImageFont.ImageFont:
+    for size in (13, 12, 11, 10, 9, 8):
+        font = ImageFont.load_default(size=size)
+        if draw.textlength(text, font=font) <= width:
+            return font
+    return font
+
+
+def render(
+    image: Image.Image, attribution: np.ndarray, *, signed: bool, method_label: str, target_class: str,
+    smooth: bool = False, opacity: float = 0.6,
+) -> tuple[bytes, bytes]:  # fmt: skip
+    """(overlay PNG, heatmap PNG). Both are at the image's display size (longest side at most
+    DISPLAY_MAX_SIDE); the overlay adds a legend strip of LEGEND_HEIGHT pixels below the photo,
+    naming the method and the class explained and saying what red means."""
+    size = display_size(*image.size)
+    photo = image.convert("RGB").resize(size, Image.Resampling.BILINEAR) if image.size != size else image.convert("RGB")
+    heat = heatmap_rgba(attribution, size, signed=signed, smooth=smooth)
+    faded = heat.copy()
+    faded.putalpha(heat.getchannel("A").point(lambda a: int(a * opacity)))
+    composite = Image.alpha_composite(photo.convert("RGBA"), faded).convert("RGB")
+
+    overlay = Image.new("RGB", (size[0], size[1] + LEGEND_HEIGHT), (255, 255, 255))
+    overlay.paste(composite, (0, 0))
+    draw = ImageDraw.Draw(overlay)
+    title, explanation = legend_text(method_label=method_label, target_class=target_class, signed=signed)
+    bar_width = max(24, min(120, size[0] // 4))
+    ramp = np.linspace(-1, 1, bar_width) if signed else np.linspace(0, 1, bar_width)
+    colours = colormaps["RdBu_r"]((ramp + 1) / 2) if signed else colormaps["YlOrRd"](ramp)
+    bar = Image.fromarray((np.repeat(colours[None, :, :3], 10, axis=0) * 255).astype(np.uint8), mode="RGB")
+    overlay.paste(bar, (6, size[1] + 8))
+    title_font = _fit_font(draw, title, size[0] - bar_width - 18)
+    draw.text((bar_width + 12, size[1] + 5), title, fill=(20, 20, 20), font=title_font)
+    text_font = _fit_font(draw, explanation, size[0] - 12)
+    draw.text((6, size[1] + 28), explanation, fill=(60, 60, 60), font=text_font)
+
+    overlay_png, heat_png = io.BytesIO(), io.BytesIO()
+    overlay.save(overlay_png, format="PNG", optimize=True)
+    heat.save(heat_png, format="PNG", optimize=True)
+    return overlay_png.getvalue(), heat_png.getvalue()
+
+
+def attribution_npy(raw: np.ndarray) -> bytes:
+    """The raw attribution as a compact float16 .npy file."""
+    buffer = io.BytesIO()
+    np.save(buffer, raw.astype(np.float16), allow_pickle=False)
+    return buffer.getvalue()
