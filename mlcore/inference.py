@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from PIL import Image
 
-from .model import CheckpointMeta, load_checkpoint
+from .model import CheckpointMeta, load_checkpoint, resnet_features, resnet_head
 from .preprocessing import TransformSpec, to_tensor
 
 
@@ -68,10 +69,7 @@ class Predictor:
             outputs.append(torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu())
         return torch.cat(outputs)
 
-    def predict(self, images: Sequence[Image.Image]) -> list[PredictionResult]:
-        if not images:
-            return []
-        probabilities = self.predict_tensors(torch.stack([self.preprocess(image) for image in images]))
+    def _results(self, probabilities: torch.Tensor) -> list[PredictionResult]:
         positive = self.meta.positive_index
         negative_label = next(name for name in self.meta.class_names if name != self.meta.positive_class)
         results = []
@@ -86,6 +84,47 @@ class Predictor:
                 )
             )
         return results
+
+    def predict(self, images: Sequence[Image.Image]) -> list[PredictionResult]:
+        if not images:
+            return []
+        return self._results(self.predict_tensors(torch.stack([self.preprocess(image) for image in images])))
+
+    def predict_with_gradcam(self, images: Sequence[Image.Image]) -> tuple[list[PredictionResult], list[np.ndarray]]:
+        """Predictions and, per image, the signed Grad-CAM map of its predicted class on the log-odds
+        (mlcore.explain.LogOdds), at the model's input size, from the same forward pass.
+
+        The body runs without autograd; only the head (average pooling and the linear layer) is
+        differentiated to get layer4's gradients, so the map costs next to nothing beyond the
+        prediction itself, unlike a separate Captum LayerGradCam call (a second forward and a full
+        backward pass).
+        """
+        if not images:
+            return [], []
+        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        with torch.no_grad():
+            if self.device.type == "cuda":
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                features = resnet_features(self.model, batch)
+        features = features.float().requires_grad_(True)
+        with torch.enable_grad():
+            logits = resnet_head(self.model, features).float()
+            probabilities = torch.softmax(logits.detach() / self.meta.temperature, dim=1).cpu()
+            results = self._results(probabilities)
+            targets = torch.tensor(
+                [self.meta.class_names.index(result.label) for result in results], device=logits.device
+            )
+            others = logits.unsqueeze(1).expand(-1, logits.shape[1], -1)
+            eye = torch.eye(logits.shape[1], dtype=torch.bool, device=logits.device)
+            log_odds = logits - torch.logsumexp(others.masked_fill(eye.unsqueeze(0), float("-inf")), dim=2)
+            selected = log_odds.gather(1, targets.unsqueeze(1)).sum()
+            (gradients,) = torch.autograd.grad(selected, features)
+        weights = gradients.mean(dim=(2, 3), keepdim=True)
+        cams = (weights * features.detach()).sum(dim=1, keepdim=True)
+        size = (self.meta.input_size, self.meta.input_size)
+        cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+        return results, [cam[0].cpu().numpy().astype(np.float32) for cam in cams]
 
 
 def configure_torch_threads(default: int | None = None) -> int:

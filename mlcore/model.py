@@ -61,6 +61,16 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def resnet_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ResNet body up to layer4's output (torchvision ResNets and TinyResNet share the layout)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def resnet_head(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    return model.fc(torch.flatten(model.avgpool(features), 1))
+
+
 _TORCHVISION_ARCHITECTURES = {
     "resnet18": tv_models.resnet18,
     "resnet34": tv_models.resnet34,
