@@ -275,6 +275,52 @@ class Prediction(models.Model):
         return f"{self.label} p={self.probability_malignant:.3f} ({self.model_version.version})"
 
 
+class Explanation(models.Model):
+    """A heatmap of why the model scored an image as it did, by one method with one set of parameters."""
+
+    class State(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        PROCESSING = "processing", "Processing"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    image = models.ForeignKey(LesionImage, on_delete=models.CASCADE, related_name="explanations")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="explanations")
+    method = models.CharField(max_length=30)
+    params = models.JSONField(default=dict, help_text="Canonical parameters, defaults filled in")
+    params_key = models.CharField(max_length=64, help_text="SHA-256 of the canonical method, parameters and target")
+    target_index = models.PositiveSmallIntegerField()
+    target_class = models.CharField(max_length=50)
+    state = models.CharField(max_length=12, choices=State.choices, default=State.QUEUED)
+    error = models.TextField(blank=True)
+    overlay = models.FileField(max_length=255, blank=True)
+    heatmap = models.FileField(max_length=255, blank=True)
+    attribution = models.FileField(max_length=255, blank=True)
+    convergence_delta = models.FloatField(null=True, blank=True, help_text="IG completeness error (log-odds units)")
+    duration_ms = models.FloatField(null=True, blank=True)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    claimed_by = models.CharField(max_length=255, blank=True)
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, blank=True, related_name="+",
+        help_text="Empty for the automatic explanations of every prediction",
+    )  # fmt: skip
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["image", "model_version", "method", "params_key"], name="one_explanation_per_request"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.method} of {self.image_id} ({self.state})"
+
+
 class ApiToken(AbstractAuthToken):
     """A knox token (stored as a SHA-512 digest) with a name, so people can tell their tokens apart."""
 
@@ -300,6 +346,8 @@ class AuditEvent(models.Model):
         CREATE_TOKEN = "create_token", "Created an API token"
         REVOKE_TOKEN = "revoke_token", "Revoked an API token"
         ACTIVATE_MODEL = "activate_model", "Activated a model version"
+        REQUEST_EXPLANATION = "request_explanation", "Requested an explanation"
+        VIEW_EXPLANATION = "view_explanation", "Downloaded an explanation file"
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from .services.explanations import compute_explanation
 from .services.images import requeue_stale_images
 from .services.predictions import TransientError, process_image
 
@@ -25,3 +26,16 @@ def predict_image_task(self, image_id: str) -> str:
 @shared_task
 def requeue_stale_images_task() -> dict[str, int]:
     return requeue_stale_images()
+
+
+@shared_task(
+    bind=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    autoretry_for=(TransientError,),
+    max_retries=3,
+    retry_backoff=2,
+    retry_backoff_max=30,
+)
+def explain_image_task(self, explanation_id: str) -> str:
+    return compute_explanation(explanation_id=explanation_id, worker_id=f"{self.request.hostname}:{self.request.id}")

@@ -36,6 +36,12 @@ def test_schema_describes_every_endpoint_with_its_errors(schema):
         ("/api/v1/lesions/", "get"): {"200", "400", "401", "403"},
         ("/api/v1/lesions/", "post"): {"201", "400", "401", "403"},
         ("/api/v1/lesions/{id}/", "get"): {"200", "401", "403", "404"},
+        ("/api/v1/images/{id}/explanations/", "get"): {"200", "401", "403", "404"},
+        ("/api/v1/images/{id}/explanations/", "post"): {"200", "202", "400", "401", "403", "404", "409"},
+        ("/api/v1/explanations/{id}/", "get"): {"200", "401", "403", "404"},
+        ("/api/v1/explanations/{id}/overlay/", "get"): {"200", "401", "403", "404"},
+        ("/api/v1/explanations/{id}/heatmap/", "get"): {"200", "401", "403", "404"},
+        ("/api/v1/explanations/{id}/attribution/", "get"): {"200", "401", "403", "404"},
     }
     documented = {(path, method) for path, operations in paths.items() for method in operations}
     assert documented == set(expected)
@@ -98,7 +104,8 @@ def test_requeue_stale_command_reports_counts(db, capsys):
 
 
 def run_check(settings_module: str, **env: str) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if k not in ("SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL")}
+    required = ("SECRET_KEY", "ALLOWED_HOSTS", "DATABASE_URL", "CELERY_BROKER_URL")
+    clean = {k: v for k, v in os.environ.items() if k not in required}
     clean.update({"DJANGO_SETTINGS_MODULE": settings_module, **env})
     return subprocess.run(
         [sys.executable, "manage.py", "check"], cwd=ROOT, env=clean, capture_output=True, text=True, timeout=120

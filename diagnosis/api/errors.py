@@ -103,3 +103,14 @@ def error_responses(*codes: int) -> dict:
         503: "A backing service (database) is temporarily unavailable.",
     }
     return {code: OpenApiResponse(ErrorSerializer, description=descriptions[code]) for code in codes}
+
+
+class RequestRefused(exceptions.APIException):
+    """A service refusal with its own status (400 or 409) and stable code."""
+
+    status_code = status.HTTP_400_BAD_REQUEST
+    default_code = "invalid"
+
+    def __init__(self, message: str, *, code: str, status_code: int = 400) -> None:
+        super().__init__(detail=message, code=code)
+        self.status_code = status_code

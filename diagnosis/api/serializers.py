@@ -4,7 +4,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ..models import DISCLAIMER, BodySite, Lesion, LesionImage, Patient, Prediction
+from ..models import DISCLAIMER, BodySite, Explanation, Lesion, LesionImage, Patient, Prediction
 
 
 class ClinicScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
@@ -122,3 +122,56 @@ class ImageSerializer(serializers.ModelSerializer):
 
     def get_disclaimer(self, image: LesionImage) -> str:
         return DISCLAIMER
+
+
+class ExplanationRequestSerializer(serializers.Serializer):
+    method = serializers.CharField(
+        help_text="integrated_gradients, gradcam, occlusion, gradient_shap, smoothgrad or lime."
+    )
+    params = serializers.DictField(
+        required=False,
+        default=dict,
+        help_text=(
+            "Method parameters; omitted ones take their defaults. integrated_gradients: n_steps (default 50), "
+            "baseline (black|blurred|mean). occlusion: window, stride, baseline. gradient_shap: n_samples, stdevs. "
+            "smoothgrad: n_samples, stdevs, n_steps, baseline. lime: n_segments, n_samples, baseline."
+        ),
+    )
+    target = serializers.CharField(
+        required=False, help_text="The class to explain (default: the predicted class at the operating threshold)."
+    )
+
+
+class ExplanationSerializer(serializers.ModelSerializer):
+    image = serializers.UUIDField(source="image_id", read_only=True)
+    model_version = serializers.CharField(source="model_version.version", read_only=True)
+    status_url = serializers.SerializerMethodField()
+    overlay_url = serializers.SerializerMethodField()
+    heatmap_url = serializers.SerializerMethodField()
+    attribution_url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Explanation
+        fields = [
+            "id", "image", "method", "params", "target_class", "model_version", "state", "error", "status_url",
+            "overlay_url", "heatmap_url", "attribution_url", "convergence_delta", "duration_ms", "created_at",
+            "finished_at",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def _absolute(self, name: str, explanation: Explanation) -> str:
+        path = reverse(f"api:explanation-{name}", kwargs={"pk": explanation.pk})
+        request = self.context.get("request")
+        return request.build_absolute_uri(path) if request else path
+
+    def get_status_url(self, explanation: Explanation) -> str:
+        return self._absolute("detail", explanation)
+
+    def get_overlay_url(self, explanation: Explanation) -> str | None:
+        return self._absolute("overlay", explanation) if explanation.state == Explanation.State.DONE else None
+
+    def get_heatmap_url(self, explanation: Explanation) -> str | None:
+        return self._absolute("heatmap", explanation) if explanation.state == Explanation.State.DONE else None
+
+    def get_attribution_url(self, explanation: Explanation) -> str | None:
+        return self._absolute("attribution", explanation) if explanation.state == Explanation.State.DONE else None

@@ -1,6 +1,6 @@
 from rest_framework.routers import DefaultRouter
 
-from .views import ImageViewSet, LesionViewSet, PatientViewSet
+from .views import ExplanationViewSet, ImageViewSet, LesionViewSet, PatientViewSet
 
 app_name = "api"
 
@@ -9,5 +9,6 @@ router.include_root_view = False
 router.register("patients", PatientViewSet, basename="patient")
 router.register("lesions", LesionViewSet, basename="lesion")
 router.register("images", ImageViewSet, basename="image")
+router.register("explanations", ExplanationViewSet, basename="explanation")
 
 urlpatterns = router.urls

@@ -9,13 +9,21 @@ from rest_framework.response import Response
 
 from mlcore.preprocessing import ImageValidationError
 
-from ..models import AuditEvent, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..models import AuditEvent, Explanation, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..services import explanations as explanation_services
 from ..services import images as image_services
 from ..services import patients as patient_services
 from ..services.audit import record_event
 from ..services.clinics import clinic_of
-from .errors import InvalidImage, error_responses
-from .serializers import ImageSerializer, ImageUploadSerializer, LesionSerializer, PatientSerializer
+from .errors import InvalidImage, RequestRefused, error_responses
+from .serializers import (
+    ExplanationRequestSerializer,
+    ExplanationSerializer,
+    ImageSerializer,
+    ImageUploadSerializer,
+    LesionSerializer,
+    PatientSerializer,
+)
 
 
 def client_ip(request) -> str | None:
@@ -223,3 +231,116 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         response["X-Content-Type-Options"] = "nosniff"
         response["Cache-Control"] = "private, no-store"
         return response
+
+    @extend_schema(
+        methods=["GET"],
+        summary="List an image's explanations",
+        responses={200: ExplanationSerializer(many=True), **error_responses(401, 403, 404)},
+    )
+    @extend_schema(
+        methods=["POST"],
+        summary="Request an explanation (heatmap) of the image's prediction",
+        description=(
+            "Answers 202 with the new explanation and its status URL, or 200 with the stored one when an identical "
+            "request (method, canonical parameters, target, model version) was made before. 400 for an unknown "
+            "method, bad parameters or a cost over the budget; 409 while the image has no prediction."
+        ),
+        request=ExplanationRequestSerializer,
+        responses={
+            200: ExplanationSerializer,
+            202: ExplanationSerializer,
+            **error_responses(400, 401, 403, 404, 409),
+        },
+    )
+    @action(detail=True, methods=["get", "post"], url_path="explanations", url_name="explanations")
+    def explanations(self, request, pk=None):
+        image = self.get_object()
+        if request.method == "GET":
+            explanations = image.explanations.select_related("model_version").order_by("created_at")
+            return Response(ExplanationSerializer(explanations, many=True, context={"request": request}).data)
+        body = ExplanationRequestSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        try:
+            explanation, created = explanation_services.request_explanation(
+                image=image, method=body.validated_data["method"], params=body.validated_data.get("params"),
+                target=body.validated_data.get("target"), requested_by=request.user, via="api",
+            )  # fmt: skip
+        except explanation_services.ExplanationRefused as exc:
+            raise RequestRefused(exc.reason, code=exc.error_code, status_code=exc.status) from None
+        data = ExplanationSerializer(explanation, context={"request": request}).data
+        return Response(
+            data,
+            status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
+            headers={"Location": data["status_url"]},
+        )
+
+
+EXPLANATION_FILES = {
+    "overlay": ("overlay", "image/png", "png"),
+    "heatmap": ("heatmap", "image/png", "png"),
+    "attribution": ("attribution", "application/octet-stream", "npy"),
+}
+
+
+@extend_schema_view(
+    retrieve=extend_schema(
+        summary="An explanation's state and file links (its status URL)",
+        responses={200: ExplanationSerializer, **error_responses(401, 403, 404)},
+    )
+)
+class ExplanationViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = ExplanationSerializer
+
+    def get_queryset(self):
+        clinic = clinic_of(self.request.user)
+        return Explanation.objects.filter(image__clinic=clinic).select_related("model_version", "image")
+
+    def _file(self, request, kind: str):
+        from rest_framework.exceptions import NotFound
+
+        explanation = self.get_object()
+        field, content_type, extension = EXPLANATION_FILES[kind]
+        stored = getattr(explanation, field)
+        if explanation.state != Explanation.State.DONE or not stored:
+            raise NotFound("This explanation has no files yet.")
+        try:
+            handle = stored.open("rb")
+        except FileNotFoundError:
+            raise NotFound("The stored file of this explanation is missing.") from None
+        record_event(actor=request.user, action=AuditEvent.Action.VIEW_EXPLANATION, obj=explanation,
+                     clinic=explanation.image.clinic, via="api", ip_address=client_ip(request))  # fmt: skip
+        response = FileResponse(
+            handle, content_type=content_type, as_attachment=kind == "attribution",
+            filename=f"{explanation.method}-{explanation.pk}-{kind}.{extension}",
+        )  # fmt: skip
+        response["X-Content-Type-Options"] = "nosniff"
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+    @extend_schema(
+        summary="The heatmap over the photo, with a legend (PNG)",
+        responses={(200, "image/png"): OpenApiResponse(description="PNG"), **error_responses(401, 403, 404)},
+    )
+    @action(detail=True, methods=["get"], url_path="overlay", url_name="overlay")
+    def overlay(self, request, pk=None):
+        return self._file(request, "overlay")
+
+    @extend_schema(
+        summary="The heatmap alone, transparent where evidence is weak (PNG)",
+        responses={(200, "image/png"): OpenApiResponse(description="PNG"), **error_responses(401, 403, 404)},
+    )
+    @action(detail=True, methods=["get"], url_path="heatmap", url_name="heatmap")
+    def heatmap(self, request, pk=None):
+        return self._file(request, "heatmap")
+
+    @extend_schema(
+        summary="The raw attribution as a float16 NumPy .npy file",
+        description="Shape (3, S, S) for pixel methods and (S, S) for Grad-CAM, S being the model's input size.",
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(description=".npy"),
+            **error_responses(401, 403, 404),
+        },
+    )
+    @action(detail=True, methods=["get"], url_path="attribution", url_name="attribution")
+    def attribution(self, request, pk=None):
+        return self._file(request, "attribution")

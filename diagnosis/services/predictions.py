@@ -131,7 +131,8 @@ def process_image(*, image_id: str, worker_id: str) -> str:
         decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
                                max_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
         started = time.perf_counter()
-        result = predictor.predict([decoded.image])[0]
+        results, cams = predictor.predict_with_gradcam([decoded.image])
+        result, cam = results[0], cams[0]
         inference_ms = (time.perf_counter() - started) * 1000
     except ImageValidationError as exc:
         return fail(f"The stored image could not be read: {exc.message}")
@@ -145,7 +146,19 @@ def process_image(*, image_id: str, worker_id: str) -> str:
             f"The model could not process this image (internal error: {type(exc).__name__}). "
             "The team has been notified in the logs."
         )
+    # The prediction is stored first: a clinician sees the risk before any heatmap is drawn.
     record_prediction(
         image=image, model_version=model_version, result=result, inference_ms=inference_ms, worker_id=worker_id
     )
+    from .explanations import record_gradcam, request_automatic_explanations
+
+    try:
+        record_gradcam(
+            image=image, model_version=model_version, decoded_image=decoded.image, result=result, cam=cam,
+            seconds=inference_ms / 1000,
+        )  # fmt: skip
+    except Exception:  # a heatmap problem must never undo a stored prediction
+        logger.exception("Grad-CAM could not be stored for image %s", image_id)
+    image.state = ImageState.DONE
+    request_automatic_explanations(image=image)
     return "done"

@@ -126,6 +126,10 @@ CLAIM_TIMEOUT_SECONDS = env_int("CLAIM_TIMEOUT_SECONDS", 300)
 REQUEUE_AFTER_SECONDS = env_int("REQUEUE_AFTER_SECONDS", 120)
 MAX_PROCESSING_ATTEMPTS = env_int("MAX_PROCESSING_ATTEMPTS", 3)
 API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
+# Explanations: every prediction gets Grad-CAM at once and these methods on the explain queue.
+AUTO_EXPLAIN_METHODS = env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"])
+EXPLAIN_MAX_STEPS = env_int("EXPLAIN_MAX_STEPS", 300)
+EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 
 # --- REST API ---------------------------------------------------------------------------------
 REST_FRAMEWORK = {
@@ -186,6 +190,7 @@ CELERY_WORKER_MAX_MEMORY_PER_CHILD = env_int("CELERY_WORKER_MAX_MEMORY_PER_CHILD
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "diagnosis.tasks.predict_image_task": {"queue": "inference"},
+    "diagnosis.tasks.explain_image_task": {"queue": "explain"},
 }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # Publishing must not hang a web request when the broker is down: the sweeper re-enqueues later.
