@@ -14,7 +14,7 @@ import numpy as np
 from torch import nn
 
 from . import metrics, plots
-from .datasets import ImageFolderData, LoadedSplit, load_image_folder, stratified_split
+from .datasets import DataError, ImageFolderData, LoadedSplit, load_image_folder, stratified_split
 from .leakage import find_near_duplicates
 from .model import CheckpointMeta
 from .preprocessing import TransformSpec
@@ -66,7 +66,15 @@ def prepare_data(
 ) -> PreparedData:
     data = load_image_folder(data_dir, image_size=image_size, seed=seed, progress=progress, log=log)
     kept, held = stratified_split(data.train.labels, VALIDATION_FRACTION, seed)
-    return PreparedData(data, data.train.subset(kept), data.train.subset(held))
+    prepared = PreparedData(data, data.train.subset(kept), data.train.subset(held))
+    for name, split in (("training", prepared.train), ("validation", prepared.validation)):
+        missing = [c for i, c in enumerate(data.class_names) if i not in set(split.labels.tolist())]
+        if missing:
+            raise DataError(
+                f"The {name} part of train/ has no {', '.join(missing)} images after the 10% validation split; "
+                "each class needs at least two readable training images."
+            )
+    return prepared
 
 
 def train_candidate(

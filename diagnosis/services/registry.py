@@ -136,6 +136,8 @@ def activate_model(
     """Make one version active. Workers read the active version before every task, so they switch
     without a restart. A version with a lower AUC than the active one is refused unless forced."""
     current = ModelVersion.objects.select_for_update().filter(is_active=True).first()
+    if current is not None and current.pk == model_version.pk:
+        return model_version  # already active: nothing changes, and the rollback history stays intact
     drop = auc_drop(model_version, current)
     if drop and not force:
         raise PromotionBlocked(

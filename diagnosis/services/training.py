@@ -68,6 +68,8 @@ def train_and_register(
     from mlcore.pipeline import finalize, prepare_data, sweep_configs, train_candidate
 
     started = time.perf_counter()
+    if version and ModelVersion.objects.filter(version=version).exists():
+        raise ValidationError(f"Model version {version!r} already exists; choose another --name.")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
