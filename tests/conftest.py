@@ -196,9 +196,10 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
 
 
 class WorkerProcess:
-    def __init__(self, process: subprocess.Popen, log_path: Path):
+    def __init__(self, process: subprocess.Popen, log_path: Path, name: str = ""):
         self.process = process
         self.log_path = log_path
+        self.node = name.split("@")[0]  # claims are recorded as "<node>@<host>:<task id>"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -212,7 +213,7 @@ def start_worker(*, env: dict[str, str], log_path: Path, queues: str, name: str)
          "--hostname", name],
         cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
-    worker = WorkerProcess(process, log_path)
+    worker = WorkerProcess(process, log_path, name)
     try:
         wait_for(lambda: " ready." in worker.log() or process.poll() is not None, 90, message="the worker to start")
     except AssertionError:
@@ -263,10 +264,22 @@ def worker_env(django_db_setup, redis_service, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def celery_worker(worker_env, tmp_path_factory):
-    """One real Celery worker process (prefork, like production's CPU worker) for the whole session."""
+    """One real Celery worker process for predictions (prefork, like production's CPU worker) for the
+    whole session. Explanations have their own worker (explain_worker)."""
     log_path = tmp_path_factory.mktemp("worker-logs") / "worker.log"
     worker = start_worker(
-        env=worker_env, log_path=log_path, queues="inference,explain,default", name=f"test-{uuid.uuid4().hex[:6]}@%h"
+        env=worker_env, log_path=log_path, queues="inference,default", name=f"test-{uuid.uuid4().hex[:6]}@%h"
+    )
+    yield worker
+    stop_worker(worker)
+
+
+@pytest.fixture(scope="session")
+def explain_worker(worker_env, tmp_path_factory):
+    """A second real worker that consumes only the explain queue, as a CPU explanation worker would."""
+    log_path = tmp_path_factory.mktemp("explain-worker-logs") / "worker.log"
+    worker = start_worker(
+        env=worker_env, log_path=log_path, queues="explain", name=f"explain-{uuid.uuid4().hex[:6]}@%h"
     )
     yield worker
     stop_worker(worker)

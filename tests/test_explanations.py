@@ -1,0 +1,158 @@
+"""The explanations API and its services: requests, validation, idempotency, files, scoping."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diagnosis.models import AuditEvent, Explanation, LesionImage
+from diagnosis.services.explanations import compute_explanation
+from diagnosis.services.predictions import process_image
+from tests.conftest import lesion_jpeg, upload_file
+
+
+@pytest.fixture
+def done_image(api_client, active_model, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks():
+        response = api_client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg(seed=4, size=160))},
+                                   format="multipart")  # fmt: skip
+    image_id = response.json()["id"]
+    with django_capture_on_commit_callbacks() as callbacks:
+        assert process_image(image_id=image_id, worker_id="w1") == "done"
+    image = LesionImage.objects.get(pk=image_id)
+    image.queued_callbacks = callbacks
+    return image
+
+
+def url(image) -> str:
+    return f"/api/v1/images/{image.pk}/explanations/"
+
+
+def test_every_prediction_gets_gradcam_at_once_and_ig_queued(done_image, active_model):
+    gradcam = Explanation.objects.get(image=done_image, method="gradcam")
+    assert gradcam.state == Explanation.State.DONE and gradcam.model_version == active_model
+    assert gradcam.target_class == done_image.predictions.get().label
+    ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
+    assert ig.state == Explanation.State.QUEUED and ig.params == {"baseline": "black", "n_steps": 50}
+    assert ig.requested_by is None
+    assert len(done_image.queued_callbacks) == 1  # the IG task is published once the row commits
+
+
+def test_gradcam_files_are_valid_and_sized_for_display(done_image, api_client):
+    gradcam = Explanation.objects.get(image=done_image, method="gradcam")
+    from mlcore.heatmap import LEGEND_HEIGHT
+
+    overlay = Image.open(gradcam.overlay.open("rb"))
+    assert overlay.format == "PNG" and overlay.size == (160, 160 + LEGEND_HEIGHT)
+    heatmap = Image.open(gradcam.heatmap.open("rb"))
+    assert heatmap.size == (160, 160) and heatmap.mode == "RGBA"
+    raw = np.load(io.BytesIO(gradcam.attribution.open("rb").read()), allow_pickle=False)
+    assert raw.dtype == np.float16 and raw.shape == (64, 64)
+
+
+def test_worker_computes_a_queued_integrated_gradients_explanation(done_image, api_client):
+    ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
+    assert compute_explanation(explanation_id=str(ig.pk), worker_id="explainer") == "done"
+    ig.refresh_from_db()
+    assert ig.state == Explanation.State.DONE and ig.duration_ms > 0
+    assert ig.convergence_delta is not None and ig.convergence_delta < 0.5
+    body = api_client.get(f"/api/v1/explanations/{ig.pk}/").json()
+    assert body["state"] == "done" and body["method"] == "integrated_gradients"
+    assert body["target_class"] in ("benign", "malignant")
+    overlay = api_client.get(body["overlay_url"])
+    assert overlay.status_code == 200 and overlay["Content-Type"] == "image/png"
+    assert Image.open(io.BytesIO(b"".join(overlay.streaming_content))).format == "PNG"
+    attribution = api_client.get(body["attribution_url"])
+    raw = np.load(io.BytesIO(b"".join(attribution.streaming_content)), allow_pickle=False)
+    assert raw.dtype == np.float16 and raw.shape == (3, 64, 64)
+    assert attribution["Content-Disposition"].startswith("attachment")
+    assert AuditEvent.objects.filter(action="view_explanation", object_id=str(ig.pk)).count() == 2
+    assert compute_explanation(explanation_id=str(ig.pk), worker_id="other") == "skipped"
+
+
+def test_request_another_method_answers_202_then_reuses_it(done_image, api_client, django_capture_on_commit_callbacks):
+    body = {"method": "occlusion", "params": {"window": 16}}
+    with django_capture_on_commit_callbacks() as callbacks:
+        first = api_client.post(url(done_image), body, format="json")
+    assert first.status_code == 202, first.content
+    assert first.json()["state"] == "queued" and first.json()["params"] == {
+        "baseline": "blurred",
+        "stride": 8,
+        "window": 16,
+    }
+    assert first["Location"] == first.json()["status_url"]
+    assert len(callbacks) == 1
+    # The same request with the defaults spelled out is the same request.
+    again = api_client.post(
+        url(done_image), {"method": "occlusion", "params": {"window": 16, "stride": 8}}, format="json"
+    )
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    listed = api_client.get(url(done_image)).json()
+    assert {item["method"] for item in listed} == {"gradcam", "integrated_gradients", "occlusion"}
+    assert AuditEvent.objects.filter(action="request_explanation").count() == 2
+
+
+def test_explicit_target_is_a_different_request(done_image, api_client):
+    label = done_image.predictions.get().label
+    other = "benign" if label == "malignant" else "malignant"
+    response = api_client.post(url(done_image), {"method": "gradcam", "target": other}, format="json")
+    assert response.status_code == 202
+    assert response.json()["target_class"] == other
+    same = api_client.post(url(done_image), {"method": "gradcam"}, format="json")
+    assert same.status_code == 200 and same.json()["target_class"] == label
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "words"),
+    [
+        ({"method": "deep_dream"}, "unknown_method", "Unknown method"),
+        ({"method": "integrated_gradients", "params": {"n_steps": 301}}, "over_budget", "budget"),
+        ({"method": "integrated_gradients", "params": {"n_steps": -3}}, "invalid_params", "at least 2"),
+        ({"method": "lime", "params": {"n_segments": "many"}}, "invalid_params", "integer"),
+        ({"method": "gradcam", "target": "melanoma"}, "invalid_target", "Unknown target"),
+        ({"params": {}}, "invalid", "method"),
+    ],
+)
+def test_bad_requests_get_400_with_a_reason(done_image, api_client, body, code, words):
+    before = Explanation.objects.count()
+    response = api_client.post(url(done_image), body, format="json")
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == code and words in response.json()["detail"]
+    assert Explanation.objects.count() == before
+
+
+def test_image_without_prediction_gets_409(api_client, django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks():
+        response = api_client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg())}, format="multipart")
+    answer = api_client.post(
+        url(LesionImage.objects.get(pk=response.json()["id"])), {"method": "gradcam"}, format="json"
+    )
+    assert answer.status_code == 409
+    assert answer.json()["code"] == "no_prediction" and "no prediction yet" in answer.json()["detail"]
+
+
+def test_other_clinic_gets_404_everywhere(done_image, other_api_client):
+    ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
+    gradcam = Explanation.objects.get(image=done_image, method="gradcam")
+    assert other_api_client.post(url(done_image), {"method": "gradcam"}, format="json").status_code == 404
+    assert other_api_client.get(url(done_image)).status_code == 404
+    for path in (f"/api/v1/explanations/{ig.pk}/", *(f"/api/v1/explanations/{gradcam.pk}/{f}/" for f in
+                                                       ("overlay", "heatmap", "attribution"))):  # fmt: skip
+        assert other_api_client.get(path).status_code == 404, path
+
+
+def test_files_of_an_unfinished_explanation_are_404(done_image, api_client):
+    ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
+    body = api_client.get(f"/api/v1/explanations/{ig.pk}/").json()
+    assert body["overlay_url"] is None
+    assert api_client.get(f"/api/v1/explanations/{ig.pk}/overlay/").status_code == 404
+
+
+def test_failed_explanation_is_queued_again_when_requested_again(done_image, api_client):
+    ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
+    Explanation.objects.filter(pk=ig.pk).update(state=Explanation.State.FAILED, error="worker lost")
+    again = api_client.post(url(done_image), {"method": "integrated_gradients"}, format="json")
+    assert again.status_code == 202 and again.json()["id"] == str(ig.pk) and again.json()["state"] == "queued"
