@@ -132,6 +132,9 @@ class CheckpointMeta:
 
     def __post_init__(self) -> None:
         self.class_names = tuple(self.class_names)
+        # Metrics and training notes hold plain JSON types only, exactly as a checkpoint stores them.
+        self.metrics = json.loads(json.dumps(self.metrics, default=_plain))
+        self.training = json.loads(json.dumps(self.training, default=_plain))
         self.mean = tuple(float(v) for v in self.mean)  # type: ignore[assignment]
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.positive_class not in self.class_names:
