@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from .services.explanations import compute_explanation
+from .services.explanations import compute_explanation, render_explanation
 from .services.images import requeue_stale_images
 from .services.predictions import TransientError, process_image
 
@@ -39,3 +39,8 @@ def requeue_stale_images_task() -> dict[str, int]:
 )
 def explain_image_task(self, explanation_id: str) -> str:
     return compute_explanation(explanation_id=explanation_id, worker_id=f"{self.request.hostname}:{self.request.id}")
+
+
+@shared_task
+def render_explanation_task(explanation_id: str) -> str:
+    return render_explanation(explanation_id=explanation_id)

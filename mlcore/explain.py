@@ -184,8 +184,16 @@ def available_memory_bytes(device: torch.device) -> int:
 class Explainer:
     """Runs one attribution method for one image. Build it once per model and reuse it."""
 
-    def __init__(self, model: nn.Module, meta: CheckpointMeta, *, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        meta: CheckpointMeta,
+        *,
+        device: torch.device | str = "cpu",
+        memory_budget_bytes: int = 512 << 20,
+    ) -> None:
         self.meta = meta
+        self.memory_budget_bytes = memory_budget_bytes
         self.device = torch.device(device)
         self.spec = TransformSpec(meta.input_size, meta.mean, meta.std)
         self.model = model.to(self.device).eval()
@@ -236,9 +244,9 @@ class Explainer:
         return self._sample_bytes
 
     def internal_batch_size(self, steps: int) -> int:
-        """Steps per Captum call from the memory free now (a quarter of it at most). On the CPU,
-        batches beyond 16 bring no speed, only memory."""
-        budget = available_memory_bytes(self.device) // 4
+        """Steps per Captum call: as many as fit in the memory budget and in a quarter of the memory
+        free now. On the CPU, batches beyond 16 bring no speed, only memory."""
+        budget = min(available_memory_bytes(self.device) // 4, self.memory_budget_bytes)
         size = max(1, min(steps, budget // self.sample_bytes()))
         if self.device.type == "cpu":
             size = min(size, int(os.environ.get("EXPLAIN_CPU_BATCH", "16")))

@@ -95,8 +95,10 @@ def render(
     draw.text((6, size[1] + 28), explanation, fill=(60, 60, 60), font=text_font)
 
     overlay_png, heat_png = io.BytesIO(), io.BytesIO()
-    overlay.save(overlay_png, format="PNG", optimize=True)
-    heat.save(heat_png, format="PNG", optimize=True)
+    # Fast zlib level: these files sit on the prediction path, and optimize=True cost about 0.9 s
+    # for a 1024x768 pair against about 30 ms here, for files some 30% larger.
+    overlay.save(overlay_png, format="PNG", compress_level=1)
+    heat.save(heat_png, format="PNG", compress_level=1)
     return overlay_png.getvalue(), heat_png.getvalue()
 
 

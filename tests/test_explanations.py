@@ -22,6 +22,12 @@ def done_image(api_client, active_model, django_capture_on_commit_callbacks):
     image_id = response.json()["id"]
     with django_capture_on_commit_callbacks() as callbacks:
         assert process_image(image_id=image_id, worker_id="w1") == "done"
+    from diagnosis.services.explanations import render_explanation
+
+    # The callbacks publish the render (default queue) and IG (explain queue) tasks; run the render here.
+    gradcam = Explanation.objects.get(image_id=image_id, method="gradcam")
+    assert gradcam.state == Explanation.State.PROCESSING and gradcam.attribution and not gradcam.overlay
+    assert render_explanation(explanation_id=str(gradcam.pk)) == "done"
     image = LesionImage.objects.get(pk=image_id)
     image.queued_callbacks = callbacks
     return image
@@ -38,7 +44,7 @@ def test_every_prediction_gets_gradcam_at_once_and_ig_queued(done_image, active_
     ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
     assert ig.state == Explanation.State.QUEUED and ig.params == {"baseline": "black", "n_steps": 50}
     assert ig.requested_by is None
-    assert len(done_image.queued_callbacks) == 1  # the IG task is published once the row commits
+    assert len(done_image.queued_callbacks) == 2  # render and IG tasks are published once the rows commit
 
 
 def test_gradcam_files_are_valid_and_sized_for_display(done_image, api_client):
@@ -156,3 +162,22 @@ def test_failed_explanation_is_queued_again_when_requested_again(done_image, api
     Explanation.objects.filter(pk=ig.pk).update(state=Explanation.State.FAILED, error="worker lost")
     again = api_client.post(url(done_image), {"method": "integrated_gradients"}, format="json")
     assert again.status_code == 202 and again.json()["id"] == str(ig.pk) and again.json()["state"] == "queued"
+
+
+def test_sweeper_sends_lost_explanation_messages_again(done_image, settings, monkeypatch):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from diagnosis.services.images import requeue_stale_images
+
+    sent = []
+    monkeypatch.setattr("diagnosis.services.explanations.enqueue_explanation", sent.append)  # the broker is outside
+    ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
+    assert requeue_stale_images()["explanations"] == 0  # just queued: its message is presumably on its way
+    Explanation.objects.filter(pk=ig.pk).update(
+        created_at=timezone.now() - timedelta(seconds=settings.REQUEUE_AFTER_SECONDS + 1)
+    )
+    assert requeue_stale_images()["explanations"] == 1
+    assert sent == [str(ig.pk)]
+    assert requeue_stale_images()["explanations"] == 0  # not sent again at once

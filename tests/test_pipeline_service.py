@@ -151,12 +151,12 @@ def test_sweeper_returns_dead_claims_and_reenqueues_lost_messages(queued_image, 
     LesionImage.objects.filter(pk=queued_image.pk).update(claimed_at=long_ago)
 
     counts = requeue_stale_images()
-    assert counts == {"reclaimed": 1, "requeued": 1}
+    assert counts == {"reclaimed": 1, "requeued": 1, "explanations": 0}
     assert published == [str(queued_image.pk)]
     queued_image.refresh_from_db()
     assert queued_image.state == ImageState.QUEUED and queued_image.enqueued_at is not None
     # A fresh queued image is left alone: its message is presumably still in the queue.
-    assert requeue_stale_images() == {"reclaimed": 0, "requeued": 0}
+    assert requeue_stale_images() == {"reclaimed": 0, "requeued": 0, "explanations": 0}
 
 
 def test_register_model_rejects_a_file_that_is_not_a_checkpoint(db):

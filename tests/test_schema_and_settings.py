@@ -100,7 +100,7 @@ def test_register_and_activate_model_commands(db, tmp_path, tiny_checkpoint, cap
 
 def test_requeue_stale_command_reports_counts(db, capsys):
     call_command("requeue_stale")
-    assert "0 dead claims returned, 0 images enqueued again." in capsys.readouterr().out
+    assert "0 dead claims returned, 0 images enqueued again, 0 explanations enqueued again." in capsys.readouterr().out
 
 
 def run_check(settings_module: str, **env: str) -> subprocess.CompletedProcess:

@@ -142,14 +142,18 @@ def explainer_for(model_version: ModelVersion):
             from mlcore.explain import Explainer
 
             predictor = predictor_for(model_version)
-            _explainer = _LoadedExplainer(key, Explainer(predictor.model, predictor.meta, device=predictor.device))
+            explainer = Explainer(
+                predictor.model, predictor.meta, device=predictor.device,
+                memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20,
+            )  # fmt: skip
+            _explainer = _LoadedExplainer(key, explainer)
         return _explainer.explainer
 
 
-def store_result(*, explanation: Explanation, image, attribution_map, raw, seconds: float,
+def store_result(*, explanation: Explanation, image, attribution_map, raw=None, seconds: float,
                  convergence_delta: float | None) -> None:  # fmt: skip
-    """Render and store the three files, then mark the explanation done (files first, so a done
-    explanation always has them)."""
+    """Render and store the files, then mark the explanation done (files first, so a done explanation
+    always has them). With raw=None the attribution file stored earlier is kept."""
     from mlcore.explain import METHOD_LABELS, PIXEL_LEVEL
     from mlcore.heatmap import attribution_npy, render
 
@@ -162,11 +166,13 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw, secon
     try:
         names.append(default_storage.save(f"{folder}/overlay.png", ContentFile(overlay)))
         names.append(default_storage.save(f"{folder}/heatmap.png", ContentFile(heatmap)))
-        names.append(default_storage.save(f"{folder}/attribution.npy", ContentFile(attribution_npy(raw))))
+        fields = {"overlay": names[0], "heatmap": names[1]}
+        if raw is not None:
+            names.append(default_storage.save(f"{folder}/attribution.npy", ContentFile(attribution_npy(raw))))
+            fields["attribution"] = names[2]
         updated = Explanation.objects.filter(pk=explanation.pk).exclude(state=Explanation.State.DONE).update(
-            state=Explanation.State.DONE, overlay=names[0], heatmap=names[1], attribution=names[2], error="",
-            convergence_delta=convergence_delta, duration_ms=seconds * 1000, finished_at=timezone.now(),
-            claimed_at=None,
+            state=Explanation.State.DONE, error="", convergence_delta=convergence_delta, duration_ms=seconds * 1000,
+            finished_at=timezone.now(), claimed_at=None, **fields,
         )  # fmt: skip
     except BaseException:
         for name in names:
@@ -177,22 +183,62 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw, secon
             default_storage.delete(name)
 
 
-def record_gradcam(*, image: LesionImage, model_version: ModelVersion, decoded_image, result, cam, seconds: float):
-    """Store the Grad-CAM that the prediction pass computed, as a done gradcam Explanation."""
+def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, cam, seconds: float) -> Explanation:
+    """Keep the Grad-CAM that the prediction pass computed. Only its raw map is written here (a few
+    KB); the pictures are drawn by render_explanation_task on the default queue, so an inference
+    worker (a GPU machine, say) spends no time encoding PNGs."""
+    from mlcore.heatmap import attribution_npy
+
     class_names = list(model_version.class_names)
     target_index = class_names.index(result.label)
     key = canonical_key("gradcam", {}, target_index)
     explanation, _ = Explanation.objects.get_or_create(
         image=image, model_version=model_version, method="gradcam", params_key=key,
         defaults={"params": {}, "target_index": target_index, "target_class": result.label,
-                  "state": Explanation.State.PROCESSING},
+                  "state": Explanation.State.PROCESSING, "claimed_at": timezone.now()},
     )  # fmt: skip
     if explanation.state == Explanation.State.DONE:
         return explanation
-    started = time.perf_counter()
-    store_result(explanation=explanation, image=decoded_image, attribution_map=cam, raw=cam,
-                 seconds=seconds + time.perf_counter() - started, convergence_delta=None)  # fmt: skip
+    name = default_storage.save(f"explanations/{uuid.uuid4().hex}/attribution.npy", ContentFile(attribution_npy(cam)))
+    Explanation.objects.filter(pk=explanation.pk).update(attribution=name, duration_ms=seconds * 1000)
+    explanation_id = str(explanation.pk)
+    transaction.on_commit(lambda: enqueue_render(explanation_id), robust=True)
     return explanation
+
+
+def enqueue_render(explanation_id: str) -> None:
+    from ..tasks import render_explanation_task
+
+    render_explanation_task.apply_async(args=[explanation_id])
+
+
+def render_explanation(*, explanation_id: str) -> str:
+    """Draw the overlay and heatmap of an explanation whose raw map is stored (Grad-CAM)."""
+    import numpy as np
+
+    from mlcore.preprocessing import ImageValidationError, decode_image
+
+    explanation = Explanation.objects.select_related("image").filter(pk=explanation_id).first()
+    if explanation is None or explanation.state == Explanation.State.DONE or not explanation.attribution:
+        return "skipped"
+    started = time.perf_counter()
+    try:
+        with explanation.attribution.open("rb") as handle:
+            raw = np.load(handle, allow_pickle=False).astype(np.float32)
+        with explanation.image.file.open("rb") as handle:
+            decoded = decode_image(handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS)
+    except (FileNotFoundError, ImageValidationError, ValueError) as exc:
+        Explanation.objects.filter(pk=explanation_id).exclude(state=Explanation.State.DONE).update(
+            state=Explanation.State.FAILED,
+            error=f"The explanation could not be drawn: {exc}",
+            finished_at=timezone.now(),
+        )
+        return "failed"
+    attribution_map = raw if raw.ndim == 2 else raw.sum(axis=0)
+    store_result(explanation=explanation, image=decoded.image, attribution_map=attribution_map,
+                 seconds=(explanation.duration_ms or 0) / 1000 + time.perf_counter() - started,
+                 convergence_delta=None)  # fmt: skip
+    return "done"
 
 
 def request_automatic_explanations(*, image: LesionImage) -> None:

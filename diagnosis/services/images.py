@@ -149,6 +149,38 @@ def requeue_stale_images(*, now=None) -> dict[str, int]:
             break
         LesionImage.objects.filter(pk=image_id, state=ImageState.QUEUED).update(enqueued_at=now)
         requeued += 1
-    if reclaimed or requeued:
-        logger.info("sweeper: %d dead claims returned to the queue, %d images enqueued again", reclaimed, requeued)
-    return {"reclaimed": reclaimed, "requeued": requeued}
+    explanations = requeue_stale_explanations(now=now)
+    if reclaimed or requeued or explanations:
+        logger.info(
+            "sweeper: %d dead claims returned to the queue, %d images and %d explanations enqueued again",
+            reclaimed, requeued, explanations,
+        )  # fmt: skip
+    return {"reclaimed": reclaimed, "requeued": requeued, "explanations": explanations}
+
+
+def requeue_stale_explanations(*, now) -> int:
+    """Explanations whose message or worker was lost: draw a stored Grad-CAM again, or compute again."""
+    from ..models import Explanation
+    from .explanations import enqueue_explanation, enqueue_render
+
+    waiting_since = now - timedelta(seconds=settings.REQUEUE_AFTER_SECONDS)
+    dead_claim = now - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS)
+    never_sent_again = Q(claimed_at__isnull=True) | Q(claimed_at__lt=waiting_since)
+    stuck = Explanation.objects.filter(
+        (Q(state=Explanation.State.QUEUED, created_at__lt=waiting_since) & never_sent_again)
+        | Q(state=Explanation.State.PROCESSING, claimed_at__lt=dead_claim)
+    ).order_by("created_at")[:500]
+    count = 0
+    for explanation in stuck:
+        try:
+            if explanation.method == "gradcam" and explanation.attribution and not explanation.overlay:
+                enqueue_render(str(explanation.pk))
+            else:
+                enqueue_explanation(str(explanation.pk))
+        except Exception:
+            logger.warning("could not enqueue explanation %s; will retry on the next sweep", explanation.pk)
+            break
+        # claimed_at doubles as "last sent" for a waiting explanation, so it is not sent again at once.
+        Explanation.objects.filter(pk=explanation.pk).update(claimed_at=now)
+        count += 1
+    return count

@@ -153,10 +153,7 @@ def process_image(*, image_id: str, worker_id: str) -> str:
     from .explanations import record_gradcam, request_automatic_explanations
 
     try:
-        record_gradcam(
-            image=image, model_version=model_version, decoded_image=decoded.image, result=result, cam=cam,
-            seconds=inference_ms / 1000,
-        )  # fmt: skip
+        record_gradcam(image=image, model_version=model_version, result=result, cam=cam, seconds=inference_ms / 1000)
     except Exception:  # a heatmap problem must never undo a stored prediction
         logger.exception("Grad-CAM could not be stored for image %s", image_id)
     image.state = ImageState.DONE

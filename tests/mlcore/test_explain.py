@@ -211,4 +211,7 @@ def test_internal_batch_size_respects_the_memory_budget(explainer, monkeypatch):
     monkeypatch.setattr("mlcore.explain.available_memory_bytes", lambda device: explainer.sample_bytes() * 4 * 3)
     assert explainer.internal_batch_size(50) == 3
     monkeypatch.setattr("mlcore.explain.available_memory_bytes", lambda device: 1 << 40)
+    monkeypatch.setattr(explainer, "memory_budget_bytes", 1 << 40)
     assert explainer.internal_batch_size(50) == 16  # CPU cap
+    monkeypatch.setattr(explainer, "memory_budget_bytes", explainer.sample_bytes() * 5)
+    assert explainer.internal_batch_size(50) == 5  # the configured budget

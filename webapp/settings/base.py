@@ -130,6 +130,9 @@ API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
 AUTO_EXPLAIN_METHODS = env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"])
 EXPLAIN_MAX_STEPS = env_int("EXPLAIN_MAX_STEPS", 300)
 EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
+# Memory one explanation may take for its batched passes (activations and gradients); the batch
+# size follows from it, so a large model or input cannot run a worker out of memory.
+EXPLAIN_MEMORY_BUDGET_MB = env_int("EXPLAIN_MEMORY_BUDGET_MB", 512)
 
 # --- REST API ---------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -8,4 +8,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options):
         counts = requeue_stale_images()
-        self.stdout.write(f"{counts['reclaimed']} dead claims returned, {counts['requeued']} images enqueued again.")
+        self.stdout.write(
+            f"{counts['reclaimed']} dead claims returned, {counts['requeued']} images enqueued again, "
+            f"{counts['explanations']} explanations enqueued again."
+        )
