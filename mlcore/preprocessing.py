@@ -101,8 +101,13 @@ def decode_image(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
 ) -> DecodedImage:
     """Validate and fully decode image bytes into an oriented RGB image.
+
+    max_side: where only a smaller copy is needed (an explanation's overlay), a large JPEG is
+    decoded at a reduced DCT scale (Pillow's draft mode) whose longest side is still at least this:
+    a 6000x4000 photo then costs a sixteenth of the memory and time.
 
     Raises ImageValidationError with a message a clinician can act on.
     """
@@ -151,6 +156,9 @@ def decode_image(
                 f"the limit is {max_pixels / 1e6:.0f} megapixels.",
             )
         source_format = image.format or "UNKNOWN"
+        if max_side is not None and source_format == "JPEG" and max(width, height) > 2 * max_side:
+            scale = max_side / max(width, height)
+            image.draft("RGB", (max(1, int(width * scale + 0.999)), max(1, int(height * scale + 0.999))))
         try:
             image.load()  # the full decode: catches truncation and corrupt data
         except Image.DecompressionBombError:

@@ -24,6 +24,8 @@ from django.utils import timezone
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
 from .audit import record_event
 
+DISPLAY_MAX_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE; explanations never need more pixels
+
 logger = logging.getLogger(__name__)
 
 
@@ -226,7 +228,9 @@ def render_explanation(*, explanation_id: str) -> str:
         with explanation.attribution.open("rb") as handle:
             raw = np.load(handle, allow_pickle=False).astype(np.float32)
         with explanation.image.file.open("rb") as handle:
-            decoded = decode_image(handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS)
+            decoded = decode_image(
+                handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS, max_side=DISPLAY_MAX_SIDE
+            )
     except (FileNotFoundError, ImageValidationError, ValueError) as exc:
         Explanation.objects.filter(pk=explanation_id).exclude(state=Explanation.State.DONE).update(
             state=Explanation.State.FAILED,
@@ -287,7 +291,9 @@ def compute_explanation(*, explanation_id: str, worker_id: str) -> str:
     try:
         explainer = explainer_for(explanation.model_version)
         with explanation.image.file.open("rb") as handle:
-            decoded = decode_image(handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS)
+            decoded = decode_image(
+                handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS, max_side=DISPLAY_MAX_SIDE
+            )
         result = explainer.explain(decoded.image, explanation.method, explanation.params, explanation.target_index)
     except FileNotFoundError:
         return fail("The stored image file is missing.")

@@ -215,3 +215,15 @@ def test_internal_batch_size_respects_the_memory_budget(explainer, monkeypatch):
     assert explainer.internal_batch_size(50) == 16  # CPU cap
     monkeypatch.setattr(explainer, "memory_budget_bytes", explainer.sample_bytes() * 5)
     assert explainer.internal_batch_size(50) == 5  # the configured budget
+
+
+def test_draft_decoding_keeps_enough_pixels_for_the_display_size():
+    from mlcore.preprocessing import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (6000, 4000), (150, 110, 90)).save(buffer, format="JPEG", quality=80)
+    full = decode_image(buffer.getvalue(), max_bytes=1 << 30, max_pixels=40_000_000)
+    reduced = decode_image(buffer.getvalue(), max_bytes=1 << 30, max_pixels=40_000_000, max_side=DISPLAY_MAX_SIDE)
+    assert full.image.size == (6000, 4000)
+    assert DISPLAY_MAX_SIDE <= max(reduced.image.size) < 6000
+    assert reduced.image.size[0] * 2 == reduced.image.size[1] * 3  # aspect ratio kept
