@@ -56,13 +56,17 @@ class LogOdds(nn.Module):
 
 _PARAMETERS: dict[str, dict[str, tuple]] = {
     # name: (type, default, low, high) for numbers; (str, default, choices) for strings
-    "integrated_gradients": {"n_steps": (int, 50, 2, None), "baseline": (str, "black", BASELINES)},
+    # The default baseline is the blurred photo, not black: a black image looks like dark pigment,
+    # the most melanoma-like thing there is, so against it even a malignant-looking lesion reads as
+    # evidence *against* malignancy. Blurring keeps the colours and removes what the ABCD rule looks
+    # at (asymmetry, border, colour variegation), which is what a clinician wants attributed.
+    "integrated_gradients": {"n_steps": (int, 50, 2, None), "baseline": (str, "blurred", BASELINES)},
     "gradcam": {},
     "occlusion": {"window": (int, None, 4, None), "stride": (int, None, 1, None),
                   "baseline": (str, "blurred", BASELINES)},
     "gradient_shap": {"n_samples": (int, 32, 1, None), "stdevs": (float, 0.1, 0.0, 2.0)},
     "smoothgrad": {"n_samples": (int, 8, 1, 64), "stdevs": (float, 0.15, 0.0, 2.0), "n_steps": (int, 20, 2, None),
-                   "baseline": (str, "black", BASELINES)},
+                   "baseline": (str, "blurred", BASELINES)},
     "lime": {"n_segments": (int, 40, 4, 400), "n_samples": (int, 200, 10, None),
              "baseline": (str, "blurred", BASELINES)},
 }  # fmt: skip

@@ -42,7 +42,7 @@ def test_every_prediction_gets_gradcam_at_once_and_ig_queued(done_image, active_
     assert gradcam.state == Explanation.State.DONE and gradcam.model_version == active_model
     assert gradcam.target_class == done_image.predictions.get().label
     ig = Explanation.objects.get(image=done_image, method="integrated_gradients")
-    assert ig.state == Explanation.State.QUEUED and ig.params == {"baseline": "black", "n_steps": 50}
+    assert ig.state == Explanation.State.QUEUED and ig.params == {"baseline": "blurred", "n_steps": 50}
     assert ig.requested_by is None
     assert len(done_image.queued_callbacks) == 2  # render and IG tasks are published once the rows commit
 

@@ -179,9 +179,9 @@ def test_bad_parameters_are_refused_with_a_reason(method, params, code, words):
 
 
 def test_parameters_are_canonical_so_identical_requests_match():
-    assert validate_params("integrated_gradients", {}, input_size=SIZE) == {"baseline": "black", "n_steps": 50}
-    explicit = validate_params("integrated_gradients", {"n_steps": 50.0, "baseline": "black"}, input_size=SIZE)
-    assert explicit == {"baseline": "black", "n_steps": 50} and isinstance(explicit["n_steps"], int)
+    assert validate_params("integrated_gradients", {}, input_size=SIZE) == {"baseline": "blurred", "n_steps": 50}
+    explicit = validate_params("integrated_gradients", {"n_steps": 50.0, "baseline": "blurred"}, input_size=SIZE)
+    assert explicit == {"baseline": "blurred", "n_steps": 50} and isinstance(explicit["n_steps"], int)
     assert validate_params("occlusion", {}, input_size=SIZE) == {"baseline": "blurred", "stride": 4, "window": 8}
 
 
