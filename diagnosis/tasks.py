@@ -1,4 +1,6 @@
-"""Thin Celery tasks: take primary keys, call one service."""
+"""Thin Celery tasks: take primary keys, call one service.
+
+Time limits come from CELERY_TASK_SOFT_TIME_LIMIT and CELERY_TASK_TIME_LIMIT."""
 
 from __future__ import annotations
 
@@ -8,39 +10,38 @@ from .services.explanations import compute_explanation, render_explanation
 from .services.images import requeue_stale_images
 from .services.predictions import TransientError, process_image
 
+# Work on one image: acknowledged only when done, requeued if the worker dies, retried a bounded
+# number of times for named transient errors only. Every such task is idempotent.
+CLAIMED_WORK = {
+    "bind": True,
+    "acks_late": True,
+    "reject_on_worker_lost": True,
+    "autoretry_for": (TransientError,),
+    "max_retries": 3,
+    "retry_backoff": 2,
+    "retry_backoff_max": 30,
+}
 
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(TransientError,),
-    max_retries=3,
-    retry_backoff=2,
-    retry_backoff_max=30,
-)
+
+def worker_id(task) -> str:
+    return f"{task.request.hostname}:{task.request.id}"
+
+
+@shared_task(**CLAIMED_WORK)
 def predict_image_task(self, image_id: str) -> str:
-    # Time limits come from CELERY_TASK_SOFT_TIME_LIMIT and CELERY_TASK_TIME_LIMIT.
-    return process_image(image_id=image_id, worker_id=f"{self.request.hostname}:{self.request.id}")
+    return process_image(image_id=image_id, worker_id=worker_id(self))
 
 
-@shared_task
-def requeue_stale_images_task() -> dict[str, int]:
-    return requeue_stale_images()
-
-
-@shared_task(
-    bind=True,
-    acks_late=True,
-    reject_on_worker_lost=True,
-    autoretry_for=(TransientError,),
-    max_retries=3,
-    retry_backoff=2,
-    retry_backoff_max=30,
-)
+@shared_task(**CLAIMED_WORK)
 def explain_image_task(self, explanation_id: str) -> str:
-    return compute_explanation(explanation_id=explanation_id, worker_id=f"{self.request.hostname}:{self.request.id}")
+    return compute_explanation(explanation_id=explanation_id, worker_id=worker_id(self))
 
 
 @shared_task
 def render_explanation_task(explanation_id: str) -> str:
     return render_explanation(explanation_id=explanation_id)
+
+
+@shared_task
+def requeue_stale_images_task() -> dict[str, int]:
+    return requeue_stale_images()

@@ -52,6 +52,24 @@ class DecodedImage:
     height: int
 
 
+def _too_many_pixels(max_pixels: int) -> ImageValidationError:
+    return ImageValidationError(
+        "too_many_pixels", f"The image has too many pixels; the limit is {max_pixels / 1e6:.0f} megapixels."
+    )
+
+
+def _truncated() -> ImageValidationError:
+    return ImageValidationError(
+        "truncated_image", "The image file is truncated: part of it is missing. Upload it again."
+    )
+
+
+def _damaged() -> ImageValidationError:
+    return ImageValidationError(
+        "corrupt_image", "The image is damaged or incomplete and cannot be read. Upload the original again."
+    )
+
+
 def _sniff_unsupported(data: bytes) -> str | None:
     head = data[:512]
     for magic, name in _MAGIC:
@@ -134,17 +152,11 @@ def decode_image(
                 "not_an_image", "The file is not a readable image. Upload a JPEG, PNG or WebP photo."
             ) from None
         except Image.DecompressionBombError:
-            raise ImageValidationError(
-                "too_many_pixels", f"The image has too many pixels; the limit is {max_pixels / 1e6:.0f} megapixels."
-            ) from None
+            raise _too_many_pixels(max_pixels) from None
         except Exception as exc:
             if "truncated" in str(exc).lower():
-                raise ImageValidationError(
-                    "truncated_image", "The image file is truncated: part of it is missing. Upload it again."
-                ) from None
-            raise ImageValidationError(
-                "corrupt_image", "The image is damaged or incomplete and cannot be read. Upload the original again."
-            ) from None
+                raise _truncated() from None
+            raise _damaged() from None
 
         width, height = image.size
         if width < 1 or height < 1:
@@ -162,17 +174,11 @@ def decode_image(
         try:
             image.load()  # the full decode: catches truncation and corrupt data
         except Image.DecompressionBombError:
-            raise ImageValidationError(
-                "too_many_pixels", f"The image has too many pixels; the limit is {max_pixels / 1e6:.0f} megapixels."
-            ) from None
+            raise _too_many_pixels(max_pixels) from None
         except Exception as exc:
             if "truncated" in str(exc).lower():
-                raise ImageValidationError(
-                    "truncated_image", "The image file is truncated: part of it is missing. Upload it again."
-                ) from None
-            raise ImageValidationError(
-                "corrupt_image", "The image is damaged or incomplete and cannot be read. Upload the original again."
-            ) from None
+                raise _truncated() from None
+            raise _damaged() from None
 
         try:
             oriented = ImageOps.exif_transpose(image)

@@ -7,8 +7,6 @@ from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from mlcore.preprocessing import ImageValidationError
-
 from ..models import AuditEvent, Explanation, ImageState, Lesion, LesionImage, Patient, Prediction
 from ..services import explanations as explanation_services
 from ..services import images as image_services
@@ -184,7 +182,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 lesion=upload.validated_data.get("lesion"),
                 via="api",
             )
-        except ImageValidationError as exc:
+        except image_services.ImageValidationError as exc:
             raise InvalidImage(exc.code, exc.message) from None
         # Describe the upload as accepted (queued, no prediction), even if a fast worker has already
         # claimed it by now: the status URL is where progress is read.

@@ -23,6 +23,8 @@ from .audit import record_event
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["ImageValidationError", "submit_image", "claim_image", "fail_image", "release_image", "requeue_stale_images"]
+
 
 def read_upload(upload, *, max_bytes: int) -> bytes:
     """Read an uploaded file, refusing oversize ones before reading them into memory."""
