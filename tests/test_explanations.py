@@ -181,3 +181,13 @@ def test_sweeper_sends_lost_explanation_messages_again(done_image, settings, mon
     assert requeue_stale_images()["explanations"] == 1
     assert sent == [str(ig.pk)]
     assert requeue_stale_images()["explanations"] == 0  # not sent again at once
+
+
+def test_automatic_explanations_can_be_turned_off(
+    api_client, active_model, settings, django_capture_on_commit_callbacks
+):
+    settings.AUTO_EXPLAIN_METHODS = []
+    with django_capture_on_commit_callbacks():
+        response = api_client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg(seed=8))}, format="multipart")
+    assert process_image(image_id=response.json()["id"], worker_id="w1") == "done"
+    assert list(Explanation.objects.values_list("method", flat=True)) == ["gradcam"]

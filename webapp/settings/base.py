@@ -127,7 +127,8 @@ REQUEUE_AFTER_SECONDS = env_int("REQUEUE_AFTER_SECONDS", 120)
 MAX_PROCESSING_ATTEMPTS = env_int("MAX_PROCESSING_ATTEMPTS", 3)
 API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
 # Explanations: every prediction gets Grad-CAM at once and these methods on the explain queue.
-AUTO_EXPLAIN_METHODS = env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"])
+# "none" turns them off.
+AUTO_EXPLAIN_METHODS = [m for m in env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"]) if m.lower() != "none"]
 EXPLAIN_MAX_STEPS = env_int("EXPLAIN_MAX_STEPS", 300)
 EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 # Memory one explanation may take for its batched passes (activations and gradients); the batch
