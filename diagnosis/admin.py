@@ -30,6 +30,19 @@ from .services.registry import (
 )
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records nobody may add, edit or delete by hand: the audit log and the activation history."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(Clinic)
 class ClinicAdmin(admin.ModelAdmin):
     list_display = ["name", "created_at"]
@@ -241,17 +254,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelActivation)
-class ModelActivationAdmin(admin.ModelAdmin):
+class ModelActivationAdmin(ReadOnlyAdmin):
     list_display = ["activated_at", "model_version", "previous", "actor", "forced", "note"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False
 
 
 @admin.register(TrainingRun)
@@ -279,16 +283,7 @@ class ApiTokenAdmin(admin.ModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(admin.ModelAdmin):
+class AuditEventAdmin(ReadOnlyAdmin):
     list_display = ["at", "actor_username", "action", "object_type", "object_id", "clinic", "via", "ip_address"]
     list_filter = ["action", "via", "clinic"]
     search_fields = ["actor_username", "object_id"]
-
-    def has_add_permission(self, request):
-        return False
-
-    def has_change_permission(self, request, obj=None):
-        return False
-
-    def has_delete_permission(self, request, obj=None):
-        return False

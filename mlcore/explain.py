@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageFilter
 from torch import nn
 
-from .model import CheckpointMeta
+from .model import CheckpointMeta, log_odds
 from .preprocessing import TransformSpec, resize_for_model, to_tensor
 
 BASELINES = ("black", "blurred", "mean")
@@ -44,12 +44,7 @@ class LogOdds(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x).float()
-        classes = logits.shape[1]
-        others = logits.unsqueeze(1).expand(-1, classes, -1)
-        eye = torch.eye(classes, dtype=torch.bool, device=logits.device)
-        others = others.masked_fill(eye.unsqueeze(0), float("-inf"))
-        return logits - torch.logsumexp(others, dim=2)
+        return log_odds(self.model(x).float())
 
 
 # --- parameters --------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .model import CheckpointMeta, load_checkpoint, resnet_features, resnet_head
+from .model import CheckpointMeta, load_checkpoint, log_odds, resnet_features, resnet_head
 from .preprocessing import TransformSpec, to_tensor
 
 
@@ -115,10 +115,7 @@ class Predictor:
             targets = torch.tensor(
                 [self.meta.class_names.index(result.label) for result in results], device=logits.device
             )
-            others = logits.unsqueeze(1).expand(-1, logits.shape[1], -1)
-            eye = torch.eye(logits.shape[1], dtype=torch.bool, device=logits.device)
-            log_odds = logits - torch.logsumexp(others.masked_fill(eye.unsqueeze(0), float("-inf")), dim=2)
-            selected = log_odds.gather(1, targets.unsqueeze(1)).sum()
+            selected = log_odds(logits).gather(1, targets.unsqueeze(1)).sum()
             (gradients,) = torch.autograd.grad(selected, features)
         weights = gradients.mean(dim=(2, 3), keepdim=True)
         cams = (weights * features.detach()).sum(dim=1, keepdim=True)

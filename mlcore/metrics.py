@@ -171,19 +171,13 @@ def fit_temperature(logits: ArrayLike, labels: ArrayLike, *, low: float = 0.05, 
 def full_report(
     labels: ArrayLike, scores: ArrayLike, threshold: float, *, bootstrap: int = 1000, seed: int = 0
 ) -> dict[str, object]:
-    """Everything a clinical-style evaluation table shows, at one operating threshold."""
+    """Everything a clinical-style evaluation table shows, at one operating threshold: summarise()
+    plus PPV, NPV, the confusion matrix, ECE and (with bootstrap > 0) a 95% interval for the AUC."""
     y = np.asarray(labels).astype(bool)
     s = np.asarray(scores, dtype=np.float64)
-    sensitivity, specificity = sensitivity_specificity(y, s, threshold)
     ppv, npv = predictive_values(y, s, threshold)
     report: dict[str, object] = {
-        "n": int(len(y)),
-        "n_positive": int(y.sum()),
-        "threshold": float(threshold),
-        "auc": roc_auc(y, s),
-        "accuracy": float(((s >= threshold) == y).mean()),
-        "sensitivity": sensitivity,
-        "specificity": specificity,
+        **summarise(y, s, float(threshold)),
         "ppv": ppv,
         "npv": npv,
         "confusion": confusion_at(y, s, threshold),

@@ -61,6 +61,15 @@ class TinyResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+def log_odds(logits: torch.Tensor) -> torch.Tensor:
+    """Per class c: z_c - logsumexp(z_others), the log-odds of c (z_c - z_other for two classes).
+    What explanations attribute: see mlcore.explain."""
+    classes = logits.shape[1]
+    others = logits.unsqueeze(1).expand(-1, classes, -1)
+    eye = torch.eye(classes, dtype=torch.bool, device=logits.device)
+    return logits - torch.logsumexp(others.masked_fill(eye.unsqueeze(0), float("-inf")), dim=2)
+
+
 def resnet_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The ResNet body up to layer4's output (torchvision ResNets and TinyResNet share the layout)."""
     x = model.maxpool(model.relu(model.bn1(model.conv1(x))))

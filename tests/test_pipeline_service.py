@@ -212,7 +212,7 @@ def test_transient_errors_do_not_count_as_attempts_or_fail_the_image(queued_imag
 def test_unloadable_model_leaves_the_image_queued(queued_image, active_model):
     from diagnosis.services.predictions import ModelUnavailable
 
-    prediction_services._loaded = None  # no cached predictor: the weights must be read
+    prediction_services.predictors.clear()  # no cached predictor: the weights must be read
     default_storage.delete(active_model.weights.name)
     ModelVersion.objects.filter(pk=active_model.pk).update(weights_sha256="f" * 64)  # not in any local cache
     with pytest.raises(ModelUnavailable):

@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import threading
 import time
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
@@ -23,6 +21,7 @@ from django.utils import timezone
 
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
 from .audit import record_event
+from .registry import VersionCache
 
 DISPLAY_MAX_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE; explanations never need more pixels
 
@@ -123,33 +122,24 @@ def enqueue_explanation(explanation_id: str) -> None:
 # --- computing ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _LoadedExplainer:
-    key: tuple[int, str]
-    explainer: object
+def _build_explainer(model_version: ModelVersion):
+    from mlcore.explain import Explainer
+
+    from .predictions import predictor_for
+
+    predictor = predictor_for(model_version)  # share its model: no second copy in memory
+    return Explainer(
+        predictor.model, predictor.meta, device=predictor.device,
+        memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20,
+    )  # fmt: skip
 
 
-_explainer_lock = threading.Lock()
-_explainer: _LoadedExplainer | None = None
+explainers = VersionCache(_build_explainer)
 
 
 def explainer_for(model_version: ModelVersion):
-    """The process-wide Explainer, sharing the Predictor's model (no second copy in memory)."""
-    global _explainer
-    from .predictions import predictor_for
-
-    key = (model_version.pk, model_version.weights_sha256)
-    with _explainer_lock:
-        if _explainer is None or _explainer.key != key:
-            from mlcore.explain import Explainer
-
-            predictor = predictor_for(model_version)
-            explainer = Explainer(
-                predictor.model, predictor.meta, device=predictor.device,
-                memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20,
-            )  # fmt: skip
-            _explainer = _LoadedExplainer(key, explainer)
-        return _explainer.explainer
+    """The process-wide Explainer of this version."""
+    return explainers.get(model_version)
 
 
 def store_result(*, explanation: Explanation, image, attribution_map, raw=None, seconds: float,

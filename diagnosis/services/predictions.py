@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from dataclasses import dataclass
 
 from django.conf import settings
 from django.db import transaction
@@ -13,34 +11,25 @@ from django.utils import timezone
 
 from ..models import ImageState, LesionImage, ModelVersion, Prediction
 from .images import claim_image, fail_image
-from .registry import active_model_version, cached_weights_path
+from .registry import VersionCache, active_model_version, cached_weights_path
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class _LoadedPredictor:
-    key: tuple[int, str]
-    predictor: object
+def _load_predictor(model_version: ModelVersion):
+    from mlcore.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(cached_weights_path(model_version), device=settings.INFERENCE_DEVICE)
+    logger.info("loaded model %s on %s", model_version.version, predictor.device)
+    return predictor
 
 
-_predictor_lock = threading.Lock()
-_loaded: _LoadedPredictor | None = None
+predictors = VersionCache(_load_predictor)
 
 
 def predictor_for(model_version: ModelVersion):
-    """The process-wide Predictor for this version; loading a new version drops the old one."""
-    global _loaded
-    key = (model_version.pk, model_version.weights_sha256)
-    with _predictor_lock:
-        if _loaded is None or _loaded.key != key:
-            from mlcore.inference import Predictor
-
-            path = cached_weights_path(model_version)
-            _loaded = None  # release the old model before loading the new one
-            _loaded = _LoadedPredictor(key, Predictor.from_checkpoint(path, device=settings.INFERENCE_DEVICE))
-            logger.info("loaded model %s on %s", model_version.version, _loaded.predictor.device)
-        return _loaded.predictor
+    """The process-wide Predictor of this version."""
+    return predictors.get(model_version)
 
 
 def record_prediction(

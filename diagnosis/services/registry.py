@@ -6,6 +6,7 @@ import hashlib
 import io
 import os
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -18,6 +19,31 @@ from django.utils import timezone
 
 from ..models import AuditEvent, ModelActivation, ModelVersion, ReferenceFeature
 from .audit import record_event
+
+
+class VersionCache:
+    """One object per process built for one model version, rebuilt when the active version (or its
+    weights) changes, so a running worker switches models without a restart. The old object is
+    dropped before the new one is built: two models never sit in memory at once."""
+
+    def __init__(self, build) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._key: tuple[int, str] | None = None
+        self._value = None
+
+    def get(self, model_version: ModelVersion):
+        key = (model_version.pk, model_version.weights_sha256)
+        with self._lock:
+            if self._key != key:
+                self._key, self._value = None, None
+                self._value = self._build(model_version)
+                self._key = key
+            return self._value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._key, self._value = None, None
 
 
 class PromotionBlocked(ValidationError):

@@ -83,53 +83,21 @@ class Command(BaseCommand):
             "PYTHONUNBUFFERED": "1",
         }
         manage = str(Path(settings.BASE_DIR) / "manage.py")
-        worker_log = open(log_dir / "worker.log", "ab")  # noqa: SIM115 - closed in finally
-        web_log = open(log_dir / "web.log", "ab")  # noqa: SIM115
+        schedule = str(Path(settings.VAR_DIR) / "celerybeat-schedule")
+        commands = {
+            "worker.log": [sys.executable, "-m", "celery", "-A", "webapp", "worker", "--beat", "--schedule", schedule,
+                           "-Q", "inference,explain,default", "--concurrency", "1", "--loglevel", "INFO",
+                           "--hostname", "demo@%h"],
+            "web.log": [sys.executable, manage, "runserver", f"{options['host']}:{options['port']}", "--noreload",
+                        "--skip-checks"],
+        }  # fmt: skip
+        logs = [open(log_dir / name, "ab") for name in commands]  # noqa: SIM115 - closed in finally
         processes: list[subprocess.Popen] = []
         try:
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-m",
-                        "celery",
-                        "-A",
-                        "webapp",
-                        "worker",
-                        "--beat",
-                        "--schedule",
-                        str(Path(settings.VAR_DIR) / "celerybeat-schedule"),
-                        "-Q",
-                        "inference,explain,default",
-                        "--concurrency",
-                        "1",
-                        "--loglevel",
-                        "INFO",
-                        "--hostname",
-                        "demo@%h",
-                    ],
-                    cwd=settings.BASE_DIR,
-                    env=env,
-                    stdout=worker_log,
-                    stderr=subprocess.STDOUT,
+            for command, log in zip(commands.values(), logs, strict=True):
+                processes.append(
+                    subprocess.Popen(command, cwd=settings.BASE_DIR, env=env, stdout=log, stderr=subprocess.STDOUT)
                 )
-            )
-            processes.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        manage,
-                        "runserver",
-                        f"{options['host']}:{options['port']}",
-                        "--noreload",
-                        "--skip-checks",
-                    ],
-                    cwd=settings.BASE_DIR,
-                    env=env,
-                    stdout=web_log,
-                    stderr=subprocess.STDOUT,
-                )
-            )
             self._wait_for_web(url, processes, log_dir)
             self._banner(url, clinician_password, admin_password, token, version, log_dir)
             signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
@@ -152,8 +120,8 @@ class Command(BaseCommand):
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
-            worker_log.close()
-            web_log.close()
+            for log in logs:
+                log.close()
         self.stdout.write("Stopped.")
 
     def _wait_for_web(self, url, processes, log_dir, timeout: float = 60.0) -> None:
