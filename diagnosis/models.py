@@ -321,6 +321,79 @@ class Explanation(models.Model):
         return f"{self.method} of {self.image_id} ({self.state})"
 
 
+class Diagnosis(models.TextChoices):
+    """Histopathology outcomes a clinician can record; each maps to the model's two classes."""
+
+    BENIGN = "benign", "Benign (unspecified)"
+    MALIGNANT = "malignant", "Malignant (unspecified)"
+    MELANOMA = "melanoma", "Melanoma (invasive)"
+    MELANOMA_IN_SITU = "melanoma_in_situ", "Melanoma in situ"
+    DYSPLASTIC_NAEVUS = "dysplastic_naevus", "Dysplastic naevus"
+    BENIGN_NAEVUS = "benign_naevus", "Benign naevus"
+    SEBORRHOEIC_KERATOSIS = "seborrhoeic_keratosis", "Seborrhoeic keratosis"
+    DERMATOFIBROMA = "dermatofibroma", "Dermatofibroma"
+    VASCULAR = "vascular", "Vascular lesion"
+    BASAL_CELL_CARCINOMA = "basal_cell_carcinoma", "Basal cell carcinoma"
+    SQUAMOUS_CELL_CARCINOMA = "squamous_cell_carcinoma", "Squamous cell carcinoma"
+    OTHER = "other", "Other diagnosis"
+
+
+# Ground truth for the model's question (is this lesion malignant?). "Other" has no label.
+MALIGNANT_DIAGNOSES = {
+    Diagnosis.MALIGNANT, Diagnosis.MELANOMA, Diagnosis.MELANOMA_IN_SITU, Diagnosis.BASAL_CELL_CARCINOMA,
+    Diagnosis.SQUAMOUS_CELL_CARCINOMA,
+}  # fmt: skip
+BENIGN_DIAGNOSES = {
+    Diagnosis.BENIGN, Diagnosis.DYSPLASTIC_NAEVUS, Diagnosis.BENIGN_NAEVUS, Diagnosis.SEBORRHOEIC_KERATOSIS,
+    Diagnosis.DERMATOFIBROMA, Diagnosis.VASCULAR,
+}  # fmt: skip
+
+
+class Feedback(models.Model):
+    """A clinician's assessment of a result (agree or disagree), or a histopathology outcome.
+
+    Append-only: a correction is a newer record, so the history of who said what, and when, stays.
+    The newest record of each kind is the image's current ground truth for monitoring.
+    """
+
+    class Kind(models.TextChoices):
+        ASSESSMENT = "assessment", "Clinician assessment"
+        HISTOPATHOLOGY = "histopathology", "Histopathology outcome"
+
+    class GroundTruth(models.TextChoices):
+        MALIGNANT = "malignant", "Malignant"
+        BENIGN = "benign", "Benign"
+        UNKNOWN = "", "Unknown"
+
+    image = models.ForeignKey(LesionImage, on_delete=models.CASCADE, related_name="feedback")
+    prediction = models.ForeignKey(
+        Prediction, on_delete=models.SET_NULL, null=True, blank=True, related_name="feedback",
+        help_text="The prediction the clinician saw when recording an assessment",
+    )  # fmt: skip
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    agrees = models.BooleanField(null=True, blank=True, help_text="Assessment: does the clinician agree?")
+    diagnosis = models.CharField(max_length=40, choices=Diagnosis.choices, blank=True)
+    ground_truth = models.CharField(max_length=10, choices=GroundTruth.choices, blank=True)
+    note = models.TextField(blank=True, max_length=1000)
+    recorded_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    recorded_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        ordering = ["-recorded_at", "-id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(kind="assessment", agrees__isnull=False, diagnosis="")
+                           | Q(kind="histopathology", agrees__isnull=True) & ~Q(diagnosis="")),
+                name="feedback_fields_match_kind",
+            )
+        ]  # fmt: skip
+
+    def __str__(self) -> str:
+        if self.kind == self.Kind.ASSESSMENT:
+            return "agrees" if self.agrees else "disagrees"
+        return self.get_diagnosis_display()
+
+
 class ApiToken(AbstractAuthToken):
     """A knox token (stored as a SHA-512 digest) with a name, so people can tell their tokens apart."""
 
@@ -348,6 +421,10 @@ class AuditEvent(models.Model):
         ACTIVATE_MODEL = "activate_model", "Activated a model version"
         REQUEST_EXPLANATION = "request_explanation", "Requested an explanation"
         VIEW_EXPLANATION = "view_explanation", "Downloaded an explanation file"
+        VIEW_LESION = "view_lesion", "Viewed a lesion timeline"
+        VIEW_REPORT = "view_report", "Opened a lesion report"
+        VIEW_HISTORY = "view_history", "Listed the clinic's images"
+        RECORD_FEEDBACK = "record_feedback", "Recorded feedback or an outcome"
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")

@@ -83,3 +83,51 @@ def ensure_demo_accounts(*, clinician_password: str, admin_password: str) -> tup
     admin.set_password(admin_password)
     admin.save()
     return clinic, clinician, admin
+
+
+DEMO_PATIENT = "DEMO-0001"
+
+
+def ensure_demo_patient(*, clinic: Clinic, clinician, log=print) -> bool:
+    """Seed a demo patient with synthetic lesion photos, once, so a new user sees the portal working.
+
+    The back lesion is followed over three visits and changes from benign-looking to malignant-looking;
+    the forearm lesion has one benign-looking photo. Their predictions are computed by the worker like
+    any upload. Returns False when the clinic already has the demo patient.
+    """
+    import io
+    from datetime import timedelta
+
+    import numpy as np
+    from django.core.files.uploadedfile import SimpleUploadedFile
+    from django.utils import timezone
+
+    from mlcore.data import generate_lesion
+
+    from ..models import LesionImage, Patient
+    from .images import submit_image
+    from .patients import create_lesion, create_patient
+
+    if Patient.objects.filter(clinic=clinic, reference=DEMO_PATIENT).exists():
+        return False
+    patient = create_patient(clinic=clinic, reference=DEMO_PATIENT, created_by=clinician, via="cli")
+    visits = {
+        ("back", "Followed since the first visit: irregular border noted."): [
+            (0, False, 180),
+            (1, False, 90),
+            (2, True, 3),
+        ],
+        ("forearm", "Stable naevus."): [(3, False, 30)],
+    }
+    now = timezone.now()
+    for (site, note), photos in visits.items():
+        lesion = create_lesion(patient=patient, body_site=site, note=note, created_by=clinician, via="cli")
+        for seed, malignant, days_ago in photos:
+            photo = generate_lesion(np.random.default_rng(1000 + seed), malignant=malignant, size=384).image
+            buffer = io.BytesIO()
+            photo.save(buffer, format="JPEG", quality=92)
+            upload = SimpleUploadedFile("demo.jpg", buffer.getvalue(), content_type="image/jpeg")
+            image = submit_image(uploader=clinician, clinic=clinic, upload=upload, lesion=lesion, via="cli")
+            LesionImage.objects.filter(pk=image.pk).update(created_at=now - timedelta(days=days_ago))
+    log(f"Seeded demo patient {DEMO_PATIENT} with {sum(len(p) for p in visits.values())} synthetic photos.")
+    return True

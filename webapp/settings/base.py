@@ -28,6 +28,7 @@ INSTALLED_APPS = [
     "knox",
     "drf_spectacular",
     "drf_spectacular_sidecar",
+    "axes",
     "diagnosis",
 ]
 
@@ -40,6 +41,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "webapp.urls"
@@ -55,6 +58,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "diagnosis.portal.context.portal",
             ],
         },
     },
@@ -111,7 +115,24 @@ FILE_UPLOAD_PERMISSIONS = 0o600
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
-LOGIN_URL = "admin:login"
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "portal:patients"
+LOGOUT_REDIRECT_URL = "login"
+AUTHENTICATION_BACKENDS = [
+    # django-axes first: it refuses logins for a locked-out username and address before the
+    # password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Login throttling (portal and admin): after AXES_FAILURE_LIMIT failures for one username from one
+# address, that pair is locked out for AXES_COOLOFF_MINUTES. A success resets the count.
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_VERBOSE = False
+SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600)  # a working day
 
 # --- Uploads and the model -------------------------------------------------------------------
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
@@ -134,6 +155,12 @@ EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 # Memory one explanation may take for its batched passes (activations and gradients); the batch
 # size follows from it, so a large model or input cannot run a worker out of memory.
 EXPLAIN_MEMORY_BUDGET_MB = env_int("EXPLAIN_MEMORY_BUDGET_MB", 512)
+
+# --- Portal -------------------------------------------------------------------------------------
+# The lesion timeline flags a rise in malignancy probability of more than this (0.10 = 10
+# percentage points) since the lesion's previous image.
+RISK_RISE_FLAG = env_float("RISK_RISE_FLAG", 0.10)
+PORTAL_PAGE_SIZE = env_int("PORTAL_PAGE_SIZE", 25)
 
 # --- REST API ---------------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -16,7 +16,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from diagnosis.models import ApiToken
-from diagnosis.services.demo import DemoTraining, ensure_demo_accounts, ensure_demo_model
+from diagnosis.services.demo import DemoTraining, ensure_demo_accounts, ensure_demo_model, ensure_demo_patient
 from diagnosis.services.registry import active_model_version
 from diagnosis.services.tokens import create_api_token
 
@@ -65,6 +65,7 @@ class Command(BaseCommand):
                 f"sensitivity {test.get('sensitivity', float('nan')):.2f} at threshold {model_version.threshold:.3f} "
                 "(set on validation for 90% sensitivity). Plots and metrics: admin > Model versions."
             )
+        ensure_demo_patient(clinic=clinic, clinician=clinician, log=self.stdout.write)
         # Tokens are stored hashed, so a run cannot show an old one: replace the demo token each time.
         ApiToken.objects.filter(user=clinician, name="demo").delete()
         _, token = create_api_token(user=clinician, name="demo", via="cli")
@@ -140,7 +141,7 @@ class Command(BaseCommand):
         lines = [
             "",
             "Lesion triage is running (decision support, not a diagnosis).",
-            f"  URL:        {url}/",
+            f"  Portal:     {url}/   (sign in as the clinician; patient DEMO-0001 has sample photos)",
             f"  API docs:   {url}/api/docs/",
             f"  Clinician:  demo / {clinician_password}",
             f"  Admin:      admin / {admin_password}   ({url}/admin/)",

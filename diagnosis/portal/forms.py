@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+from django import forms
+
+from ..models import BodySite, Diagnosis, ImageState, pseudonymous_reference
+
+
+class PatientForm(forms.Form):
+    reference = forms.CharField(
+        label="Pseudonymous reference",
+        max_length=64,
+        validators=[pseudonymous_reference],
+        help_text="A code such as PT-0042. Never enter a patient's name, date of birth or record number.",
+        widget=forms.TextInput(attrs={"autocomplete": "off", "placeholder": "PT-0042", "spellcheck": "false"}),
+    )
+
+
+class LesionForm(forms.Form):
+    body_site = forms.ChoiceField(label="Body site", choices=[("", "Choose a body site…"), *BodySite.choices])
+    note = forms.CharField(
+        label="Note",
+        required=False,
+        max_length=2000,
+        help_text="Optional, e.g. size, shape, or why it is followed. No names.",
+        widget=forms.Textarea(attrs={"rows": 2}),
+    )
+
+
+class AssessmentForm(forms.Form):
+    agrees = forms.TypedChoiceField(
+        label="Your assessment of this result",
+        choices=[("yes", "I agree with the result"), ("no", "I disagree with the result")],
+        coerce=lambda value: value == "yes",
+        widget=forms.RadioSelect,
+    )
+    note = forms.CharField(label="Comment", required=False, max_length=1000, widget=forms.Textarea(attrs={"rows": 2}))
+
+
+class OutcomeForm(forms.Form):
+    diagnosis = forms.ChoiceField(
+        label="Histopathology outcome", choices=[("", "Choose the outcome…"), *Diagnosis.choices]
+    )
+    note = forms.CharField(
+        label="Report reference or comment", required=False, max_length=1000, widget=forms.Textarea(attrs={"rows": 2})
+    )
+
+
+class TokenForm(forms.Form):
+    name = forms.CharField(
+        label="Token name",
+        max_length=100,
+        help_text="Which system will use it, e.g. 'EHR integration'.",
+        widget=forms.TextInput(attrs={"autocomplete": "off"}),
+    )
+    expires_in_days = forms.TypedChoiceField(
+        label="Expires after",
+        choices=[("30", "30 days"), ("90", "90 days"), ("365", "1 year")],
+        coerce=int,
+        initial="90",
+    )
+
+
+RISK_BANDS = [("", "Any risk"), ("above", "Above referral threshold"), ("below", "Below referral threshold")]
+
+
+class HistoryFilterForm(forms.Form):
+    state = forms.ChoiceField(label="State", required=False, choices=[("", "Any state"), *ImageState.choices])
+    band = forms.ChoiceField(label="Risk", required=False, choices=RISK_BANDS)
+    date_from = forms.DateField(label="From", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+    date_to = forms.DateField(label="To", required=False, widget=forms.DateInput(attrs={"type": "date"}))
+
+    def clean(self):
+        data = super().clean()
+        if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
+            raise forms.ValidationError("The 'From' date is after the 'To' date.")
+        return data

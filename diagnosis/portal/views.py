@@ -1,0 +1,546 @@
+"""The clinician portal: server-rendered pages over the same services as the API.
+
+Every view requires a login and a clinic membership, and looks objects up through the clinic-scoped
+managers, so another clinic's patient, lesion, image, overlay or report answers 404 whatever the URL.
+Photos and overlays are served by these views (never from a public media URL), with private,
+no-store caching rules.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from functools import wraps
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import ValidationError
+from django.core.paginator import Paginator
+from django.db.models import Count, F, Max, OuterRef, Prefetch, Subquery
+from django.http import FileResponse, Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_GET, require_POST
+
+from mlcore.explain import METHOD_LABELS, METHODS
+
+from ..models import (
+    ApiToken,
+    AuditEvent,
+    Explanation,
+    Feedback,
+    ImageState,
+    Lesion,
+    LesionImage,
+    Patient,
+    Prediction,
+)
+from ..services import explanations as explanation_services
+from ..services import feedback as feedback_services
+from ..services import images as image_services
+from ..services import patients as patient_services
+from ..services import tokens as token_services
+from ..services.audit import record_event
+from ..services.clinics import clinic_of
+from .forms import AssessmentForm, HistoryFilterForm, LesionForm, OutcomeForm, PatientForm, TokenForm
+
+VIA = "portal"
+FINAL_STATES = {ImageState.DONE, ImageState.FAILED}
+THUMB_SIDE = 240
+DISPLAY_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE: the heatmaps are drawn at this size
+
+
+def clinic_required(view):
+    """Login required, and the user must belong to a clinic: the clinic is every query's scope."""
+
+    @login_required
+    @never_cache
+    @wraps(view)
+    def wrapper(request, *args, **kwargs):
+        clinic = clinic_of(request.user)
+        if clinic is None:
+            return render(request, "portal/no_clinic.html", status=403)
+        request.clinic = clinic
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def wants_json(request) -> bool:
+    return "application/json" in request.headers.get("Accept", "")
+
+
+def audit(request, action: str, obj) -> None:
+    record_event(actor=request.user, action=action, obj=obj, clinic=request.clinic, via=VIA,
+                 ip_address=request.META.get("REMOTE_ADDR"))  # fmt: skip
+
+
+def with_predictions(queryset):
+    return queryset.prefetch_related(
+        Prefetch("predictions", queryset=Prediction.objects.select_related("model_version"))
+    )
+
+
+# --- results, in words --------------------------------------------------------------------------
+
+
+@dataclass
+class Decision:
+    probability: float
+    threshold: float
+    above: bool
+    title: str
+    advice: str
+    model_version: str
+
+    @property
+    def percent(self) -> str:
+        return f"{self.probability * 100:.0f}%"
+
+    @property
+    def threshold_percent(self) -> str:
+        return f"{self.threshold * 100:.0f}%"
+
+
+def decision_for(prediction: Prediction | None) -> Decision | None:
+    if prediction is None:
+        return None
+    above = prediction.probability_malignant >= prediction.threshold
+    return Decision(
+        probability=prediction.probability_malignant,
+        threshold=prediction.threshold,
+        above=above,
+        title="Above referral threshold" if above else "Below referral threshold",
+        advice=(
+            "The model rates this lesion at or above its referral threshold: consider specialist review."
+            if above
+            else "The model rates this lesion below its referral threshold. Clinical judgement still applies."
+        ),
+        model_version=prediction.model_version.version,
+    )
+
+
+def result_of(image: LesionImage) -> Decision | None:
+    return decision_for(image.latest_prediction) if image.state == ImageState.DONE else None
+
+
+@dataclass
+class TimelineRow:
+    image: LesionImage
+    decision: Decision | None
+    change: float | None = None  # change in probability since the lesion's previous scored image
+    flagged: bool = False
+    assessment: Feedback | None = None
+    outcome: Feedback | None = None
+    explanations: list = field(default_factory=list)
+
+    @property
+    def change_points(self) -> str:
+        return "" if self.change is None else f"{self.change * 100:+.0f} pts"
+
+
+def timeline(lesion: Lesion) -> list[TimelineRow]:
+    """The lesion's images, newest first, each with its risk and the change since the previous one."""
+    images = with_predictions(lesion.images.order_by("created_at")).prefetch_related(
+        "feedback", Prefetch("explanations", queryset=Explanation.objects.order_by("created_at"))
+    )
+    rows, previous = [], None
+    for image in images:
+        decision = result_of(image)
+        row = TimelineRow(image=image, decision=decision, **feedback_services.latest_feedback(image))
+        row.explanations = [e for e in image.explanations.all() if e.state == Explanation.State.DONE]
+        if decision is not None:
+            if previous is not None:
+                row.change = decision.probability - previous
+                row.flagged = row.change > settings.RISK_RISE_FLAG
+            previous = decision.probability
+        rows.append(row)
+    rows.reverse()
+    return rows
+
+
+def explanation_payload(explanation: Explanation) -> dict:
+    done = explanation.state == Explanation.State.DONE
+    return {
+        "id": str(explanation.pk),
+        "method": explanation.method,
+        "label": METHOD_LABELS.get(explanation.method, explanation.method),
+        "state": explanation.state,
+        "error": explanation.error,
+        "target_class": explanation.target_class,
+        "heatmap_url": reverse("portal:explanation-file", args=[explanation.pk, "heatmap"]) if done else None,
+        "overlay_url": reverse("portal:explanation-file", args=[explanation.pk, "overlay"]) if done else None,
+    }
+
+
+def status_payload(image: LesionImage) -> dict:
+    decision = result_of(image)
+    prediction = image.latest_prediction if decision else None
+    explanations = (
+        image.explanations.filter(model_version=prediction.model_version).order_by("created_at") if prediction else []
+    )
+    return {
+        "id": str(image.pk),
+        "state": image.state,
+        "state_label": image.get_state_display(),
+        "final": image.state in FINAL_STATES,
+        "error": image.error if image.state == ImageState.FAILED else "",
+        "probability": decision.probability if decision else None,
+        "percent": decision.percent if decision else None,
+        "decision": decision.title if decision else None,
+        "above_threshold": decision.above if decision else None,
+        "model_version": decision.model_version if decision else None,
+        "result_url": reverse("portal:image", args=[image.pk]),
+        "status_url": reverse("portal:image-status", args=[image.pk]),
+        "thumb_url": reverse("portal:image-photo", args=[image.pk]) + "?size=thumb",
+        "explanations": [explanation_payload(e) for e in explanations],
+    }
+
+
+# --- pages -------------------------------------------------------------------------------------
+
+
+@login_required
+def index(request):
+    return redirect("portal:patients")
+
+
+@clinic_required
+def patients(request):
+    form = PatientForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            patient = patient_services.create_patient(
+                clinic=request.clinic, reference=form.cleaned_data["reference"], created_by=request.user, via=VIA
+            )
+        except ValidationError as exc:
+            for field_name, errors in exc.message_dict.items():
+                for error in errors:
+                    form.add_error(field_name if field_name in form.fields else None, error)
+        else:
+            messages.success(request, f"Patient {patient.reference} created.")
+            return redirect("portal:patient", pk=patient.pk)
+    query = request.GET.get("q", "").strip()
+    queryset = Patient.objects.for_clinic(request.clinic).annotate(
+        lesion_count=Count("lesions", distinct=True),
+        image_count=Count("lesions__images", distinct=True),
+        last_image_at=Max("lesions__images__created_at"),
+    )
+    if query:
+        queryset = queryset.filter(reference__icontains=query)
+    page = Paginator(queryset.order_by("-created_at"), settings.PORTAL_PAGE_SIZE).get_page(request.GET.get("page"))
+    status = 400 if request.method == "POST" else 200
+    context = {"form": form, "page": page, "query": query, "filters": urlencode({"q": query}) if query else ""}
+    return render(request, "portal/patients.html", context, status=status)
+
+
+@clinic_required
+def patient_detail(request, pk):
+    patient = get_object_or_404(Patient.objects.for_clinic(request.clinic), pk=pk)
+    form = LesionForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        lesion = patient_services.create_lesion(
+            patient=patient, body_site=form.cleaned_data["body_site"], note=form.cleaned_data["note"],
+            created_by=request.user, via=VIA,
+        )  # fmt: skip
+        messages.success(request, f"Lesion on the {lesion.get_body_site_display().lower()} added.")
+        return redirect("portal:lesion", pk=lesion.pk)
+    if request.method == "GET":
+        audit(request, AuditEvent.Action.VIEW_PATIENT, patient)
+    lesions = []
+    for lesion in patient.lesions.order_by("created_at"):
+        rows = timeline(lesion)
+        latest = next((row for row in rows if row.decision), None)
+        last_at = rows[0].image.created_at if rows else None
+        lesions.append({"lesion": lesion, "image_count": len(rows), "latest": latest, "last_at": last_at})
+    status = 400 if request.method == "POST" else 200
+    return render(request, "portal/patient.html", {"patient": patient, "lesions": lesions, "form": form}, status=status)
+
+
+def lesion_or_404(request, pk) -> Lesion:
+    return get_object_or_404(Lesion.objects.for_clinic(request.clinic).select_related("patient"), pk=pk)
+
+
+@clinic_required
+@require_GET
+def lesion_detail(request, pk):
+    lesion = lesion_or_404(request, pk)
+    context = {
+        "lesion": lesion, "patient": lesion.patient, "rows": timeline(lesion),
+        "rise_flag_points": f"{settings.RISK_RISE_FLAG * 100:.0f}",
+        "max_upload_mb": settings.MAX_UPLOAD_BYTES // (1024 * 1024), "max_upload_bytes": settings.MAX_UPLOAD_BYTES,
+    }  # fmt: skip
+    if request.GET.get("partial") == "timeline":
+        return render(request, "portal/_timeline.html", context)
+    audit(request, AuditEvent.Action.VIEW_LESION, lesion)
+    return render(request, "portal/lesion.html", context)
+
+
+@clinic_required
+@require_POST
+def lesion_upload(request, pk):
+    """Multipart upload of one or several photos (field `images`). The page's script sends one file
+    per request to show each file's progress, and reads JSON; without script the form posts all
+    files at once and the answer is the lesion page with a message per file."""
+    lesion = lesion_or_404(request, pk)
+    files = request.FILES.getlist("images")
+    results = []
+    for upload in files:
+        try:
+            image = image_services.submit_image(
+                uploader=request.user, clinic=request.clinic, upload=upload, lesion=lesion, via=VIA
+            )
+        except image_services.ImageValidationError as exc:
+            results.append({"name": upload.name, "ok": False, "code": exc.code, "error": exc.message})
+        else:
+            results.append({"name": upload.name, "ok": True, **status_payload(image)})
+    accepted = sum(result["ok"] for result in results)
+    if wants_json(request):
+        if not files:
+            return JsonResponse({"error": "Choose at least one image to upload.", "files": []}, status=400)
+        return JsonResponse({"files": results}, status=202 if accepted else 400)
+    if not files:
+        messages.error(request, "Choose at least one image to upload.")
+    for result in results:
+        if not result["ok"]:
+            messages.error(request, f"{result['name']}: {result['error']}")
+    if accepted:
+        messages.success(request, f"{accepted} image{'s' if accepted != 1 else ''} uploaded; results appear below.")
+    return redirect("portal:lesion", pk=lesion.pk)
+
+
+@clinic_required
+@require_GET
+def lesion_report(request, pk):
+    lesion = lesion_or_404(request, pk)
+    rows = timeline(lesion)
+    audit(request, AuditEvent.Action.VIEW_REPORT, lesion)
+    versions = sorted({row.decision.model_version for row in rows if row.decision})
+    context = {
+        "lesion": lesion, "patient": lesion.patient, "rows": rows, "pictured": [r for r in rows if r.decision][:4],
+        "versions": versions, "generated_at": timezone.now(),
+    }  # fmt: skip
+    return render(request, "portal/report.html", context)
+
+
+def image_or_404(request, pk) -> LesionImage:
+    return get_object_or_404(
+        with_predictions(LesionImage.objects.for_clinic(request.clinic)).select_related("lesion__patient"), pk=pk
+    )
+
+
+def image_page(request, image: LesionImage, *, assessment_form=None, outcome_form=None, status: int = 200):
+    decision = result_of(image)
+    prediction = image.latest_prediction if decision else None
+    explanations = (
+        list(image.explanations.filter(model_version=prediction.model_version).order_by("created_at"))
+        if prediction
+        else []
+    )
+    for explanation in explanations:
+        explanation.label = METHOD_LABELS.get(explanation.method, explanation.method)
+    done = [e for e in explanations if e.state == Explanation.State.DONE]
+    preferred = next((e for e in done if e.method == "gradcam"), done[0] if done else None)
+    requested = {e.method for e in explanations}
+    context = {
+        "image": image, "lesion": image.lesion, "patient": image.lesion.patient if image.lesion else None,
+        "decision": decision, "explanations": explanations, "done_explanations": done, "selected": preferred,
+        "requestable": [(m, METHOD_LABELS[m]) for m in METHODS if m not in requested],
+        "status": status_payload(image),
+        "assessment_form": assessment_form or AssessmentForm(), "outcome_form": outcome_form or OutcomeForm(),
+        "feedback": image.feedback.select_related("recorded_by").order_by("-recorded_at", "-id"),
+        "display_side": DISPLAY_SIDE,
+    }  # fmt: skip
+    return render(request, "portal/image.html", context, status=status)
+
+
+@clinic_required
+@require_GET
+def image_detail(request, pk):
+    image = image_or_404(request, pk)
+    audit(request, AuditEvent.Action.VIEW_IMAGE, image)
+    return image_page(request, image)
+
+
+@clinic_required
+@require_GET
+def image_status(request, pk):
+    return JsonResponse(status_payload(image_or_404(request, pk)))
+
+
+@clinic_required
+@require_GET
+def image_photo(request, pk):
+    """The stored photo: `?size=thumb` (240 px) or the display size (1,024 px, the default), as JPEG;
+    `?size=original` downloads the stored file itself (logged)."""
+    from PIL import Image
+
+    from mlcore.heatmap import display_size
+
+    image = get_object_or_404(LesionImage.objects.for_clinic(request.clinic), pk=pk)
+    size = request.GET.get("size", "display")
+    if size not in ("thumb", "display", "original"):
+        return HttpResponseBadRequest("size must be thumb, display or original.")
+    try:
+        handle = image.file.open("rb")
+    except FileNotFoundError:
+        raise Http404("The stored file of this image is missing.") from None
+    if size == "original":
+        audit(request, AuditEvent.Action.DOWNLOAD_IMAGE, image)
+        extension = "jpg" if image.content_type == "image/jpeg" else "png"
+        response = FileResponse(handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
+                                content_type=image.content_type)  # fmt: skip
+    else:
+        max_side = THUMB_SIDE if size == "thumb" else DISPLAY_SIDE
+        with handle, Image.open(handle) as photo:
+            target = display_size(photo.width, photo.height, max_side)
+            photo.draft("RGB", target)  # JPEG: decode at a fraction of the size when that is enough
+            picture = photo.convert("RGB")
+            if picture.size != target:
+                picture = picture.resize(target, Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            picture.save(buffer, format="JPEG", quality=85 if size == "thumb" else 90)
+        response = HttpResponse(buffer.getvalue(), content_type="image/jpeg")
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@clinic_required
+@require_GET
+def explanation_file(request, pk, kind):
+    if kind not in ("overlay", "heatmap"):
+        raise Http404
+    explanation = get_object_or_404(Explanation.objects.filter(image__clinic=request.clinic), pk=pk)
+    stored = getattr(explanation, kind)
+    if explanation.state != Explanation.State.DONE or not stored:
+        raise Http404("This explanation is not ready.")
+    try:
+        handle = stored.open("rb")
+    except FileNotFoundError:
+        raise Http404("The stored file of this explanation is missing.") from None
+    response = FileResponse(handle, content_type="image/png")
+    response["X-Content-Type-Options"] = "nosniff"
+    response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@clinic_required
+@require_POST
+def image_explanations(request, pk):
+    """Request another explanation method with its default parameters."""
+    image = image_or_404(request, pk)
+    method = request.POST.get("method", "")
+    try:
+        explanation, _ = explanation_services.request_explanation(
+            image=image, method=method, requested_by=request.user, via=VIA
+        )
+    except explanation_services.ExplanationRefused as exc:
+        if wants_json(request):
+            return JsonResponse({"error": exc.reason, "code": exc.error_code}, status=exc.status)
+        messages.error(request, exc.reason)
+        return redirect("portal:image", pk=image.pk)
+    if wants_json(request):
+        return JsonResponse(explanation_payload(explanation), status=202)
+    messages.success(request, f"{METHOD_LABELS.get(method, method)} requested; it appears here when ready.")
+    return redirect("portal:image", pk=image.pk)
+
+
+@clinic_required
+@require_POST
+def image_feedback(request, pk):
+    image = image_or_404(request, pk)
+    kind = request.POST.get("kind")
+    if kind == Feedback.Kind.ASSESSMENT:
+        form = AssessmentForm(request.POST)
+        if form.is_valid():
+            try:
+                feedback_services.record_assessment(
+                    image=image, agrees=form.cleaned_data["agrees"], note=form.cleaned_data["note"],
+                    recorded_by=request.user, via=VIA,
+                )  # fmt: skip
+            except ValidationError as exc:
+                form.add_error(None, exc)
+            else:
+                messages.success(request, "Your assessment was recorded.")
+                return redirect(reverse("portal:image", args=[image.pk]) + "#feedback")
+        return image_page(request, image, assessment_form=form, status=400)
+    if kind == Feedback.Kind.HISTOPATHOLOGY:
+        form = OutcomeForm(request.POST)
+        if form.is_valid():
+            feedback_services.record_outcome(
+                image=image, diagnosis=form.cleaned_data["diagnosis"], note=form.cleaned_data["note"],
+                recorded_by=request.user, via=VIA,
+            )  # fmt: skip
+            messages.success(request, "The histopathology outcome was recorded.")
+            return redirect(reverse("portal:image", args=[image.pk]) + "#feedback")
+        return image_page(request, image, outcome_form=form, status=400)
+    return HttpResponseBadRequest("Unknown kind of feedback.")
+
+
+@clinic_required
+@require_GET
+def history(request):
+    form = HistoryFilterForm(request.GET or None)
+    latest = Prediction.objects.filter(image=OuterRef("pk")).order_by("-created_at")
+    queryset = (
+        with_predictions(LesionImage.objects.for_clinic(request.clinic))
+        .select_related("lesion__patient")
+        .annotate(latest_probability=Subquery(latest.values("probability_malignant")[:1]),
+                  latest_threshold=Subquery(latest.values("threshold")[:1]))
+        .order_by("-created_at")
+    )  # fmt: skip
+    if form.is_valid():
+        data = form.cleaned_data
+        if data["state"]:
+            queryset = queryset.filter(state=data["state"])
+        if data["band"] == "above":
+            queryset = queryset.filter(state=ImageState.DONE, latest_probability__gte=F("latest_threshold"))
+        elif data["band"] == "below":
+            queryset = queryset.filter(state=ImageState.DONE, latest_probability__lt=F("latest_threshold"))
+        if data["date_from"]:
+            queryset = queryset.filter(created_at__date__gte=data["date_from"])
+        if data["date_to"]:
+            queryset = queryset.filter(created_at__date__lte=data["date_to"])
+    elif form.is_bound:
+        queryset = queryset.none()
+    page = Paginator(queryset, settings.PORTAL_PAGE_SIZE).get_page(request.GET.get("page"))
+    record_event(actor=request.user, action=AuditEvent.Action.VIEW_HISTORY, clinic=request.clinic, via=VIA,
+                 ip_address=request.META.get("REMOTE_ADDR"))  # fmt: skip
+    filters = request.GET.copy()
+    filters.pop("page", None)
+    rows = [{"image": image, "decision": result_of(image)} for image in page.object_list]
+    return render(request, "portal/history.html", {"form": form, "page": page, "rows": rows,
+                                                   "filters": filters.urlencode()},
+                  status=400 if form.is_bound and not form.is_valid() else 200)  # fmt: skip
+
+
+@clinic_required
+def tokens(request):
+    form = TokenForm(request.POST or None)
+    created = None
+    if request.method == "POST" and form.is_valid():
+        token, plain = token_services.create_api_token(
+            user=request.user, name=form.cleaned_data["name"], expires_in_days=form.cleaned_data["expires_in_days"],
+            via=VIA,
+        )  # fmt: skip
+        created = {"token": token, "plain": plain}
+        form = TokenForm()
+    user_tokens = ApiToken.objects.filter(user=request.user).order_by("-created")
+    status = 400 if request.method == "POST" and created is None else 200
+    return render(request, "portal/tokens.html", {"form": form, "tokens": user_tokens, "created": created,
+                                                  "now": timezone.now()}, status=status)  # fmt: skip
+
+
+@clinic_required
+@require_POST
+def token_revoke(request, key):
+    token = get_object_or_404(ApiToken, user=request.user, token_key=key)
+    name = token.name
+    token_services.revoke_api_token(token=token, actor=request.user, via=VIA)
+    messages.success(request, f"Token '{name}' revoked. Systems using it can no longer call the API.")
+    return redirect("portal:tokens")

@@ -1,0 +1,318 @@
+/* Lesion triage portal: progressive enhancement only. Every form also works without this script. */
+(function () {
+  "use strict";
+
+  var FINAL = { done: true, failed: true };
+  var ACCEPTED = ["image/jpeg", "image/png", "image/webp"];
+
+  function el(tag, attrs, text) {
+    var node = document.createElement(tag);
+    Object.keys(attrs || {}).forEach(function (key) { node.setAttribute(key, attrs[key]); });
+    if (text) node.textContent = text;
+    return node;
+  }
+
+  function csrfToken(form) {
+    var input = form.querySelector("input[name=csrfmiddlewaretoken]");
+    return input ? input.value : "";
+  }
+
+  function stateBadge(state, label) {
+    return el("span", { "class": "state state-" + state }, label);
+  }
+
+  /* Poll a status URL until the image is done or failed; onUpdate gets each JSON answer. */
+  function poll(url, onUpdate, done) {
+    var delay = 700;
+    function tick() {
+      fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+        .then(function (response) {
+          if (!response.ok) throw new Error("status " + response.status);
+          return response.json();
+        })
+        .then(function (data) {
+          onUpdate(data);
+          if (done(data)) return;
+          delay = Math.min(delay * 1.3, 4000);
+          setTimeout(tick, delay);
+        })
+        .catch(function () { delay = Math.min(delay * 2, 10000); setTimeout(tick, delay); });
+    }
+    setTimeout(tick, delay);
+  }
+
+  function describe(data) {
+    if (data.state === "done") return data.percent + " · " + data.decision;
+    if (data.state === "failed") return data.error || "The photo could not be scored.";
+    return "";
+  }
+
+  /* --- status badges already on the page (timeline rows, a result still being computed) ------ */
+  function watchStatuses(root) {
+    root.querySelectorAll("[data-status-url][data-state]").forEach(function (node) {
+      if (FINAL[node.getAttribute("data-state")] || node.hasAttribute("data-watched")) return;
+      if (node.id === "pictures" || node.id === "result") return;
+      node.setAttribute("data-watched", "1");
+      poll(node.getAttribute("data-status-url"), function (data) {
+        node.setAttribute("data-state", data.state);
+        node.textContent = "";
+        node.appendChild(stateBadge(data.state, data.state_label));
+        var text = describe(data);
+        if (text) node.appendChild(el("span", { "class": data.state === "failed" ? "error" : "" }, " " + text));
+      }, function (data) {
+        if (!data.final) return false;
+        if (node.hasAttribute("data-reload-when-done")) window.location.reload();
+        else refreshTimeline();
+        return true;
+      });
+    });
+  }
+
+  /* --- the lesion timeline, refreshed when an upload finishes ---------------------------------- */
+  var timelineTimer = null;
+  function refreshTimeline() {
+    var form = document.getElementById("upload-form");
+    var timeline = document.getElementById("timeline");
+    if (!form || !timeline) return;
+    clearTimeout(timelineTimer);
+    timelineTimer = setTimeout(function () {
+      fetch(form.getAttribute("data-timeline-url"), { credentials: "same-origin" })
+        .then(function (response) { return response.ok ? response.text() : Promise.reject(); })
+        .then(function (html) { timeline.innerHTML = html; watchStatuses(timeline); })
+        .catch(function () {});
+    }, 300);
+  }
+
+  /* --- drag-and-drop upload with previews, per-file progress and live states ------------------ */
+  function setupUpload() {
+    var form = document.getElementById("upload-form");
+    if (!form || !window.FormData || !window.XMLHttpRequest) return;
+    var input = document.getElementById("id_images");
+    var zone = document.getElementById("dropzone");
+    var list = document.getElementById("upload-list");
+    var button = document.getElementById("upload-button");
+    var maxBytes = parseInt(form.getAttribute("data-max-bytes"), 10) || 0;
+    var pending = [];
+
+    function addFiles(files) {
+      Array.prototype.forEach.call(files, function (file) {
+        var item = el("li", { "class": "upload-item" });
+        var preview = el("img", { alt: "Preview of " + file.name });
+        var details = el("div", { "class": "details" });
+        var name = el("div", { "class": "name" }, file.name);
+        var status = el("div", { "class": "status", role: "status" });
+        details.appendChild(name);
+        details.appendChild(status);
+        item.appendChild(preview);
+        item.appendChild(details);
+        list.appendChild(item);
+        var problem = null;
+        if (ACCEPTED.indexOf(file.type) < 0) {
+          problem = "This is not a JPEG, PNG or WebP photo" + (file.type ? " (" + file.type + ")" : "") + ".";
+        } else if (maxBytes && file.size > maxBytes) {
+          problem = "The file is " + (file.size / 1e6).toFixed(1) + " MB; the limit is " + Math.round(maxBytes / 1048576) + " MB.";
+        }
+        if (problem) {
+          preview.removeAttribute("src");
+          preview.setAttribute("alt", "");
+          status.appendChild(el("span", { "class": "error" }, problem));
+          item.classList.add("invalid");
+          return;
+        }
+        preview.src = URL.createObjectURL(file);
+        preview.onload = function () { URL.revokeObjectURL(preview.src); };
+        preview.onerror = function () { preview.removeAttribute("src"); };
+        status.textContent = "Ready to upload";
+        pending.push({ file: file, item: item, status: status, preview: preview });
+      });
+      button.disabled = pending.length === 0;
+      button.textContent = pending.length > 1 ? "Upload " + pending.length + " photos" : "Upload";
+    }
+
+    function uploadOne(entry) {
+      return new Promise(function (resolve) {
+        var data = new FormData();
+        data.append("images", entry.file, entry.file.name);
+        var xhr = new XMLHttpRequest();
+        var bar = el("progress", { max: "100", value: "0", "aria-label": "Upload progress for " + entry.file.name });
+        entry.status.textContent = "";
+        entry.status.appendChild(bar);
+        xhr.upload.onprogress = function (event) {
+          if (event.lengthComputable) bar.value = Math.round((event.loaded / event.total) * 100);
+        };
+        xhr.onload = function () {
+          var body = null;
+          try { body = JSON.parse(xhr.responseText); } catch (e) { body = null; }
+          var result = body && body.files && body.files[0];
+          entry.status.textContent = "";
+          if (!result || !result.ok) {
+            var message = (result && result.error) || (body && body.error) || "The upload failed (HTTP " + xhr.status + ").";
+            entry.status.appendChild(el("span", { "class": "error" }, message));
+            entry.item.classList.add("invalid");
+            resolve();
+            return;
+          }
+          entry.item.setAttribute("data-image", result.id);
+          var badge = el("span", { "class": "status-line", "data-state": result.state });
+          badge.appendChild(stateBadge(result.state, result.state_label));
+          entry.status.appendChild(badge);
+          var link = el("a", { href: result.result_url }, "Open result");
+          poll(result.status_url, function (update) {
+            badge.setAttribute("data-state", update.state);
+            badge.textContent = "";
+            badge.appendChild(stateBadge(update.state, update.state_label));
+            var text = describe(update);
+            if (text) badge.appendChild(el("span", { "class": update.state === "failed" ? "error" : "" }, " " + text));
+          }, function (update) {
+            if (!update.final) return false;
+            entry.status.appendChild(document.createTextNode(" "));
+            entry.status.appendChild(link);
+            refreshTimeline();
+            return true;
+          });
+          resolve();
+        };
+        xhr.onerror = function () {
+          entry.status.textContent = "";
+          entry.status.appendChild(el("span", { "class": "error" }, "The connection failed; the photo was not uploaded. Try again."));
+          resolve();
+        };
+        xhr.open("POST", form.action);
+        xhr.setRequestHeader("Accept", "application/json");
+        xhr.setRequestHeader("X-CSRFToken", csrfToken(form));
+        xhr.send(data);
+      });
+    }
+
+    input.addEventListener("change", function () { addFiles(input.files); input.value = ""; });
+    ["dragenter", "dragover"].forEach(function (name) {
+      zone.addEventListener(name, function (event) { event.preventDefault(); zone.classList.add("dragover"); });
+    });
+    ["dragleave", "drop"].forEach(function (name) {
+      zone.addEventListener(name, function (event) { event.preventDefault(); zone.classList.remove("dragover"); });
+    });
+    zone.addEventListener("drop", function (event) {
+      if (event.dataTransfer && event.dataTransfer.files) addFiles(event.dataTransfer.files);
+    });
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var batch = pending;
+      pending = [];
+      button.disabled = true;
+      button.textContent = "Uploading…";
+      batch.reduce(function (chain, entry) { return chain.then(function () { return uploadOne(entry); }); }, Promise.resolve())
+        .then(function () { button.textContent = "Upload"; button.disabled = pending.length === 0; });
+    });
+    button.disabled = true;
+  }
+
+  /* --- result page: method switch, opacity slider, request another method ---------------------- */
+  function setupResult() {
+    var pictures = document.getElementById("pictures");
+    var layer = document.getElementById("heatmap-layer");
+    if (!pictures || !layer) return;
+    var slider = document.getElementById("opacity");
+    var output = document.getElementById("opacity-value");
+    var caption = document.getElementById("heatmap-caption");
+    var methods = document.getElementById("methods");
+
+    function show(radio) {
+      layer.src = radio.getAttribute("data-heatmap-url");
+      layer.hidden = false;
+      var label = radio.parentNode.querySelector(".method-label").textContent;
+      layer.alt = "Heatmap of " + label + " over the photo";
+      caption.textContent = label + ", explaining “" + radio.getAttribute("data-target") + "”: red pushed towards it, blue away from it. ";
+      var link = document.getElementById("overlay-download") || el("a", { id: "overlay-download" }, "overlay with legend");
+      link.href = radio.getAttribute("data-overlay-url");
+      caption.parentNode.appendChild(link);
+    }
+
+    if (slider) {
+      slider.addEventListener("input", function () {
+        layer.style.opacity = slider.value / 100;
+        output.textContent = slider.value + "%";
+      });
+    }
+    methods.addEventListener("change", function (event) {
+      if (event.target.name === "method" && event.target.checked) show(event.target);
+    });
+
+    function watchExplanations() {
+      if (pictures.hasAttribute("data-watching")) return;
+      pictures.setAttribute("data-watching", "1");
+      poll(pictures.getAttribute("data-status-url"), function (data) {
+        (data.explanations || []).forEach(function (explanation) {
+          var radio = document.getElementById("method-" + explanation.id);
+          if (!radio) {
+            var label = el("label", { "class": "choice", "for": "method-" + explanation.id });
+            radio = el("input", { type: "radio", name: "method", id: "method-" + explanation.id, value: explanation.method,
+                                  "data-target": explanation.target_class, "data-explanation": explanation.id });
+            label.appendChild(radio);
+            label.appendChild(el("span", { "class": "method-label" }, " " + explanation.label));
+            label.appendChild(el("span", { "class": "method-state" }, ""));
+            methods.appendChild(label);
+          }
+          var state = radio.parentNode.querySelector(".method-state");
+          if (explanation.state === "done") {
+            var wasDisabled = radio.disabled || !radio.getAttribute("data-heatmap-url");
+            radio.disabled = false;
+            radio.setAttribute("data-heatmap-url", explanation.heatmap_url);
+            radio.setAttribute("data-overlay-url", explanation.overlay_url);
+            state.textContent = "";
+            if (wasDisabled && (layer.hidden || radio.hasAttribute("data-requested"))) { radio.checked = true; show(radio); }
+          } else {
+            radio.disabled = true;
+            state.textContent = explanation.state === "failed" ? " (failed: " + explanation.error + ")" : " (" + explanation.state + ")";
+          }
+        });
+      }, function (data) {
+        var busy = (data.explanations || []).some(function (e) { return !FINAL[e.state]; });
+        if (!busy) pictures.removeAttribute("data-watching");
+        return !busy;
+      });
+    }
+
+    var requestForm = document.getElementById("request-method");
+    if (requestForm) {
+      requestForm.addEventListener("submit", function (event) {
+        event.preventDefault();
+        var error = document.getElementById("request-error");
+        error.hidden = true;
+        var select = requestForm.querySelector("select");
+        fetch(requestForm.action, {
+          method: "POST", credentials: "same-origin", body: new FormData(requestForm),
+          headers: { Accept: "application/json", "X-CSRFToken": csrfToken(requestForm) },
+        }).then(function (response) {
+          return response.json().then(function (body) { return { ok: response.ok, body: body }; });
+        }).then(function (answer) {
+          if (!answer.ok) { error.textContent = answer.body.error || "The request failed."; error.hidden = false; return; }
+          var option = select.querySelector("option[value='" + answer.body.method + "']");
+          if (option) option.remove();
+          if (!select.options.length) requestForm.hidden = true;
+          var label = el("label", { "class": "choice", "for": "method-" + answer.body.id });
+          var radio = el("input", { type: "radio", name: "method", id: "method-" + answer.body.id, value: answer.body.method,
+                                    "data-target": answer.body.target_class, "data-requested": "1", disabled: "" });
+          label.appendChild(radio);
+          label.appendChild(el("span", { "class": "method-label" }, " " + answer.body.label));
+          label.appendChild(el("span", { "class": "method-state" }, " (" + answer.body.state + ")"));
+          methods.appendChild(label);
+          watchExplanations();
+        }).catch(function () { error.textContent = "The request failed; check your connection."; error.hidden = false; });
+      });
+    }
+    var anyPending = methods.querySelector("input:disabled") || layer.hidden;
+    if (anyPending) watchExplanations();
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    setupUpload();
+    setupResult();
+    watchStatuses(document);
+    document.querySelectorAll("[data-print]").forEach(function (button) {
+      button.addEventListener("click", function () { window.print(); });
+    });
+    document.querySelectorAll("[data-select-on-focus]").forEach(function (input) {
+      input.addEventListener("focus", function () { input.select(); });
+    });
+  });
+})();
