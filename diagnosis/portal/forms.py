@@ -21,7 +21,7 @@ class LesionForm(forms.Form):
         label="Note",
         required=False,
         max_length=2000,
-        help_text="Optional, e.g. size, shape, or why it is followed. No names.",
+        help_text="For example size, shape, or why it is followed. No names.",
         widget=forms.Textarea(attrs={"rows": 2}),
     )
 

@@ -98,12 +98,18 @@ class Decision:
     model_version: str
 
     @property
+    def digits(self) -> int:
+        # One decimal where whole percentages would make the probability and the threshold look
+        # equal (e.g. "50%" above a "50%" threshold).
+        return 1 if round(self.probability * 100) == round(self.threshold * 100) else 0
+
+    @property
     def percent(self) -> str:
-        return f"{self.probability * 100:.0f}%"
+        return f"{self.probability * 100:.{self.digits}f}%"
 
     @property
     def threshold_percent(self) -> str:
-        return f"{self.threshold * 100:.0f}%"
+        return f"{self.threshold * 100:.{self.digits}f}%"
 
 
 def decision_for(prediction: Prediction | None) -> Decision | None:

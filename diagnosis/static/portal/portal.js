@@ -113,8 +113,7 @@
           problem = "The file is " + (file.size / 1e6).toFixed(1) + " MB; the limit is " + Math.round(maxBytes / 1048576) + " MB.";
         }
         if (problem) {
-          preview.removeAttribute("src");
-          preview.setAttribute("alt", "");
+          preview.remove();
           status.appendChild(el("span", { "class": "error" }, problem));
           item.classList.add("invalid");
           return;
