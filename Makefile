@@ -8,7 +8,10 @@ PY := $(VENV)/bin/python
 PIP_QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: run test lint format install install-dev clean-var
+# Browser tests drive the system Chromium; playwright cannot download browsers here.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: run test lint format install install-dev clean-var chromium
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +32,19 @@ run: $(VENV)/.installed-base
 	DJANGO_SETTINGS_MODULE=webapp.settings.dev $(PY) manage.py rundemo
 
 ## make test: install the dev requirements, lint, and run the whole suite with a coverage summary.
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev chromium
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest --cov --cov-report=term:skip-covered
+
+## Debian's Chromium for the browser tests, installed when it is missing (needs root or sudo).
+chromium:
+	@if [ ! -x $(CHROMIUM) ]; then \
+	  echo "Installing Chromium for the browser tests..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
+	fi
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
