@@ -70,7 +70,15 @@ def test_rundemo_serves_the_api_with_sqlite_and_filesystem_broker(tmp_path):
         assert body["prediction"]["model_version"] == "demo-resnet_tiny-64px-seed0"
         assert "filesystem://" in worker_log
         stored = list(Path(var_dir / "media" / "images").glob("*.jpg"))
-        assert len(stored) == 1
+        assert len(stored) == 5  # this upload and the demo patient's four synthetic photos
+
+        def demo_photos_done():
+            images = requests.get(f"{base}/api/v1/images/", headers=headers, timeout=10).json()["results"]
+            return images if all(image["state"] == "done" for image in images) else None
+
+        images = wait_for(demo_photos_done, 60, interval=0.5, message="the demo patient's photos to be scored")
+        assert len(images) == 5
+        assert "Seeded demo patient DEMO-0001 with 4 synthetic photos." in output.read_text()
         assert requests.get(f"{base}/api/v1/images/", timeout=10).status_code == 401
     finally:
         if process.poll() is None:

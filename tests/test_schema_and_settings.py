@@ -38,6 +38,8 @@ def test_schema_describes_every_endpoint_with_its_errors(schema):
         ("/api/v1/lesions/{id}/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/images/{id}/explanations/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/images/{id}/explanations/", "post"): {"200", "202", "400", "401", "403", "404", "409"},
+        ("/api/v1/images/{id}/feedback/", "get"): {"200", "401", "403", "404"},
+        ("/api/v1/images/{id}/feedback/", "post"): {"201", "400", "401", "403", "404", "409"},
         ("/api/v1/explanations/{id}/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/explanations/{id}/overlay/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/explanations/{id}/heatmap/", "get"): {"200", "401", "403", "404"},
@@ -75,8 +77,9 @@ def test_unknown_api_url_answers_json_404(db):
     assert response.json()["code"] == "not_found"
 
 
-def test_home_page_carries_the_disclaimer(db):
-    response = APIClient().get("/")
+def test_home_page_sends_visitors_to_sign_in_and_carries_the_disclaimer(db):
+    response = APIClient().get("/", follow=True)
+    assert response.redirect_chain[-1][0].startswith("/accounts/login/")
     assert response.status_code == 200
     assert b"Decision support, not a diagnosis." in response.content
 

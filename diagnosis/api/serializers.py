@@ -4,7 +4,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ..models import DISCLAIMER, BodySite, Explanation, Lesion, LesionImage, Patient, Prediction
+from ..models import DISCLAIMER, BodySite, Explanation, Feedback, Lesion, LesionImage, Patient, Prediction
 
 
 class ClinicScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
@@ -175,3 +175,27 @@ class ExplanationSerializer(serializers.ModelSerializer):
 
     def get_attribution_url(self, explanation: Explanation) -> str | None:
         return self._absolute("attribution", explanation) if explanation.state == Explanation.State.DONE else None
+
+
+class FeedbackSerializer(serializers.ModelSerializer):
+    image = serializers.UUIDField(source="image_id", read_only=True)
+    recorded_by = serializers.CharField(source="recorded_by.get_username", read_only=True, default=None)
+    model_version = serializers.CharField(source="prediction.model_version.version", read_only=True, default=None)
+
+    class Meta:
+        model = Feedback
+        fields = ["id", "image", "kind", "agrees", "diagnosis", "ground_truth", "note", "model_version",
+                  "recorded_by", "recorded_at"]  # fmt: skip
+        read_only_fields = ["id", "ground_truth", "recorded_at"]
+        extra_kwargs = {
+            "agrees": {"help_text": "kind=assessment: does the clinician agree with the result?"},
+            "diagnosis": {"help_text": "kind=histopathology: the outcome."},
+        }
+
+    def validate(self, attrs):
+        kind = attrs.get("kind")
+        if kind == Feedback.Kind.ASSESSMENT and attrs.get("agrees") is None:
+            raise serializers.ValidationError({"agrees": ["An assessment needs agrees: true or false."]})
+        if kind == Feedback.Kind.HISTOPATHOLOGY and not attrs.get("diagnosis"):
+            raise serializers.ValidationError({"diagnosis": ["A histopathology outcome needs a diagnosis."]})
+        return attrs

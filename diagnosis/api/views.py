@@ -9,6 +9,7 @@ from rest_framework.response import Response
 
 from ..models import AuditEvent, Explanation, ImageState, Lesion, LesionImage, Patient, Prediction
 from ..services import explanations as explanation_services
+from ..services import feedback as feedback_services
 from ..services import images as image_services
 from ..services import patients as patient_services
 from ..services.audit import record_event
@@ -17,6 +18,7 @@ from .errors import InvalidImage, RequestRefused, error_responses
 from .serializers import (
     ExplanationRequestSerializer,
     ExplanationSerializer,
+    FeedbackSerializer,
     ImageSerializer,
     ImageUploadSerializer,
     LesionSerializer,
@@ -271,6 +273,47 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             status=status.HTTP_202_ACCEPTED if created else status.HTTP_200_OK,
             headers={"Location": data["status_url"]},
         )
+
+    @extend_schema(
+        methods=["GET"],
+        summary="List the clinicians' assessments and histopathology outcomes recorded for an image",
+        responses={200: FeedbackSerializer(many=True), **error_responses(401, 403, 404)},
+    )
+    @extend_schema(
+        methods=["POST"],
+        summary="Record an assessment (agree or disagree) or a histopathology outcome",
+        description=(
+            '`{"kind": "assessment", "agrees": false, "note": "..."}` once the image is done, or '
+            '`{"kind": "histopathology", "diagnosis": "melanoma"}` at any time. Records are append-only; the '
+            "newest of each kind is the image's ground truth for monitoring."
+        ),
+        request=FeedbackSerializer,
+        responses={201: FeedbackSerializer, **error_responses(400, 401, 403, 404, 409)},
+    )
+    @action(detail=True, methods=["get", "post"], url_path="feedback", url_name="feedback")
+    def feedback(self, request, pk=None):
+        from django.core.exceptions import ValidationError as DjangoValidationError
+
+        image = self.get_object()
+        if request.method == "GET":
+            records = image.feedback.select_related("recorded_by", "prediction__model_version")
+            return Response(FeedbackSerializer(records, many=True).data)
+        body = FeedbackSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            if data["kind"] == "assessment":
+                record = feedback_services.record_assessment(
+                    image=image, agrees=data["agrees"], note=data.get("note", ""), recorded_by=request.user, via="api"
+                )
+            else:
+                record = feedback_services.record_outcome(
+                    image=image, diagnosis=data["diagnosis"], note=data.get("note", ""), recorded_by=request.user,
+                    via="api",
+                )  # fmt: skip
+        except DjangoValidationError as exc:
+            raise RequestRefused(" ".join(exc.messages), code="no_prediction", status_code=409) from None
+        return Response(FeedbackSerializer(record).data, status=status.HTTP_201_CREATED)
 
 
 EXPLANATION_FILES = {
