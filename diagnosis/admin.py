@@ -12,10 +12,13 @@ from .models import (
     AuditEvent,
     Clinic,
     ClinicMembership,
+    DriftReport,
+    Feedback,
     Lesion,
     LesionImage,
     ModelActivation,
     ModelVersion,
+    MonitoringAlert,
     Patient,
     Prediction,
     TrainingRun,
@@ -81,12 +84,42 @@ class LesionImageAdmin(admin.ModelAdmin):
     list_filter = ["state", "clinic"]
     # The file is shown by name only: media has no public URL, and the admin is not a viewer.
     exclude = ["file"]
-    readonly_fields = ["stored_file", *[f.name for f in LesionImage._meta.fields if f.name != "file"]]
+    readonly_fields = [
+        "stored_file", "drift_features", *[f.name for f in LesionImage._meta.fields if f.name != "file"]
+    ]  # fmt: skip
     inlines = [PredictionInline]
 
     @admin.display(description="stored file")
     def stored_file(self, obj):
         return obj.file.name
+
+    @admin.display(description="drift features against the reference set")
+    def drift_features(self, obj):
+        """Each feature beside the reference distribution of the model that scored the upload: the
+        reference's 1st percentile, median and 99th percentile, and where this upload falls."""
+        features = getattr(obj, "drift_features", None) if obj.pk else None
+        if features is None:
+            return "Not computed (the upload has not been scored yet, or failed)."
+        rows = format_html_join(
+            "",
+            "<tr{}><td>{}</td><td class='num'>{}</td><td class='num'>{}</td><td class='num'>{}</td>"
+            "<td class='num'>{}</td><td class='num'>{}</td><td>{}</td></tr>",
+            (
+                (
+                    mark_safe(" style='color:#b42318;font-weight:600'") if row["outlier"] else "",
+                    row["feature"], _number(row["value"]), _number(row["reference_p1"]),
+                    _number(row["reference_median"]), _number(row["reference_p99"]), f"{row['percentile']:.1f}",
+                    f"outlier ({row['direction']})" if row["outlier"] else "",
+                )
+                for row in features.placement
+            ),
+        )  # fmt: skip
+        return format_html(
+            "<table><thead><tr><th>feature</th><th>value</th><th>reference 1%</th><th>median</th>"
+            "<th>99%</th><th>percentile</th><th>flag</th></tr></thead><tbody>{}</tbody></table>"
+            "<p>Compared with the reference set of {}.</p>",
+            rows, features.model_version.version,
+        )  # fmt: skip
 
     def has_add_permission(self, request):
         return False  # uploads go through the API or the portal, which validate and strip metadata
@@ -287,3 +320,27 @@ class AuditEventAdmin(ReadOnlyAdmin):
     list_display = ["at", "actor_username", "action", "object_type", "object_id", "clinic", "via", "ip_address"]
     list_filter = ["action", "via", "clinic"]
     search_fields = ["actor_username", "object_id"]
+
+
+@admin.register(DriftReport)
+class DriftReportAdmin(ReadOnlyAdmin):
+    list_display = ["created_at", "status", "window_description", "current_count", "model_version", "triggered_by"]
+    list_filter = ["status"]
+    exclude = ["features"]
+
+    def changelist_view(self, request, extra_context=None):
+        from django.shortcuts import redirect
+
+        return redirect("drift-dashboard")
+
+
+@admin.register(MonitoringAlert)
+class MonitoringAlertAdmin(ReadOnlyAdmin):
+    list_display = ["kind", "opened_at", "closed_at", "reports_seen", "message"]
+    list_filter = ["kind"]
+
+
+@admin.register(Feedback)
+class FeedbackAdmin(ReadOnlyAdmin):
+    list_display = ["recorded_at", "kind", "agrees", "diagnosis", "ground_truth", "recorded_by", "image"]
+    list_filter = ["kind", "ground_truth"]

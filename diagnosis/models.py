@@ -132,6 +132,9 @@ class LesionImage(models.Model):
     width = models.PositiveIntegerField()
     height = models.PositiveIntegerField()
     file_size = models.PositiveBigIntegerField(help_text="Size of the stored, metadata-free file in bytes")
+    upload_bytes = models.PositiveBigIntegerField(
+        null=True, blank=True, help_text="Size of the file as uploaded (a drift feature: it changes with the camera)"
+    )
     state = models.CharField(max_length=12, choices=ImageState.choices, default=ImageState.QUEUED)
     error = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -173,6 +176,9 @@ class ModelVersion(models.Model):
     plots = models.JSONField(default=dict, blank=True, help_text="Plot name -> PNG file in storage")
     provenance = models.JSONField(
         default=dict, blank=True, help_text="Training config, data set hash, library versions, git commit, duration"
+    )
+    drift_projection = models.JSONField(
+        default=dict, blank=True, help_text="PCA of the training set's embeddings, for embedding drift (mlcore.drift)"
     )
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
@@ -392,6 +398,93 @@ class Feedback(models.Model):
         if self.kind == self.Kind.ASSESSMENT:
             return "agrees" if self.agrees else "disagrees"
         return self.get_diagnosis_display()
+
+
+class UploadFeatures(models.Model):
+    """The drift features of one processed upload (mlcore.drift), and where each lies in the reference
+    set of the model that scored it: its percentile, and a flag when it is outside the reference range."""
+
+    image = models.OneToOneField(LesionImage, on_delete=models.CASCADE, related_name="drift_features")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="+")
+    values = models.JSONField()
+    placement = models.JSONField(default=list, help_text="Per feature: value, reference percentile, outlier flag")
+    outlier_features = models.JSONField(default=list, blank=True)
+    computed_at = models.DateTimeField(default=timezone.now, db_index=True)
+
+    class Meta:
+        verbose_name_plural = "upload features"
+
+    def __str__(self) -> str:
+        return f"features of {self.image_id}"
+
+
+class DriftReport(models.Model):
+    """One comparison of a window of uploads with the active model's reference set."""
+
+    class Status(models.TextChoices):
+        NO_DRIFT = "no_drift", "No drift"
+        DRIFT = "drift", "Drift"
+        INSUFFICIENT = "insufficient_data", "Too few uploads"
+        FAILED = "failed", "Failed"
+
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, null=True, related_name="drift_reports")
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    window_description = models.CharField(max_length=100)
+    current_count = models.PositiveIntegerField(default=0)
+    reference_count = models.PositiveIntegerField(default=0)
+    status = models.CharField(max_length=20, choices=Status.choices)
+    message = models.TextField(blank=True)
+    alpha = models.FloatField(help_text="Family-wise false-alarm rate per report")
+    method = models.CharField(max_length=30, default="ks")
+    features = models.JSONField(default=list, help_text="Per feature: test, p-value, threshold, drifted, histograms")
+    drifted_features = models.JSONField(default=list, blank=True)
+    embedding_drifted = models.BooleanField(default=False)
+    operations = models.JSONField(default=dict, blank=True, help_text="Uploads, failures and latency in the window")
+    snapshot = models.FileField(max_length=255, blank=True, help_text="Evidently snapshot (JSON)")
+    html = models.FileField(max_length=255, blank=True, help_text="Evidently HTML report")
+    triggered_by = models.CharField(max_length=150, default="schedule")
+    duration_ms = models.FloatField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M} {self.get_status_display()}"
+
+
+class MonitoringAlert(models.Model):
+    """One episode of a monitored condition (drift, failed uploads, latency): opened and notified
+    once, kept open while the condition lasts, closed when a report finds it gone."""
+
+    class Kind(models.TextChoices):
+        DRIFT = "drift", "Data drift"
+        FAILURES = "failures", "Share of failed uploads"
+        LATENCY = "latency", "Processing latency"
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    opened_at = models.DateTimeField(default=timezone.now, db_index=True)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    report = models.ForeignKey(DriftReport, on_delete=models.SET_NULL, null=True, related_name="alerts",
+                               help_text="The report that opened the episode")  # fmt: skip
+    reports_seen = models.PositiveIntegerField(default=1)
+    message = models.TextField()
+    emailed_to = models.JSONField(default=list, blank=True)
+    email_error = models.TextField(blank=True)
+    webhook_status = models.CharField(max_length=200, blank=True)
+
+    class Meta:
+        ordering = ["-opened_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["kind"], condition=Q(closed_at__isnull=True), name="one_open_alert_per_kind"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.get_kind_display()} since {self.opened_at:%Y-%m-%d %H:%M}"
 
 
 class ApiToken(AbstractAuthToken):

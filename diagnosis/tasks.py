@@ -45,3 +45,12 @@ def render_explanation_task(explanation_id: str) -> str:
 @shared_task
 def requeue_stale_images_task() -> dict[str, int]:
     return requeue_stale_images()
+
+
+@shared_task
+def drift_report_task(triggered_by: str = "schedule") -> str:
+    """Compute a drift report (beat schedule: DRIFT_REPORT_INTERVAL_SECONDS; or "run now" in the admin)."""
+    from .services.monitoring import run_drift_report
+
+    report = run_drift_report(triggered_by=triggered_by)
+    return f"{report.pk}: {report.status}"

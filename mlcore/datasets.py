@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .drift import image_features
+from .drift import describe_image
 from .leakage import Fingerprint, fingerprint
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageValidationError, decode_image, resize_for_model
 
@@ -143,7 +143,7 @@ def load_image_folder(
         )  # fmt: skip
 
     train = load(train_files, "training", with_features=True)
-    test = load(test_files, "test", with_features=False) if test_files else LoadedSplit()
+    test = load(test_files, "test", with_features=True) if test_files else LoadedSplit()
     test_split_made = not test_files
     if test_split_made:
         kept, held = stratified_split(train.labels, test_fraction, seed + 7919)
@@ -180,7 +180,8 @@ def load_files(
             split.skipped.append((relative, f"not a JPEG, PNG or WebP file ({path.suffix or 'no extension'})"))
             continue
         try:
-            decoded = decode_image(path.read_bytes(), max_bytes=1 << 31, max_pixels=max_pixels)
+            data = path.read_bytes()
+            decoded = decode_image(data, max_bytes=1 << 31, max_pixels=max_pixels)
         except ImageValidationError as exc:
             split.skipped.append((relative, exc.message))
             continue
@@ -190,7 +191,7 @@ def load_files(
                 label=label,
                 image=resize_for_model(decoded.image, image_size),
                 fingerprint=fingerprint(decoded.image),
-                features=image_features(decoded.image) if with_features else {},
+                features=describe_image(decoded.image, file_size=len(data)) if with_features else {},
             )
         )
     return split

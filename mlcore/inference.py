@@ -90,17 +90,20 @@ class Predictor:
             return []
         return self._results(self.predict_tensors(torch.stack([self.preprocess(image) for image in images])))
 
-    def predict_with_gradcam(self, images: Sequence[Image.Image]) -> tuple[list[PredictionResult], list[np.ndarray]]:
+    def predict_with_gradcam(
+        self, images: Sequence[Image.Image], *, embeddings: bool = False
+    ) -> tuple[list[PredictionResult], list[np.ndarray]] | tuple[list[PredictionResult], list[np.ndarray], np.ndarray]:
         """Predictions and, per image, the signed Grad-CAM map of its predicted class on the log-odds
         (mlcore.explain.LogOdds), at the model's input size, from the same forward pass.
 
         The body runs without autograd; only the head (average pooling and the linear layer) is
         differentiated to get layer4's gradients, so the map costs next to nothing beyond the
         prediction itself, unlike a separate Captum LayerGradCam call (a second forward and a full
-        backward pass).
+        backward pass). With embeddings=True, also the pooled penultimate features (the embedding that
+        drift monitoring projects), one row per image.
         """
         if not images:
-            return [], []
+            return ([], [], np.zeros((0, 0), np.float32)) if embeddings else ([], [])
         batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
         with torch.no_grad():
             if self.device.type == "cuda":
@@ -121,7 +124,10 @@ class Predictor:
         cams = (weights * features.detach()).sum(dim=1, keepdim=True)
         size = (self.meta.input_size, self.meta.input_size)
         cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
-        return results, [cam[0].cpu().numpy().astype(np.float32) for cam in cams]
+        maps = [cam[0].cpu().numpy().astype(np.float32) for cam in cams]
+        if embeddings:
+            return results, maps, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+        return results, maps
 
 
 def configure_torch_threads(default: int | None = None) -> int:

@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
-from . import metrics, plots
+from . import drift, metrics, plots
 from .datasets import DataError, ImageFolderData, LoadedSplit, load_image_folder, stratified_split
 from .leakage import find_near_duplicates
-from .model import CheckpointMeta
-from .preprocessing import TransformSpec
+from .model import CheckpointMeta, resnet_features
+from .preprocessing import TransformSpec, to_tensor
 from .train import TrainConfig, TrainResult, predict_logits, train_classifier
 
 VALIDATION_FRACTION = 0.10
@@ -51,6 +52,7 @@ class TrainingOutcome:
     plots: dict[str, bytes]
     reference_features: list[dict[str, Any]]
     provenance: dict[str, Any]
+    drift_projection: dict[str, Any] | None = None
 
     @property
     def model(self) -> nn.Module:
@@ -143,22 +145,46 @@ def evaluate_on_test(model: nn.Module, meta: CheckpointMeta, prepared: PreparedD
     return evaluation, figures
 
 
-def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData) -> list[dict[str, Any]]:
-    """Drift features of every training image plus the model's calibrated probability on it."""
+def reference_features(
+    model: nn.Module, meta: CheckpointMeta, prepared: PreparedData
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The drift reference set: the features of every training, validation and test image, the
+    model's calibrated probability on it, and its embedding projected on the first principal
+    components of the training set's embeddings (the projection is returned with the rows)."""
     spec = TransformSpec(meta.input_size, meta.mean, meta.std)
+    splits = (("train", prepared.train), ("validation", prepared.validation), ("test", prepared.data.test))
+    outputs = {name: logits_and_embeddings(model, split.pairs(), spec) for name, split in splits if split.items}
+    projection = drift.Projection.fit(outputs["train"][1]) if "train" in outputs else None
     rows = []
-    for split_name, split in (("train", prepared.train), ("validation", prepared.validation)):
-        probabilities = metrics.softmax(predict_logits(model, split.pairs(), spec), meta.temperature)
-        for item, probability in zip(split.items, probabilities[:, meta.positive_index], strict=True):
+    for split_name, split in splits:
+        if not split.items:
+            continue
+        logits, embeddings = outputs[split_name]
+        probabilities = metrics.softmax(logits, meta.temperature)[:, meta.positive_index]
+        projected = projection.transform(embeddings) if projection else None
+        for index, (item, probability) in enumerate(zip(split.items, probabilities, strict=True)):
+            features = {**item.features, "probability_malignant": float(probability)}
+            if projected is not None:
+                features.update(zip(drift.EMBEDDING_FEATURES, map(float, projected[index]), strict=False))
             rows.append(
-                {
-                    "path": item.path,
-                    "split": split_name,
-                    "label": prepared.data.class_names[item.label],
-                    "features": {**item.features, "probability_malignant": float(probability)},
-                }
-            )
-    return rows
+                {"path": item.path, "split": split_name, "label": prepared.data.class_names[item.label],
+                 "features": features}
+            )  # fmt: skip
+    return rows, projection.to_dict() if projection else None
+
+
+@torch.no_grad()
+def logits_and_embeddings(model: nn.Module, items, spec: TransformSpec, batch_size: int = 64):
+    """Logits and the penultimate layer's pooled features (the embedding) of each image."""
+    model.eval()
+    device = next(model.parameters()).device
+    logits, embeddings = [], []
+    for start in range(0, len(items), batch_size):
+        batch = torch.stack([to_tensor(image, spec) for image, _ in items[start : start + batch_size]]).to(device)
+        pooled = torch.flatten(model.avgpool(resnet_features(model, batch)), 1).float()
+        logits.append(model.fc(pooled).float().cpu().numpy())
+        embeddings.append(pooled.cpu().numpy())
+    return np.concatenate(logits).astype(np.float64), np.concatenate(embeddings).astype(np.float64)
 
 
 def library_versions() -> dict[str, str]:
@@ -210,8 +236,8 @@ def finalize(
         "leakage": evaluation["leakage"],
     }
     result.meta.training["provenance"] = provenance
-    return TrainingOutcome(result, evaluation, figures, reference_features(result.model, result.meta, prepared),
-                           provenance)  # fmt: skip
+    rows, projection = reference_features(result.model, result.meta, prepared)
+    return TrainingOutcome(result, evaluation, figures, rows, provenance, projection)
 
 
 def _jsonable(value: Any) -> Any:

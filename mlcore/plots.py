@@ -79,3 +79,63 @@ def training_curves_plot(history: list[dict[str, float]]) -> bytes:
     auc_axis.plot(epochs, [h["val_auc"] for h in history], marker="o", color="darkgreen")
     auc_axis.set(xlabel="epoch", ylabel="validation AUC", title="Validation AUC")
     return _png(figure)
+
+
+# --- drift monitoring (inline SVG for the admin dashboard) ---------------------------------------
+
+
+def _svg(figure) -> str:
+    buffer = io.StringIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="svg")
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]  # drop the XML prolog and doctype: the SVG is inlined in HTML
+
+
+def drift_histograms_svg(features: list[dict], columns: int = 4) -> str:
+    """Small multiples: per feature, the reference and current histograms (as shares, so windows of
+    any size compare), titled with the test's p-value and the verdict."""
+    shown = [f for f in features if f.get("histogram", {}).get("edges")]
+    if not shown:
+        return ""
+    rows = -(-len(shown) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(3.1 * columns, 2.3 * rows), squeeze=False)
+    for axis in axes.ravel()[len(shown) :]:
+        axis.axis("off")
+    for axis, feature in zip(axes.ravel(), shown, strict=False):
+        histogram = feature["histogram"]
+        edges = np.asarray(histogram["edges"])
+        widths = np.diff(edges)
+        for key, colour, label in (("reference", "#7f8c8d", "reference"), ("current", "#c0392b", "current")):
+            counts = np.asarray(histogram[key], dtype=float)
+            shares = counts / max(counts.sum(), 1)
+            axis.bar(edges[:-1], shares, width=widths, align="edge", alpha=0.55, color=colour, label=label)
+        verdict = "DRIFT" if feature["drifted"] else "ok"
+        axis.set_title(f"{feature['feature']}\np={feature['p_value']:.2g} ({verdict})", fontsize=9,
+                       color="#c0392b" if feature["drifted"] else "#1d2733")  # fmt: skip
+        axis.tick_params(labelsize=7)
+    axes.ravel()[0].legend(fontsize=7)
+    return _svg(figure)
+
+
+def drift_timeline_svg(reports: list[dict]) -> str:
+    """Across past reports (oldest first): the smallest p-value against its Holm threshold on a log
+    scale, and the verdict as the marker colour."""
+    judged = [r for r in reports if r.get("min_p") is not None]
+    if not judged:
+        return ""
+    figure, axis = plt.subplots(figsize=(9, 2.6))
+    times = [r["created_at"] for r in judged]
+    smallest = [max(r["min_p"], 1e-300) for r in judged]
+    thresholds = [r["threshold"] for r in judged]
+    axis.plot(times, smallest, color="#34495e", linewidth=1)
+    axis.step(times, thresholds, where="mid", color="#e67e22", linestyle="--", linewidth=1, label="threshold")
+    colours = ["#c0392b" if r["status"] == "drift" else "#27ae60" for r in judged]
+    axis.scatter(times, smallest, c=colours, zorder=3, s=22)
+    axis.set_yscale("log")
+    axis.set_ylabel("smallest p-value", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.legend(fontsize=7, loc="lower left")
+    figure.autofmt_xdate()
+    return _svg(figure)

@@ -3,6 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from diagnosis import admin_monitoring
 from diagnosis.portal.accounts import LoginView
 
 urlpatterns = [
@@ -15,6 +16,7 @@ urlpatterns = [
         name="password_change",
     ),
     path("accounts/password/done/", auth_views.PasswordChangeDoneView.as_view(), name="password_change_done"),
+    *admin_monitoring.urls(),
     path("admin/", admin.site.urls),
     path("api/v1/", include("diagnosis.api.urls", namespace="api")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),

@@ -66,6 +66,7 @@ def submit_image(*, uploader, clinic: Clinic, upload, lesion: Lesion | None = No
                 width=decoded.width,
                 height=decoded.height,
                 file_size=len(clean_bytes),
+                upload_bytes=len(data),
                 state=ImageState.QUEUED,
                 enqueued_at=timezone.now(),
             )

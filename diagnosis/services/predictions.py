@@ -120,7 +120,7 @@ def process_image(*, image_id: str, worker_id: str) -> str:
         decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
                                max_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
         started = time.perf_counter()
-        results, cams = predictor.predict_with_gradcam([decoded.image])
+        results, cams, embeddings = predictor.predict_with_gradcam([decoded.image], embeddings=True)
         result, cam = results[0], cams[0]
         inference_ms = (time.perf_counter() - started) * 1000
     except ImageValidationError as exc:
@@ -145,6 +145,13 @@ def process_image(*, image_id: str, worker_id: str) -> str:
         record_gradcam(image=image, model_version=model_version, result=result, cam=cam, seconds=inference_ms / 1000)
     except Exception:  # a heatmap problem must never undo a stored prediction
         logger.exception("Grad-CAM could not be stored for image %s", image_id)
+    from .monitoring import record_upload_features
+
+    try:
+        record_upload_features(image=image, model_version=model_version, decoded_image=decoded.image,
+                               probability=result.probability_malignant, embedding=embeddings[0])  # fmt: skip
+    except Exception:  # monitoring must never undo a stored prediction
+        logger.exception("drift features could not be stored for image %s", image_id)
     image.state = ImageState.DONE
     request_automatic_explanations(image=image)
     return "done"

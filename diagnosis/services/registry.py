@@ -61,6 +61,7 @@ def register_model(
     plots: dict[str, bytes] | None = None,
     provenance: dict | None = None,
     reference_features: list[dict] | None = None,
+    drift_projection: dict | None = None,
 ) -> ModelVersion:
     """Check that a checkpoint loads and predicts, store it with its plots, and record the
     ModelVersion with its drift reference set in one transaction. On any failure nothing is left:
@@ -103,6 +104,7 @@ def register_model(
                 weights_sha256=sha256,
                 plots=plot_names,
                 provenance=provenance or {},
+                drift_projection=drift_projection or {},
             )
             ReferenceFeature.objects.bulk_create(
                 [

@@ -138,6 +138,7 @@ def train_and_register(
         model_version = register_model(
             checkpoint=handle.read(), version=version, plots=outcome.plots, provenance=outcome.provenance,
             reference_features=outcome.reference_features,
+            drift_projection=outcome.drift_projection,
         )  # fmt: skip
     TrainingRun.objects.filter(pk=run.pk).update(selected=True, model_version=model_version)
     report.model_version = model_version

@@ -156,6 +156,25 @@ EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 # size follows from it, so a large model or input cannot run a worker out of memory.
 EXPLAIN_MEMORY_BUDGET_MB = env_int("EXPLAIN_MEMORY_BUDGET_MB", 512)
 
+# --- Monitoring -----------------------------------------------------------------------------------
+# The drift window: the last DRIFT_WINDOW_UPLOADS scored uploads when set (> 0), else the last
+# DRIFT_WINDOW_DAYS days. Fewer than DRIFT_MIN_UPLOADS uploads: the report says so, no verdict.
+DRIFT_WINDOW_DAYS = env_float("DRIFT_WINDOW_DAYS", 7.0)
+DRIFT_WINDOW_UPLOADS = env_int("DRIFT_WINDOW_UPLOADS", 0)
+DRIFT_MIN_UPLOADS = env_int("DRIFT_MIN_UPLOADS", 50)
+DRIFT_MIN_REFERENCE = env_int("DRIFT_MIN_REFERENCE", 100)
+# Family-wise false-alarm rate of one report (Holm's correction over the features).
+DRIFT_ALPHA = env_float("DRIFT_ALPHA", 0.05)
+DRIFT_REPORT_INTERVAL_SECONDS = env_float("DRIFT_REPORT_INTERVAL_SECONDS", 6 * 3600.0)
+# Alerts: e-mail (ALERT_EMAILS, else every active staff user with an address) and an optional webhook.
+ALERT_EMAILS = env_list("ALERT_EMAILS", [])
+ALERT_WEBHOOK_URL = env_str("ALERT_WEBHOOK_URL", "")
+ALERT_WEBHOOK_TIMEOUT_SECONDS = env_float("ALERT_WEBHOOK_TIMEOUT_SECONDS", 5.0)
+ALERT_FAILED_SHARE = env_float("ALERT_FAILED_SHARE", 0.10)
+ALERT_LATENCY_P95_SECONDS = env_float("ALERT_LATENCY_P95_SECONDS", 120.0)
+ALERT_MIN_UPLOADS = env_int("ALERT_MIN_UPLOADS", 20)
+DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "lesion-triage@localhost")
+
 # --- Portal -------------------------------------------------------------------------------------
 # The lesion timeline flags a rise in malignancy probability of more than this (0.10 = 10
 # percentage points) since the lesion's previous image.
@@ -230,6 +249,10 @@ CELERY_BEAT_SCHEDULE = {
     "requeue-stale-images": {
         "task": "diagnosis.tasks.requeue_stale_images_task",
         "schedule": env_float("REQUEUE_INTERVAL_SECONDS", 60.0),
+    },
+    "drift-report": {
+        "task": "diagnosis.tasks.drift_report_task",
+        "schedule": DRIFT_REPORT_INTERVAL_SECONDS,
     },
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")

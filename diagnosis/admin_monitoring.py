@@ -1,0 +1,111 @@
+"""The drift dashboard: a staff-only page inside the Django admin (wrapped by admin_view)."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import admin, messages
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404, redirect
+from django.template.response import TemplateResponse
+from django.urls import path
+from django.utils import timezone
+from django.utils.safestring import mark_safe
+from django.views.decorators.http import require_POST
+
+from mlcore import plots
+
+from .models import DriftReport, MonitoringAlert, UploadFeatures
+from .services import monitoring
+from .services.registry import active_model_version
+
+TIMELINE_REPORTS = 60
+
+
+def dashboard(request):
+    reports = DriftReport.objects.select_related("model_version")
+    selected_id = request.GET.get("report")
+    report = None
+    if selected_id:
+        if not selected_id.isdigit():
+            raise Http404("No such report.")
+        report = get_object_or_404(reports, pk=selected_id)
+    else:
+        report = reports.first()
+    features = report.features if report else []
+    recent = list(reports[:TIMELINE_REPORTS])
+    timeline = []
+    for past in reversed(recent):
+        judged = [f for f in past.features if f.get("p_value") is not None]
+        smallest = min(judged, key=lambda f: f["p_value"]) if judged else None
+        timeline.append({
+            "created_at": past.created_at, "status": past.status,
+            "min_p": smallest["p_value"] if smallest else None,
+            "threshold": settings.DRIFT_ALPHA / max(len(judged), 1),
+        })  # fmt: skip
+    prediction = next((f for f in features if f["feature"] == "probability_malignant"), None)
+    model_version = active_model_version()
+    context = {
+        **admin.site.each_context(request),
+        "title": "Drift dashboard",
+        "report": report,
+        "reports": recent[:20],
+        "groups": _grouped(features),
+        "embedding_features": [f for f in features if f["group"] == "embedding"],
+        "histograms_svg": mark_safe(plots.drift_histograms_svg(features)),
+        "prediction_svg": mark_safe(plots.drift_histograms_svg([prediction], columns=1)) if prediction else "",
+        "timeline_svg": mark_safe(plots.drift_timeline_svg(timeline)),
+        "open_alerts": MonitoringAlert.objects.filter(closed_at__isnull=True),
+        "recent_alerts": MonitoringAlert.objects.select_related("report")[:10],
+        "performance": monitoring.live_performance(model_version),
+        "model_version": model_version,
+        "settings": {
+            "window": monitoring.window_bounds(timezone.now())[2],
+            "min_uploads": settings.DRIFT_MIN_UPLOADS, "alpha": settings.DRIFT_ALPHA,
+            "interval_hours": settings.DRIFT_REPORT_INTERVAL_SECONDS / 3600,
+        },
+        "recent_outliers": UploadFeatures.objects.exclude(outlier_features=[]).select_related("image")
+        .order_by("-computed_at")[:10],
+    }  # fmt: skip
+    return TemplateResponse(request, "admin/monitoring/dashboard.html", context)
+
+
+def _grouped(features: list[dict]) -> list[tuple[str, list[dict]]]:
+    names = {"image": "Image", "file": "File and camera", "prediction": "Prediction", "embedding": "Embedding"}
+    return [(label, [f for f in features if f["group"] == key]) for key, label in names.items()
+            if any(f["group"] == key for f in features)]  # fmt: skip
+
+
+@require_POST
+def run_now(request):
+    from .tasks import drift_report_task
+
+    try:
+        drift_report_task.apply_async(kwargs={"triggered_by": request.user.get_username()})
+    except Exception as exc:  # the broker is down: say so instead of a 500
+        messages.error(request, f"The report could not be queued ({exc}). Is the broker running?")
+    else:
+        messages.success(request, "A drift report was queued; it appears here when the worker has computed it.")
+    return redirect("drift-dashboard")
+
+
+def evidently_html(request, pk: int):
+    report = get_object_or_404(DriftReport, pk=pk)
+    if not report.html:
+        raise Http404("This report has no Evidently HTML (too few uploads, or it failed).")
+    try:
+        handle = report.html.open("rb")
+    except FileNotFoundError:
+        raise Http404("The stored Evidently report is missing.") from None
+    response = FileResponse(handle, content_type="text/html; charset=utf-8")
+    response["Cache-Control"] = "private, no-store"
+    response["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+def urls() -> list:
+    return [
+        path("admin/monitoring/drift/", admin.site.admin_view(dashboard), name="drift-dashboard"),
+        path("admin/monitoring/drift/run/", admin.site.admin_view(run_now), name="drift-run"),
+        path("admin/monitoring/drift/<int:pk>/evidently/", admin.site.admin_view(evidently_html),
+             name="drift-evidently"),
+    ]  # fmt: skip

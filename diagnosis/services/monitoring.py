@@ -1,0 +1,353 @@
+"""Drift and performance monitoring: per-upload features, drift reports, alerts, live performance.
+
+The statistics live in mlcore.drift (tested without Django); this module chooses the window and the
+reference set, stores reports and their Evidently files, and decides when to tell someone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.core.mail import send_mail
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from mlcore import drift
+
+from ..models import (
+    DriftReport,
+    Feedback,
+    ImageState,
+    LesionImage,
+    ModelVersion,
+    MonitoringAlert,
+    Prediction,
+    ReferenceFeature,
+    UploadFeatures,
+)
+from .registry import active_model_version
+
+logger = logging.getLogger(__name__)
+
+# Splits the model never trained on: its probability and embedding there are what new photos get.
+HELD_OUT_SPLITS = ("validation", "test")
+
+
+# --- the reference set ------------------------------------------------------------------------------
+
+
+def reference_rows(model_version: ModelVersion) -> list[dict]:
+    """The reference feature rows: the images the model did not train on (validation and test),
+    whose predicted probabilities and embeddings are distributed as those of new photos; training
+    images (on which the model is over-confident) only when there are too few held-out ones."""
+    rows = ReferenceFeature.objects.filter(model_version=model_version)
+    held_out = list(rows.filter(split__in=HELD_OUT_SPLITS).values_list("values", flat=True))
+    if len(held_out) >= settings.DRIFT_MIN_REFERENCE:
+        return held_out
+    return list(rows.values_list("values", flat=True))
+
+
+_reference_cache: dict[int, dict[str, np.ndarray]] = {}
+
+
+def reference_columns(model_version: ModelVersion) -> dict[str, np.ndarray]:
+    """Per process, per model version (reference sets never change once registered)."""
+    if model_version.pk not in _reference_cache:
+        _reference_cache.clear()
+        _reference_cache[model_version.pk] = drift.columns(reference_rows(model_version))
+    return _reference_cache[model_version.pk]
+
+
+# --- per upload ---------------------------------------------------------------------------------------
+
+
+def record_upload_features(
+    *, image: LesionImage, model_version: ModelVersion, decoded_image, probability: float, embedding=None
+) -> UploadFeatures:
+    """Store an upload's drift features and where each lies in the reference set."""
+    values = drift.describe_image(decoded_image, file_size=image.upload_bytes)
+    values["probability_malignant"] = float(probability)
+    projection = drift.Projection.from_dict(model_version.drift_projection)
+    if projection is not None and embedding is not None and len(embedding) == len(projection.mean):
+        values.update(projection.features(np.asarray(embedding)))
+    placement = drift.outliers(reference_columns(model_version), values)
+    features, _ = UploadFeatures.objects.update_or_create(
+        image=image,
+        defaults={
+            "model_version": model_version, "values": values, "placement": placement,
+            "outlier_features": [row["feature"] for row in placement if row["outlier"]],
+            "computed_at": timezone.now(),
+        },
+    )  # fmt: skip
+    return features
+
+
+# --- reports ------------------------------------------------------------------------------------------
+
+
+def window_bounds(now):
+    """The current window: the last DRIFT_WINDOW_UPLOADS scored uploads when set, else the last
+    DRIFT_WINDOW_DAYS days."""
+    if settings.DRIFT_WINDOW_UPLOADS:
+        return None, now, f"last {settings.DRIFT_WINDOW_UPLOADS} uploads"
+    days = settings.DRIFT_WINDOW_DAYS
+    return now - timedelta(days=days), now, f"last {days:g} day{'s' if days != 1 else ''}"
+
+
+def operations_summary(start, end) -> dict:
+    """Uploads, failures and processing latency (upload to result) in the window."""
+    images = LesionImage.objects.filter(created_at__lte=end)
+    if start is not None:
+        images = images.filter(created_at__gte=start)
+    total = images.count()
+    failed = images.filter(state=ImageState.FAILED).count()
+    waits = [
+        (processed - created).total_seconds()
+        for created, processed in images.filter(state=ImageState.DONE, processed_at__isnull=False).values_list(
+            "created_at", "processed_at"
+        )[:10000]
+    ]
+    return {
+        "uploads": total,
+        "failed": failed,
+        "failed_share": failed / total if total else None,
+        "latency_p50_s": float(np.percentile(waits, 50)) if waits else None,
+        "latency_p95_s": float(np.percentile(waits, 95)) if waits else None,
+    }
+
+
+def run_drift_report(*, triggered_by: str = "schedule", now=None) -> DriftReport:
+    """Compare the current window with the active model's reference set and store the report (with
+    Evidently's snapshot and HTML), then open, refresh or close alerts. Never raises for bad data:
+    a report that cannot be computed is stored as failed, with the reason."""
+    started = time.perf_counter()
+    now = now or timezone.now()
+    start, end, description = window_bounds(now)
+    model_version = active_model_version()
+    config = drift.DriftConfig(alpha=settings.DRIFT_ALPHA, min_current=settings.DRIFT_MIN_UPLOADS,
+                               min_reference=settings.DRIFT_MIN_REFERENCE)  # fmt: skip
+    base = {"model_version": model_version, "window_end": end, "window_description": description,
+            "alpha": config.alpha, "method": config.method, "triggered_by": triggered_by[:150]}  # fmt: skip
+    if model_version is None:
+        return DriftReport.objects.create(
+            window_start=start or end, status=DriftReport.Status.INSUFFICIENT,
+            operations=operations_summary(start, end),
+            message="No model is active, so there is no reference set to compare with.", **base,
+        )  # fmt: skip
+    current = UploadFeatures.objects.filter(model_version=model_version, image__created_at__lte=end)
+    if start is not None:
+        current = current.filter(image__created_at__gte=start)
+    current = current.order_by("-image__created_at")
+    if settings.DRIFT_WINDOW_UPLOADS:
+        current = current[: settings.DRIFT_WINDOW_UPLOADS]
+    current_rows = list(current.values_list("values", "image__created_at"))
+    if start is None:
+        start = min((created for _, created in current_rows), default=end)
+    current_values = [values for values, _ in current_rows]
+    operations = operations_summary(start, end)
+    reference = reference_rows(model_version)
+    try:
+        check = drift.check_drift(drift.columns(reference), drift.columns(current_values), config)
+    except Exception as exc:  # a report must never take the worker down
+        logger.exception("drift check failed")
+        return DriftReport.objects.create(
+            window_start=start, status=DriftReport.Status.FAILED, message=f"The drift check failed: {exc}",
+            current_count=len(current_values), reference_count=len(reference), operations=operations, **base,
+        )  # fmt: skip
+    report = DriftReport.objects.create(
+        window_start=start, status=check.status, message=check.message, current_count=check.current_n,
+        reference_count=check.reference_n, features=[_feature_dict(f) for f in check.features],
+        drifted_features=check.drifted_features, embedding_drifted=check.embedding_drifted,
+        operations=operations, **base,
+    )  # fmt: skip
+    if check.features:
+        try:
+            _store_evidently(report, reference, current_values, check)
+        except Exception:  # the verdict stands without the HTML; say so in the log
+            logger.exception("could not build the Evidently report for drift report %s", report.pk)
+    report.duration_ms = (time.perf_counter() - started) * 1000
+    report.save(update_fields=["snapshot", "html", "duration_ms"])
+    evaluate_alerts(report)
+    return report
+
+
+def _feature_dict(feature: drift.FeatureDrift) -> dict:
+    return {
+        "feature": feature.feature, "label": feature.label, "group": feature.group, "test": feature.test,
+        "p_value": feature.p_value, "threshold": feature.threshold, "drifted": feature.drifted,
+        "reference_n": feature.reference_n, "current_n": feature.current_n,
+        "reference_median": feature.reference_median, "current_median": feature.current_median,
+        "histogram": feature.histogram,
+    }  # fmt: skip
+
+
+def _store_evidently(report: DriftReport, reference: list[dict], current: list[dict], check) -> None:
+    snapshot = drift.evidently_report(reference, current, check)
+    folder = f"monitoring/drift/{report.pk}"
+    report.snapshot = default_storage.save(f"{folder}/snapshot.json", ContentFile(json.dumps(snapshot.dict())))
+    import io
+
+    html = io.StringIO()
+    snapshot.save_html(html)
+    report.html = default_storage.save(f"{folder}/report.html", ContentFile(html.getvalue().encode()))
+
+
+# --- alerts -------------------------------------------------------------------------------------------
+
+
+def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
+    """Per alert kind that this report can judge: (is the condition present, message)."""
+    conditions: dict[str, tuple[bool, str]] = {}
+    if report.status in (DriftReport.Status.DRIFT, DriftReport.Status.NO_DRIFT):
+        conditions[MonitoringAlert.Kind.DRIFT] = (
+            report.status == DriftReport.Status.DRIFT,
+            f"Uploads of the {report.window_description} no longer look like the training data of "
+            f"{report.model_version.version}. {report.message}",
+        )
+    ops = report.operations or {}
+    if ops.get("uploads", 0) >= settings.ALERT_MIN_UPLOADS and ops.get("failed_share") is not None:
+        share = ops["failed_share"]
+        conditions[MonitoringAlert.Kind.FAILURES] = (
+            share > settings.ALERT_FAILED_SHARE,
+            f"{ops['failed']} of {ops['uploads']} uploads ({share:.0%}) failed in the {report.window_description}; "
+            f"the alert threshold is {settings.ALERT_FAILED_SHARE:.0%}.",
+        )
+    if ops.get("latency_p95_s") is not None and ops.get("uploads", 0) >= settings.ALERT_MIN_UPLOADS:
+        p95 = ops["latency_p95_s"]
+        conditions[MonitoringAlert.Kind.LATENCY] = (
+            p95 > settings.ALERT_LATENCY_P95_SECONDS,
+            f"95% of uploads got their result within {p95:.1f} s in the {report.window_description}; "
+            f"the alert threshold is {settings.ALERT_LATENCY_P95_SECONDS:g} s.",
+        )
+    return conditions
+
+
+def evaluate_alerts(report: DriftReport) -> list[MonitoringAlert]:
+    """Open an alert (and notify) when a condition starts, keep it open without notifying again while
+    it lasts, and close it when a report finds it gone. Returns the alerts opened now."""
+    opened = []
+    for kind, (present, message) in alert_conditions(report).items():
+        current = MonitoringAlert.objects.filter(kind=kind, closed_at__isnull=True).first()
+        if present and current is None:
+            try:
+                with transaction.atomic():
+                    alert = MonitoringAlert.objects.create(kind=kind, report=report, message=message)
+            except IntegrityError:  # another report opened this episode at the same moment
+                continue
+            notify(alert)
+            opened.append(alert)
+        elif present:
+            MonitoringAlert.objects.filter(pk=current.pk).update(
+                last_seen_at=timezone.now(), reports_seen=current.reports_seen + 1
+            )
+        elif current is not None:
+            MonitoringAlert.objects.filter(pk=current.pk).update(closed_at=timezone.now())
+    return opened
+
+
+def alert_recipients() -> list[str]:
+    if settings.ALERT_EMAILS:
+        return list(settings.ALERT_EMAILS)
+    staff = get_user_model().objects.filter(is_staff=True, is_active=True).exclude(email="")
+    return sorted(set(staff.values_list("email", flat=True)))
+
+
+def notify(alert: MonitoringAlert) -> None:
+    """E-mail the staff and call the webhook; failures are recorded on the alert, never raised."""
+    subject = f"[Lesion triage] {alert.get_kind_display()} alert"
+    body = f"{alert.message}\n\nOpened {alert.opened_at:%Y-%m-%d %H:%M %Z}. See the drift dashboard in the admin."
+    recipients = alert_recipients()
+    if recipients:
+        try:
+            send_mail(subject, body, None, recipients, fail_silently=False)
+            alert.emailed_to = recipients
+        except Exception as exc:
+            alert.email_error = str(exc)[:2000]
+            logger.warning("could not e-mail the %s alert: %s", alert.kind, exc)
+    if settings.ALERT_WEBHOOK_URL:
+        payload = json.dumps({"kind": alert.kind, "message": alert.message, "opened_at": alert.opened_at.isoformat(),
+                              "report_id": alert.report_id}).encode()  # fmt: skip
+        request = urllib.request.Request(
+            settings.ALERT_WEBHOOK_URL, data=payload, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=settings.ALERT_WEBHOOK_TIMEOUT_SECONDS) as response:
+                alert.webhook_status = f"HTTP {response.status}"
+        except urllib.error.HTTPError as exc:
+            alert.webhook_status = f"HTTP {exc.code}"
+        except Exception as exc:
+            alert.webhook_status = f"error: {exc}"[:200]
+            logger.warning("the alert webhook failed: %s", exc)
+    alert.save(update_fields=["emailed_to", "email_error", "webhook_status"])
+
+
+# --- live performance on confirmed outcomes ---------------------------------------------------------
+
+
+@dataclass
+class LivePerformance:
+    model_version: str
+    cases: int
+    malignant: int
+    benign: int
+    auc: float | None
+    sensitivity: float | None
+    specificity: float | None
+    true_positive: int
+    false_negative: int
+    true_negative: int
+    false_positive: int
+    test: dict
+
+    def rows(self) -> list[tuple[str, float | None, float | None]]:
+        return [("AUC", self.auc, self.test.get("auc")),
+                ("Sensitivity", self.sensitivity, self.test.get("sensitivity")),
+                ("Specificity", self.specificity, self.test.get("specificity"))]  # fmt: skip
+
+
+def live_performance(model_version: ModelVersion | None = None) -> LivePerformance | None:
+    """The model's AUC, sensitivity and specificity on the images with a histopathology outcome
+    (the newest outcome per image; 'other' diagnoses have no label and are left out), against its
+    test-set figures."""
+    from mlcore import metrics
+
+    model_version = model_version or active_model_version()
+    if model_version is None:
+        return None
+    outcomes = {}
+    for image_id, truth in (
+        Feedback.objects.filter(kind=Feedback.Kind.HISTOPATHOLOGY).order_by("recorded_at", "id")
+        .values_list("image_id", "ground_truth")
+    ):  # fmt: skip
+        outcomes[image_id] = truth  # the newest wins
+    labelled = {image_id: truth == "malignant" for image_id, truth in outcomes.items() if truth}
+    predictions = Prediction.objects.filter(model_version=model_version, image_id__in=labelled).values_list(
+        "image_id", "probability_malignant", "threshold"
+    )
+    labels, scores, calls = [], [], []
+    for image_id, probability, threshold in predictions:
+        labels.append(labelled[image_id])
+        scores.append(probability)
+        calls.append(probability >= threshold)
+    y, called = np.array(labels, dtype=bool), np.array(calls, dtype=bool)
+    tp, fn = int((called & y).sum()), int((~called & y).sum())
+    tn, fp = int((~called & ~y).sum()), int((called & ~y).sum())
+    both = 0 < y.sum() < len(y)
+    return LivePerformance(
+        model_version=model_version.version, cases=len(y), malignant=int(y.sum()), benign=int((~y).sum()),
+        auc=metrics.roc_auc(y, scores) if both else None,
+        sensitivity=tp / (tp + fn) if tp + fn else None, specificity=tn / (tn + fp) if tn + fp else None,
+        true_positive=tp, false_negative=fn, true_negative=tn, false_positive=fp,
+        test=(model_version.metrics or {}).get("test", {}),
+    )  # fmt: skip
