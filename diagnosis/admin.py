@@ -85,7 +85,7 @@ class LesionImageAdmin(admin.ModelAdmin):
     # The file is shown by name only: media has no public URL, and the admin is not a viewer.
     exclude = ["file"]
     readonly_fields = [
-        "stored_file", "drift_features", *[f.name for f in LesionImage._meta.fields if f.name != "file"]
+        "stored_file", "drift_feature_table", *[f.name for f in LesionImage._meta.fields if f.name != "file"]
     ]  # fmt: skip
     inlines = [PredictionInline]
 
@@ -94,7 +94,7 @@ class LesionImageAdmin(admin.ModelAdmin):
         return obj.file.name
 
     @admin.display(description="drift features against the reference set")
-    def drift_features(self, obj):
+    def drift_feature_table(self, obj):
         """Each feature beside the reference distribution of the model that scored the upload: the
         reference's 1st percentile, median and 99th percentile, and where this upload falls."""
         features = getattr(obj, "drift_features", None) if obj.pk else None

@@ -52,6 +52,8 @@ VIA = "portal"
 FINAL_STATES = {ImageState.DONE, ImageState.FAILED}
 THUMB_SIDE = 240
 DISPLAY_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE: the heatmaps are drawn at this size
+# The result page has two feedback forms with a "note" each: distinct ids keep each label on its field.
+ASSESSMENT_IDS, OUTCOME_IDS = "assessment_%s", "outcome_%s"
 
 
 def clinic_required(view):
@@ -99,9 +101,12 @@ class Decision:
 
     @property
     def digits(self) -> int:
-        # One decimal where whole percentages would make the probability and the threshold look
-        # equal (e.g. "50%" above a "50%" threshold).
-        return 1 if round(self.probability * 100) == round(self.threshold * 100) else 0
+        # As many decimals as it takes for the probability and the threshold not to look equal
+        # (e.g. not "50%" above a "50%" threshold), up to 3.
+        for digits in range(4):
+            if f"{self.probability * 100:.{digits}f}" != f"{self.threshold * 100:.{digits}f}":
+                return digits
+        return 3
 
     @property
     def percent(self) -> str:
@@ -357,7 +362,8 @@ def image_page(request, image: LesionImage, *, assessment_form=None, outcome_for
         "decision": decision, "explanations": explanations, "done_explanations": done, "selected": preferred,
         "requestable": [(m, METHOD_LABELS[m]) for m in METHODS if m not in requested],
         "status": status_payload(image),
-        "assessment_form": assessment_form or AssessmentForm(), "outcome_form": outcome_form or OutcomeForm(),
+        "assessment_form": assessment_form or AssessmentForm(auto_id=ASSESSMENT_IDS),
+        "outcome_form": outcome_form or OutcomeForm(auto_id=OUTCOME_IDS),
         "feedback": image.feedback.select_related("recorded_by").order_by("-recorded_at", "-id"),
         "display_side": DISPLAY_SIDE,
     }  # fmt: skip
@@ -462,7 +468,7 @@ def image_feedback(request, pk):
     image = image_or_404(request, pk)
     kind = request.POST.get("kind")
     if kind == Feedback.Kind.ASSESSMENT:
-        form = AssessmentForm(request.POST)
+        form = AssessmentForm(request.POST, auto_id=ASSESSMENT_IDS)
         if form.is_valid():
             try:
                 feedback_services.record_assessment(
@@ -476,7 +482,7 @@ def image_feedback(request, pk):
                 return redirect(reverse("portal:image", args=[image.pk]) + "#feedback")
         return image_page(request, image, assessment_form=form, status=400)
     if kind == Feedback.Kind.HISTOPATHOLOGY:
-        form = OutcomeForm(request.POST)
+        form = OutcomeForm(request.POST, auto_id=OUTCOME_IDS)
         if form.is_valid():
             feedback_services.record_outcome(
                 image=image, diagnosis=form.cleaned_data["diagnosis"], note=form.cleaned_data["note"],
