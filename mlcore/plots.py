@@ -127,7 +127,7 @@ def drift_timeline_svg(reports: list[dict]) -> str:
         return ""
     figure, axis = plt.subplots(figsize=(9, 2.6))
     times = [r["created_at"] for r in judged]
-    smallest = [max(r["min_p"], 1e-300) for r in judged]
+    smallest = [max(r["min_p"], 1e-12) for r in judged]  # clipped: below 1e-12 it is all the same verdict
     thresholds = [r["threshold"] for r in judged]
     axis.plot(times, smallest, color="#34495e", linewidth=1)
     axis.step(times, thresholds, where="mid", color="#e67e22", linestyle="--", linewidth=1, label="threshold")
