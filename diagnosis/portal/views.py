@@ -151,7 +151,10 @@ class TimelineRow:
 
     @property
     def change_points(self) -> str:
-        return "" if self.change is None else f"{self.change * 100:+.0f} pts"
+        if self.change is None:
+            return ""
+        points = round(self.change * 100)
+        return "±0 pts" if points == 0 else f"{points:+d} pts"
 
 
 def timeline(lesion: Lesion) -> list[TimelineRow]:
