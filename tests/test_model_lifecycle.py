@@ -143,17 +143,22 @@ def test_train_model_evaluates_calibrates_plots_and_registers(lifecycle_data, tm
     if provenance["git_commit"] is not None:
         assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", provenance["git_commit"])
 
-    # The drift reference set: every training and validation image, with every feature.
+    # The drift reference set: every training, validation and test image, with every feature, and
+    # the embedding projection fitted on the training set.
     references = ReferenceFeature.objects.filter(model_version=version)
-    assert references.count() == 400
+    assert references.count() == 520
     assert references.filter(split="train").count() == sum(counts["train"].values())
     assert references.filter(split="validation").count() == sum(counts["validation"].values())
-    assert len(set(references.values_list("path", flat=True))) == 400
+    assert references.filter(split="test").count() == 120
+    assert len(set(references.values_list("path", flat=True))) == 520
     for row in references:
         assert set(FEATURE_NAMES) <= set(row.values), row.path
         assert 0.0 <= row.values["probability_malignant"] <= 1.0
-        assert row.path.startswith("train/") and row.label in ("benign", "malignant")
-        assert row.label == row.path.split("/")[1]
+        assert row.path.split("/")[0] == ("test" if row.split == "test" else "train")
+        assert row.label in ("benign", "malignant") and row.label == row.path.split("/")[1]
+    projection = version.drift_projection
+    assert len(projection["components"]) == 4 and len(projection["mean"]) == len(projection["components"][0])
+    assert 0 < sum(projection["explained_variance_ratio"]) <= 1.0 + 1e-9
 
     # The training run: recorded, finished, selected, linked.
     run = TrainingRun.objects.get()
@@ -278,7 +283,7 @@ def test_single_folder_is_split_into_train_and_test(data_root, tmp_path):
     assert sum(data["counts"]["train"].values()) + sum(data["counts"]["validation"].values()) == 120
     assert "held out 30 images" in stdout
     # The held-out images are not part of the training reference set.
-    assert ReferenceFeature.objects.filter(model_version=version).count() == 120
+    assert ReferenceFeature.objects.filter(model_version=version).count() == 150  # training, validation, held-out test
 
 
 # --- 5. bad input -----------------------------------------------------------------------------------------------
@@ -646,6 +651,7 @@ def trained_version(db, small_run) -> ModelVersion:
     return register_model(
         checkpoint=checkpoint_bytes(outcome.model, outcome.meta), version="admin-trained", plots=outcome.plots,
         provenance=outcome.provenance, reference_features=outcome.reference_features,
+        drift_projection=outcome.drift_projection,
     )  # fmt: skip
 
 

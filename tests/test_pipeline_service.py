@@ -106,7 +106,7 @@ def test_missing_stored_file_fails_with_reason(queued_image, active_model):
 
 def test_model_crash_fails_the_image_with_reason(queued_image, active_model, monkeypatch):
     class ExplodingPredictor:
-        def predict_with_gradcam(self, images):
+        def predict_with_gradcam(self, images, **kwargs):
             raise RuntimeError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(prediction_services, "predictor_for", lambda model_version: ExplodingPredictor())

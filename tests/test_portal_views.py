@@ -588,7 +588,7 @@ def test_report_shows_every_image_in_words_with_the_disclaimer(portal, lesion, c
     rows = re.findall(r"<tr>\s*<td>.*?</tr>", page.split('<table class="report-table">')[1], flags=re.S)
     assert len(rows) == 3 and "Queued" in rows[0]
     assert page.count('class="report-figure"') == 2  # scored images only
-    assert "heatmap: gradcam" in page
+    assert "heatmap: Grad-CAM" in page
 
 
 # --- image status, photos and explanation files -------------------------------------------------------

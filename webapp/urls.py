@@ -1,12 +1,19 @@
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
+from django.http import HttpResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from diagnosis import admin_monitoring
 from diagnosis.portal.accounts import LoginView
 
+
+def no_favicon(request):
+    return HttpResponse(status=204)  # browsers ask for it on photo URLs; the pages link an inline icon
+
+
 urlpatterns = [
+    path("favicon.ico", no_favicon),
     path("", include("diagnosis.portal.urls", namespace="portal")),
     path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

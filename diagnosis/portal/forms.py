@@ -28,7 +28,7 @@ class LesionForm(forms.Form):
 
 class AssessmentForm(forms.Form):
     agrees = forms.TypedChoiceField(
-        label="Your assessment of this result",
+        label="Do you agree with the model's result?",
         choices=[("yes", "I agree with the result"), ("no", "I disagree with the result")],
         coerce=lambda value: value == "yes",
         widget=forms.RadioSelect,

@@ -167,6 +167,8 @@ def timeline(lesion: Lesion) -> list[TimelineRow]:
         decision = result_of(image)
         row = TimelineRow(image=image, decision=decision, **feedback_services.latest_feedback(image))
         row.explanations = [e for e in image.explanations.all() if e.state == Explanation.State.DONE]
+        for explanation in row.explanations:
+            explanation.label = METHOD_LABELS.get(explanation.method, explanation.method)
         if decision is not None:
             if previous is not None:
                 row.change = decision.probability - previous

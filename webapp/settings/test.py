@@ -25,5 +25,9 @@ STORAGES = {
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 STATIC_ROOT = tempfile.mkdtemp(prefix="melanoma-test-static-")
+# Django's live test server wraps the site in a media handler built from MEDIA_URL, which fails on
+# None. An address on another host is one that handler never serves: media stays unreachable
+# except through the authenticated views, in tests as everywhere.
+MEDIA_URL = "http://media.invalid/"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"

@@ -236,6 +236,7 @@
       if (event.target.name === "method" && event.target.checked) show(event.target);
     });
 
+    var emptyPolls = 0;
     function watchExplanations() {
       if (pictures.hasAttribute("data-watching")) return;
       pictures.setAttribute("data-watching", "1");
@@ -265,7 +266,10 @@
           }
         });
       }, function (data) {
-        var busy = (data.explanations || []).some(function (e) { return !FINAL[e.state]; });
+        var explanations = data.explanations || [];
+        var busy = explanations.some(function (e) { return !FINAL[e.state]; });
+        // Just after a result the explanations may not be recorded yet: keep looking for a while.
+        if (!explanations.length && data.state === "done" && emptyPolls++ < 30) busy = true;
         if (!busy) pictures.removeAttribute("data-watching");
         return !busy;
       });
