@@ -26,7 +26,7 @@ def dashboard(request):
     selected_id = request.GET.get("report")
     report = None
     if selected_id:
-        if not selected_id.isdigit():
+        if not (selected_id.isascii() and selected_id.isdigit()):
             raise Http404("No such report.")
         report = get_object_or_404(reports, pk=selected_id)
     else:
@@ -40,7 +40,7 @@ def dashboard(request):
         timeline.append({
             "created_at": past.created_at, "status": past.status,
             "min_p": smallest["p_value"] if smallest else None,
-            "threshold": settings.DRIFT_ALPHA / max(len(judged), 1),
+            "threshold": past.alpha / max(len(judged), 1),
         })  # fmt: skip
     prediction = next((f for f in features if f["feature"] == "probability_malignant"), None)
     model_version = active_model_version()

@@ -21,6 +21,7 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.core.mail import send_mail
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from mlcore import drift
@@ -140,11 +141,13 @@ def run_drift_report(*, triggered_by: str = "schedule", now=None) -> DriftReport
     base = {"model_version": model_version, "window_end": end, "window_description": description,
             "alpha": config.alpha, "method": config.method, "triggered_by": triggered_by[:150]}  # fmt: skip
     if model_version is None:
-        return DriftReport.objects.create(
+        report = DriftReport.objects.create(
             window_start=start or end, status=DriftReport.Status.INSUFFICIENT,
             operations=operations_summary(start, end),
             message="No model is active, so there is no reference set to compare with.", **base,
         )  # fmt: skip
+        evaluate_alerts(report)  # failed uploads and latency are judged whatever the drift check says
+        return report
     current = UploadFeatures.objects.filter(model_version=model_version, image__created_at__lte=end)
     if start is not None:
         current = current.filter(image__created_at__gte=start)
@@ -161,10 +164,12 @@ def run_drift_report(*, triggered_by: str = "schedule", now=None) -> DriftReport
         check = drift.check_drift(drift.columns(reference), drift.columns(current_values), config)
     except Exception as exc:  # a report must never take the worker down
         logger.exception("drift check failed")
-        return DriftReport.objects.create(
+        report = DriftReport.objects.create(
             window_start=start, status=DriftReport.Status.FAILED, message=f"The drift check failed: {exc}",
             current_count=len(current_values), reference_count=len(reference), operations=operations, **base,
         )  # fmt: skip
+        evaluate_alerts(report)
+        return report
     report = DriftReport.objects.create(
         window_start=start, status=check.status, message=check.message, current_count=check.current_n,
         reference_count=check.reference_n, features=[_feature_dict(f) for f in check.features],
@@ -196,11 +201,9 @@ def _store_evidently(report: DriftReport, reference: list[dict], current: list[d
     snapshot = drift.evidently_report(reference, current, check)
     folder = f"monitoring/drift/{report.pk}"
     report.snapshot = default_storage.save(f"{folder}/snapshot.json", ContentFile(json.dumps(snapshot.dict())))
-    import io
-
-    html = io.StringIO()
-    snapshot.save_html(html)
-    report.html = default_storage.save(f"{folder}/report.html", ContentFile(html.getvalue().encode()))
+    # (save_html writes only to a path; a file object is silently ignored.)
+    html = snapshot.get_html_str(as_iframe=False)
+    report.html = default_storage.save(f"{folder}/report.html", ContentFile(html.encode()))
 
 
 # --- alerts -------------------------------------------------------------------------------------------
@@ -212,7 +215,7 @@ def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
     if report.status in (DriftReport.Status.DRIFT, DriftReport.Status.NO_DRIFT):
         conditions[MonitoringAlert.Kind.DRIFT] = (
             report.status == DriftReport.Status.DRIFT,
-            f"Uploads of the {report.window_description} no longer look like the training data of "
+            f"Uploads in the window ({report.window_description}) no longer look like the training data of "
             f"{report.model_version.version}. {report.message}",
         )
     ops = report.operations or {}
@@ -220,14 +223,15 @@ def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
         share = ops["failed_share"]
         conditions[MonitoringAlert.Kind.FAILURES] = (
             share > settings.ALERT_FAILED_SHARE,
-            f"{ops['failed']} of {ops['uploads']} uploads ({share:.0%}) failed in the {report.window_description}; "
+            f"{ops['failed']} of {ops['uploads']} uploads ({share:.0%}) failed in the window "
+            f"({report.window_description}); "
             f"the alert threshold is {settings.ALERT_FAILED_SHARE:.0%}.",
         )
     if ops.get("latency_p95_s") is not None and ops.get("uploads", 0) >= settings.ALERT_MIN_UPLOADS:
         p95 = ops["latency_p95_s"]
         conditions[MonitoringAlert.Kind.LATENCY] = (
             p95 > settings.ALERT_LATENCY_P95_SECONDS,
-            f"95% of uploads got their result within {p95:.1f} s in the {report.window_description}; "
+            f"95% of uploads got their result within {p95:.1f} s in the window ({report.window_description}); "
             f"the alert threshold is {settings.ALERT_LATENCY_P95_SECONDS:g} s.",
         )
     return conditions
@@ -249,7 +253,7 @@ def evaluate_alerts(report: DriftReport) -> list[MonitoringAlert]:
             opened.append(alert)
         elif present:
             MonitoringAlert.objects.filter(pk=current.pk).update(
-                last_seen_at=timezone.now(), reports_seen=current.reports_seen + 1
+                last_seen_at=timezone.now(), reports_seen=F("reports_seen") + 1
             )
         elif current is not None:
             MonitoringAlert.objects.filter(pk=current.pk).update(closed_at=timezone.now())
