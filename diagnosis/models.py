@@ -135,6 +135,9 @@ class LesionImage(models.Model):
     upload_bytes = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="Size of the file as uploaded (a drift feature: it changes with the camera)"
     )
+    idempotency_key = models.CharField(
+        max_length=200, blank=True, help_text="The client's Idempotency-Key: a retry with it returns this image"
+    )
     state = models.CharField(max_length=12, choices=ImageState.choices, default=ImageState.QUEUED)
     error = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -152,6 +155,13 @@ class LesionImage(models.Model):
         indexes = [
             models.Index(fields=["clinic", "-created_at"], name="image_clinic_newest"),
             models.Index(fields=["state", "enqueued_at"], name="image_state_enqueued"),
+        ]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["clinic", "uploaded_by", "idempotency_key"],
+                condition=~Q(idempotency_key=""),
+                name="one_image_per_idempotency_key",
+            )
         ]
 
     def __str__(self) -> str:

@@ -99,7 +99,8 @@ def error_responses(*codes: int) -> dict:
         401: "Missing, invalid, expired or revoked token.",
         403: "The account is not attached to a clinic.",
         404: "No such object in your clinic.",
-        409: "The object is not in a state that allows this.",
+        409: "The object is not in a state that allows this (or an Idempotency-Key was reused for another file).",
+        429: "Too many requests; `Retry-After` says how many seconds to wait.",
         503: "A backing service (database) is temporarily unavailable.",
     }
     return {code: OpenApiResponse(ErrorSerializer, description=descriptions[code]) for code in codes}

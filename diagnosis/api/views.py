@@ -24,6 +24,7 @@ from .serializers import (
     LesionSerializer,
     PatientSerializer,
 )
+from .throttling import UploadRateThrottle
 
 
 def client_ip(request) -> str | None:
@@ -144,10 +145,22 @@ def _uuid_param(name: str, value: str):
         description=(
             "Multipart upload with the field `image` (JPEG, PNG or WebP) and optionally `lesion`. "
             "The photo is validated, its metadata (EXIF, GPS) is removed, and it is queued for the model. "
-            "Answers 202 with the image's id, `state: queued` and the `status_url` to poll."
+            "Answers 202 with the image's id, `state: queued` and the `status_url` to poll.\n\n"
+            "Send an `Idempotency-Key` header (e.g. a UUID) to make retries safe: a retry with the same key "
+            "returns the image stored the first time (with `Idempotent-Replayed: true`) instead of a second one. "
+            "Uploads are rate-limited per user (429 with `Retry-After`)."
         ),
+        parameters=[
+            OpenApiParameter(
+                "Idempotency-Key",
+                str,
+                OpenApiParameter.HEADER,
+                required=False,
+                description="1 to 200 letters, digits, '.', '_', ':' or '-'; reuse it only to retry the same file.",
+            )
+        ],  # fmt: skip
         request={"multipart/form-data": ImageUploadSerializer},
-        responses={202: ImageSerializer, **error_responses(400, 401, 403, 503)},
+        responses={202: ImageSerializer, **error_responses(400, 401, 403, 409, 429, 503)},
     ),
 )
 class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
@@ -173,6 +186,12 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     def get_serializer_class(self):
         return ImageUploadSerializer if self.action == "create" else ImageSerializer
 
+    def get_throttles(self):
+        throttles = super().get_throttles()
+        if self.action == "create":
+            throttles.append(UploadRateThrottle())
+        return throttles
+
     def create(self, request, *args, **kwargs):
         upload = ImageUploadSerializer(data=request.data, context={"request": request})
         upload.is_valid(raise_exception=True)
@@ -183,9 +202,17 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 upload=upload.validated_data["image"],
                 lesion=upload.validated_data.get("lesion"),
                 via="api",
+                idempotency_key=request.headers.get("Idempotency-Key", "").strip(),
             )
         except image_services.ImageValidationError as exc:
             raise InvalidImage(exc.code, exc.message) from None
+        except image_services.IdempotencyConflict as exc:
+            raise RequestRefused(str(exc), code="idempotency_key_reused", status_code=409) from None
+        if image.replayed:
+            image = self.get_queryset().get(pk=image.pk)
+            data = ImageSerializer(image, context={"request": request}).data
+            return Response(data, status=status.HTTP_202_ACCEPTED,
+                            headers={"Location": data["status_url"], "Idempotent-Replayed": "true"})  # fmt: skip
         # Describe the upload as accepted (queued, no prediction), even if a fast worker has already
         # claimed it by now: the status URL is where progress is read.
         image._prefetched_objects_cache = {"predictions": Prediction.objects.none()}

@@ -304,14 +304,21 @@ def lesion_upload(request, pk):
     files at once and the answer is the lesion page with a message per file."""
     lesion = lesion_or_404(request, pk)
     files = request.FILES.getlist("images")
+    # The script sends each file with its own Idempotency-Key, so a retried or double-sent request
+    # returns the image already stored instead of a second one.
+    key = request.headers.get("Idempotency-Key", "").strip() if len(files) == 1 else ""
     results = []
     for upload in files:
         try:
             image = image_services.submit_image(
-                uploader=request.user, clinic=request.clinic, upload=upload, lesion=lesion, via=VIA
-            )
+                uploader=request.user, clinic=request.clinic, upload=upload, lesion=lesion, via=VIA,
+                idempotency_key=key,
+            )  # fmt: skip
         except image_services.ImageValidationError as exc:
             results.append({"name": upload.name, "ok": False, "code": exc.code, "error": exc.message})
+        except (image_services.IdempotencyConflict, ValidationError) as exc:
+            message = exc.messages[0] if isinstance(exc, ValidationError) else str(exc)
+            results.append({"name": upload.name, "ok": False, "code": "idempotency_key", "error": message})
         else:
             results.append({"name": upload.name, "ok": True, **status_payload(image)})
     accepted = sum(result["ok"] for result in results)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import uuid
 from datetime import timedelta
 
@@ -11,7 +12,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -23,7 +24,15 @@ from .audit import record_event
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageValidationError", "submit_image", "claim_image", "fail_image", "release_image", "requeue_stale_images"]
+__all__ = [
+    "IdempotencyConflict",
+    "ImageValidationError",
+    "submit_image",
+    "claim_image",
+    "fail_image",
+    "release_image",
+    "requeue_stale_images",
+]
 
 
 def read_upload(upload, *, max_bytes: int) -> bytes:
@@ -40,15 +49,34 @@ def read_upload(upload, *, max_bytes: int) -> bytes:
     return data
 
 
-def submit_image(*, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "") -> LesionImage:
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before for a different file."""
+
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
+
+
+def submit_image(
+    *, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "", idempotency_key: str = ""
+) -> LesionImage:
     """Validate, strip metadata, store under a random key, record as queued, and enqueue on commit.
 
     Raises ImageValidationError for bad files and ValidationError for a lesion of another clinic;
-    in both cases nothing is stored.
+    in both cases nothing is stored. With an idempotency key that this user already used, returns
+    the image stored then (with `replayed` set) instead of storing a second one; the same key with
+    another file raises IdempotencyConflict.
     """
     if lesion is not None and lesion.patient.clinic_id != clinic.pk:
         raise ValidationError({"lesion": ["Unknown lesion."]})
+    if idempotency_key and not IDEMPOTENCY_KEY.match(idempotency_key):
+        raise ValidationError(
+            {"idempotency_key": ["Use 1 to 200 letters, digits, '.', '_', ':' or '-' (a UUID is a good key)."]}
+        )
     data = read_upload(upload, max_bytes=settings.MAX_UPLOAD_BYTES)
+    if idempotency_key:
+        earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data)
+        if earlier is not None:
+            return earlier
     decoded = decode_image(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
     clean_bytes, extension, content_type = encode_for_storage(decoded)
     sha256 = hashlib.sha256(data).hexdigest()
@@ -67,6 +95,7 @@ def submit_image(*, uploader, clinic: Clinic, upload, lesion: Lesion | None = No
                 height=decoded.height,
                 file_size=len(clean_bytes),
                 upload_bytes=len(data),
+                idempotency_key=idempotency_key,
                 state=ImageState.QUEUED,
                 enqueued_at=timezone.now(),
             )
@@ -75,10 +104,29 @@ def submit_image(*, uploader, clinic: Clinic, upload, lesion: Lesion | None = No
             # robust: a broker outage must not turn a committed upload into a 500. The image stays
             # queued and the sweeper enqueues it again once the broker is back.
             transaction.on_commit(lambda: enqueue_prediction(image_id), robust=True)
+    except IntegrityError:
+        default_storage.delete(stored_name)
+        earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data) if idempotency_key else None
+        if earlier is None:
+            raise
+        return earlier  # a concurrent retry with the same key won the race
     except BaseException:
         default_storage.delete(stored_name)  # never leave a file whose row did not commit
         raise
+    image.replayed = False
     return image
+
+
+def _replay(*, uploader, clinic: Clinic, key: str, data: bytes) -> LesionImage | None:
+    earlier = LesionImage.objects.filter(clinic=clinic, uploaded_by=uploader, idempotency_key=key).first()
+    if earlier is None:
+        return None
+    if earlier.sha256 != hashlib.sha256(data).hexdigest():
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used for a different file. Use a new key for a new upload."
+        )
+    earlier.replayed = True
+    return earlier
 
 
 def enqueue_prediction(image_id: str) -> None:

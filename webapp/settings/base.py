@@ -41,6 +41,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "webapp.middleware.SecurityHeadersMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]
@@ -134,6 +135,15 @@ AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600)  # a working day
 
+CACHE_URL = env_str("CACHE_URL", "")
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": CACHE_URL}
+        if CACHE_URL.startswith(("redis://", "rediss://"))
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
+
 # --- Uploads and the model -------------------------------------------------------------------
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)
@@ -196,7 +206,12 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
     ],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+    "DEFAULT_THROTTLE_CLASSES": ["diagnosis.api.throttling.ApiRateThrottle"],
 }
+# Rate limits ("<n>/<second|minute|hour|day>", empty for none). Counters live in the cache
+# (CACHE_URL: Redis in production, so every web process shares them).
+API_RATE_LIMIT = env_str("API_RATE_LIMIT", "1200/minute")
+API_UPLOAD_RATE_LIMIT = env_str("API_UPLOAD_RATE_LIMIT", "300/minute")
 KNOX_TOKEN_MODEL = "diagnosis.ApiToken"
 # knox's own migrations create its default AuthToken table even when the model is swapped out;
 # that stray table references auth_user and breaks TRUNCATE. Our ApiToken replaces it entirely.

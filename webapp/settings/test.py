@@ -31,3 +31,6 @@ STATIC_ROOT = tempfile.mkdtemp(prefix="melanoma-test-static-")
 MEDIA_URL = "http://media.invalid/"
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 EMAIL_BACKEND = "django.core.mail.backends.locmem.EmailBackend"
+# No rate limits unless a test sets them (the throttling tests do).
+API_RATE_LIMIT = ""
+API_UPLOAD_RATE_LIMIT = ""

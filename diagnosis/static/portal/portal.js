@@ -17,6 +17,12 @@
     return input ? input.value : "";
   }
 
+  /* A key per file: if the same request reaches the server twice, it stores the photo once. */
+  function newKey() {
+    if (window.crypto && window.crypto.randomUUID) return window.crypto.randomUUID();
+    return "k" + Date.now().toString(36) + Math.random().toString(36).slice(2);
+  }
+
   function stateBadge(state, label) {
     return el("span", { "class": "state state-" + state }, label);
   }
@@ -122,7 +128,7 @@
         preview.onload = function () { URL.revokeObjectURL(preview.src); };
         preview.onerror = function () { preview.removeAttribute("src"); };
         status.textContent = "Ready to upload";
-        pending.push({ file: file, item: item, status: status, preview: preview });
+        pending.push({ file: file, item: item, status: status, preview: preview, key: newKey() });
       });
       button.disabled = pending.length === 0;
       button.textContent = pending.length > 1 ? "Upload " + pending.length + " photos" : "Upload";
@@ -179,6 +185,7 @@
         xhr.open("POST", form.action);
         xhr.setRequestHeader("Accept", "application/json");
         xhr.setRequestHeader("X-CSRFToken", csrfToken(form));
+        xhr.setRequestHeader("Idempotency-Key", entry.key);
         xhr.send(data);
       });
     }
