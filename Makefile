@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # Browser tests drive the system Chromium; playwright cannot download browsers here.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint format install install-dev clean-var chromium
+.PHONY: run test lint format install install-dev clean-var chromium load
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,14 @@ chromium:
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
 	fi
+
+$(VENV)/.installed-load: requirements/base.txt requirements/prod.txt requirements/load.txt | $(PY)
+	$(PIP) -r requirements/load.txt $(PIP_QUIET)
+	touch $@
+
+## make load: the load test (locust, 50 users, 5 minutes) against gunicorn, PostgreSQL, Redis and a worker.
+load: $(VENV)/.installed-load
+	$(PY) bench/run_load.py --users 50 --minutes 5
 
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
