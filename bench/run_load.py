@@ -150,7 +150,7 @@ def print_locust_table(path: Path) -> None:
     with open(path) as handle:
         for row in csv.DictReader(handle):
             print(
-                f"| {row['Type']} {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
+                f"| {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
                 f"{float(row['Requests/s']):.1f} | {row['50%']} | {row['95%']} | {row['99%']} |"
             )
 
