@@ -429,6 +429,7 @@ def image_photo(request, pk):
             buffer = io.BytesIO()
             picture.save(buffer, format="JPEG", quality=85 if size == "thumb" else 90)
         response = HttpResponse(buffer.getvalue(), content_type="image/jpeg")
+        response["Content-Disposition"] = f'inline; filename="lesion-image-{image.pk}-{size}.jpg"'
     response["X-Content-Type-Options"] = "nosniff"
     response["Cache-Control"] = "private, no-store"
     return response
@@ -447,7 +448,9 @@ def explanation_file(request, pk, kind):
         handle = stored.open("rb")
     except FileNotFoundError:
         raise Http404("The stored file of this explanation is missing.") from None
-    response = FileResponse(handle, content_type="image/png")
+    response = FileResponse(
+        handle, content_type="image/png", filename=f"{explanation.method}-{explanation.pk}-{kind}.png"
+    )
     response["X-Content-Type-Options"] = "nosniff"
     response["Cache-Control"] = "private, no-store"
     return response
