@@ -16,6 +16,9 @@ def bad_request(request, exception=None):
     if request.path.startswith("/api/"):
         return JsonResponse({"detail": "Bad request (too many fields or too large a body).", "code": "bad_request"},
                             status=400)  # fmt: skip
+    if "application/json" in request.headers.get("Accept", ""):  # the portal's upload script
+        message = "The upload could not be read: a file name may be too long, or too many files were sent at once."
+        return JsonResponse({"error": message, "files": []}, status=400)
     return defaults.bad_request(request, exception)
 
 
