@@ -120,6 +120,25 @@ class ImageState(models.TextChoices):
     FAILED = "failed", "Failed"
 
 
+class UploadBatch(models.Model):
+    """Several photos uploaded in one request (POST /api/v1/images/batch/); each is an ordinary image."""
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    clinic = models.ForeignKey(Clinic, on_delete=models.PROTECT, related_name="batches")
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")
+    created_at = models.DateTimeField(default=timezone.now)
+    submitted = models.PositiveIntegerField(help_text="Files in the request")
+    rejected = models.JSONField(default=list, help_text="Per refused file: its position, error code and message")
+
+    objects = ClinicScopedQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"batch {self.pk} ({self.submitted} files)"
+
+
 class LesionImage(models.Model):
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     clinic = models.ForeignKey(Clinic, on_delete=models.PROTECT, related_name="images")
@@ -135,6 +154,7 @@ class LesionImage(models.Model):
     upload_bytes = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="Size of the file as uploaded (a drift feature: it changes with the camera)"
     )
+    batch = models.ForeignKey(UploadBatch, on_delete=models.SET_NULL, null=True, blank=True, related_name="images")
     idempotency_key = models.CharField(
         max_length=200, blank=True, help_text="The client's Idempotency-Key: a retry with it returns this image"
     )

@@ -199,3 +199,50 @@ class FeedbackSerializer(serializers.ModelSerializer):
         if kind == Feedback.Kind.HISTOPATHOLOGY and not attrs.get("diagnosis"):
             raise serializers.ValidationError({"diagnosis": ["A histopathology outcome needs a diagnosis."]})
         return attrs
+
+
+class BatchUploadSerializer(serializers.Serializer):
+    images = serializers.ListField(
+        child=serializers.FileField(allow_empty_file=True), allow_empty=False,
+        help_text="The photos: repeat the multipart field `images` once per file.",
+    )  # fmt: skip
+    lesion = ClinicScopedPrimaryKeyField(
+        queryset=Lesion.objects.all(), required=False, allow_null=True, pk_field=serializers.UUIDField(),
+        help_text="Optional: the lesion all these photos show.",
+    )  # fmt: skip
+
+    def validate_images(self, files):
+        from django.conf import settings
+
+        if len(files) > settings.MAX_BATCH_FILES:
+            raise serializers.ValidationError(
+                f"{len(files)} files were sent; a batch takes at most {settings.MAX_BATCH_FILES}."
+            )
+        return files
+
+
+class BatchItemSerializer(serializers.Serializer):
+    position = serializers.IntegerField(help_text="The file's position in the request, from 0.")
+    id = serializers.UUIDField(required=False)
+    status_url = serializers.URLField(required=False)
+    code = serializers.CharField(required=False, help_text="Why the file was refused (rejected files).")
+    detail = serializers.CharField(required=False)
+
+
+class BatchSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    status_url = serializers.URLField()
+    submitted = serializers.IntegerField()
+    accepted = BatchItemSerializer(many=True)
+    rejected = BatchItemSerializer(many=True)
+
+
+class BatchStatusSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    created_at = serializers.DateTimeField()
+    submitted = serializers.IntegerField()
+    accepted = serializers.IntegerField()
+    rejected = BatchItemSerializer(many=True)
+    states = serializers.DictField(child=serializers.IntegerField(), help_text="Accepted images per state.")
+    finished = serializers.BooleanField(help_text="Every accepted image is done or failed.")
+    images = serializers.ListField(child=serializers.DictField(), help_text="id, state and status_url per image.")

@@ -1,6 +1,6 @@
 from rest_framework.routers import DefaultRouter
 
-from .views import ExplanationViewSet, ImageViewSet, LesionViewSet, PatientViewSet
+from .views import BatchViewSet, ExplanationViewSet, ImageViewSet, LesionViewSet, PatientViewSet
 
 app_name = "api"
 
@@ -10,5 +10,6 @@ router.register("patients", PatientViewSet, basename="patient")
 router.register("lesions", LesionViewSet, basename="lesion")
 router.register("images", ImageViewSet, basename="image")
 router.register("explanations", ExplanationViewSet, basename="explanation")
+router.register("batches", BatchViewSet, basename="batch")
 
 urlpatterns = router.urls

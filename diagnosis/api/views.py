@@ -2,12 +2,13 @@ from __future__ import annotations
 
 from django.db.models import Count, Prefetch
 from django.http import FileResponse
+from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from ..models import AuditEvent, Explanation, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..models import AuditEvent, Explanation, ImageState, Lesion, LesionImage, Patient, Prediction, UploadBatch
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
 from ..services import images as image_services
@@ -16,6 +17,9 @@ from ..services.audit import record_event
 from ..services.clinics import clinic_of
 from .errors import InvalidImage, RequestRefused, error_responses
 from .serializers import (
+    BatchSerializer,
+    BatchStatusSerializer,
+    BatchUploadSerializer,
     ExplanationRequestSerializer,
     ExplanationSerializer,
     FeedbackSerializer,
@@ -188,9 +192,43 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
 
     def get_throttles(self):
         throttles = super().get_throttles()
-        if self.action == "create":
+        if self.action in ("create", "batch"):
             throttles.append(UploadRateThrottle())
         return throttles
+
+    @extend_schema(
+        summary="Upload several photos in one request",
+        description=(
+            "Multipart with the field `images` repeated once per file (at most MAX_BATCH_FILES, 100 by default) "
+            "and optionally `lesion`. Each file is validated on its own: the valid ones are accepted and queued "
+            "exactly like single uploads, each invalid one is listed in `rejected` with its error. Answers 202 "
+            "when at least one file was accepted, 400 when none was. Follow the batch at its `status_url`."
+        ),
+        request={"multipart/form-data": BatchUploadSerializer},
+        responses={202: BatchSerializer, **error_responses(400, 401, 403, 429, 503)},
+    )
+    @action(detail=False, methods=["post"], url_path="batch", url_name="batch")
+    def batch(self, request):
+        body = BatchUploadSerializer(data=request.data, context={"request": request})
+        body.is_valid(raise_exception=True)
+        batch, accepted, rejected = image_services.submit_batch(
+            uploader=request.user, clinic=clinic_of(request.user), uploads=body.validated_data["images"],
+            lesion=body.validated_data.get("lesion"), via="api",
+        )  # fmt: skip
+        status_url = request.build_absolute_uri(reverse("api:batch-detail", kwargs={"pk": batch.pk}))
+        data = {
+            "id": str(batch.pk), "status_url": status_url, "submitted": batch.submitted,
+            "accepted": [
+                {"position": position, "id": str(image.pk),
+                 "status_url": request.build_absolute_uri(reverse("api:image-detail", kwargs={"pk": image.pk}))}
+                for position, image in accepted
+            ],
+            "rejected": batch.rejected,
+        }  # fmt: skip
+        if not accepted:
+            return Response({"detail": f"None of the {batch.submitted} files was accepted; see `rejected`.",
+                             "code": "no_valid_file", **data}, status=status.HTTP_400_BAD_REQUEST)  # fmt: skip
+        return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": status_url})
 
     def create(self, request, *args, **kwargs):
         upload = ImageUploadSerializer(data=request.data, context={"request": request})
@@ -341,6 +379,36 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         except DjangoValidationError as exc:
             raise RequestRefused(" ".join(exc.messages), code="no_prediction", status_code=409) from None
         return Response(FeedbackSerializer(record).data, status=status.HTTP_201_CREATED)
+
+
+@extend_schema_view(
+    retrieve=extend_schema(
+        summary="A batch's progress: its images by state, and the files it refused",
+        responses={200: BatchStatusSerializer, **error_responses(401, 403, 404)},
+    )
+)
+class BatchViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    serializer_class = BatchStatusSerializer
+
+    def get_queryset(self):
+        return UploadBatch.objects.visible_to(self.request.user)
+
+    def retrieve(self, request, *args, **kwargs):
+        batch = self.get_object()
+        images = list(batch.images.order_by("created_at").values_list("pk", "state"))
+        states = {state: 0 for state in ImageState.values}
+        for _, state in images:
+            states[state] += 1
+        return Response({
+            "id": str(batch.pk), "created_at": batch.created_at, "submitted": batch.submitted,
+            "accepted": len(images), "rejected": batch.rejected, "states": states,
+            "finished": states[ImageState.QUEUED] == states[ImageState.PROCESSING] == 0,
+            "images": [
+                {"id": str(pk), "state": state,
+                 "status_url": request.build_absolute_uri(reverse("api:image-detail", kwargs={"pk": pk}))}
+                for pk, state in images
+            ],
+        })  # fmt: skip
 
 
 EXPLANATION_FILES = {

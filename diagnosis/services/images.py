@@ -57,8 +57,9 @@ IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 
 def submit_image(
-    *, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "", idempotency_key: str = ""
-) -> LesionImage:
+    *, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "", idempotency_key: str = "",
+    batch=None,
+) -> LesionImage:  # fmt: skip
     """Validate, strip metadata, store under a random key, record as queued, and enqueue on commit.
 
     Raises ImageValidationError for bad files and ValidationError for a lesion of another clinic;
@@ -96,6 +97,7 @@ def submit_image(
                 file_size=len(clean_bytes),
                 upload_bytes=len(data),
                 idempotency_key=idempotency_key,
+                batch=batch,
                 state=ImageState.QUEUED,
                 enqueued_at=timezone.now(),
             )
@@ -235,3 +237,24 @@ def requeue_stale_explanations(*, now) -> int:
         Explanation.objects.filter(pk=explanation.pk).update(claimed_at=now)
         count += 1
     return count
+
+
+def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | None = None, via: str = ""):
+    """Several photos at once. Each file is validated and stored on its own, exactly as a single upload:
+    the valid ones are accepted (and queued), each invalid one is listed with its error. Returns
+    (batch, [(position, image)], [(position, code, message)])."""
+    from ..models import UploadBatch
+
+    batch = UploadBatch.objects.create(clinic=clinic, created_by=uploader, submitted=len(uploads))
+    accepted, rejected = [], []
+    for position, upload in enumerate(uploads):
+        try:
+            accepted.append((position, submit_image(uploader=uploader, clinic=clinic, upload=upload, lesion=lesion,
+                                                    via=via, batch=batch)))  # fmt: skip
+        except ImageValidationError as exc:
+            rejected.append((position, exc.code, exc.message))
+    UploadBatch.objects.filter(pk=batch.pk).update(
+        rejected=[{"position": p, "code": c, "detail": m} for p, c, m in rejected]
+    )
+    batch.refresh_from_db()
+    return batch, accepted, rejected

@@ -147,6 +147,9 @@ CACHES = {
 # --- Uploads and the model -------------------------------------------------------------------
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)
+# POST /api/v1/images/batch/: at most this many files per request.
+MAX_BATCH_FILES = env_int("MAX_BATCH_FILES", 100)
+DATA_UPLOAD_MAX_NUMBER_FILES = MAX_BATCH_FILES + 1
 # Django only buffers this much of a file in memory; larger uploads go to a temporary file.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(VAR_DIR / "model-cache")))
