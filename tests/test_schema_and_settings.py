@@ -30,7 +30,7 @@ def test_schema_describes_every_endpoint_with_its_errors(schema):
         ("/api/v1/images/", "post"): {"202", "400", "401", "403", "409", "429", "503"},
         ("/api/v1/images/{id}/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/images/{id}/file/", "get"): {"200", "401", "403", "404"},
-        ("/api/v1/patients/", "get"): {"200", "401", "403"},
+        ("/api/v1/patients/", "get"): {"200", "400", "401", "403"},
         ("/api/v1/patients/", "post"): {"201", "400", "401", "403"},
         ("/api/v1/patients/{id}/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/lesions/", "get"): {"200", "400", "401", "403"},

@@ -24,6 +24,8 @@ class SecurityHeadersMiddleware:
         content_type = response.get("Content-Type", "")
         if content_type.startswith("text/html") and not request.path.startswith(UNCOVERED):
             response.setdefault("Content-Security-Policy", PORTAL_CSP)
+        if request.path.startswith("/api/v1/"):
+            response.setdefault("Cache-Control", "private, no-store")  # patient data: never cached
         if response.status_code == 429 and not response.has_header("Retry-After"):
             # django-axes' lockout page: say when to try again.
             response["Retry-After"] = str(int(settings.AXES_COOLOFF_TIME.total_seconds()))

@@ -1,11 +1,11 @@
-from rest_framework.routers import DefaultRouter
+from rest_framework.routers import SimpleRouter
 
 from .views import BatchViewSet, ExplanationViewSet, ImageViewSet, LesionViewSet, PatientViewSet
 
 app_name = "api"
 
-router = DefaultRouter(trailing_slash=True)
-router.include_root_view = False
+# SimpleRouter: no API root view and no ".json" format-suffix twins of every route; the API speaks JSON only.
+router = SimpleRouter(trailing_slash=True)
 router.register("patients", PatientViewSet, basename="patient")
 router.register("lesions", LesionViewSet, basename="lesion")
 router.register("images", ImageViewSet, basename="image")

@@ -39,7 +39,7 @@ def client_ip(request) -> str | None:
     list=extend_schema(
         summary="List your clinic's patients",
         parameters=[OpenApiParameter("reference", str, description="Only references starting with this text")],
-        responses={200: PatientSerializer(many=True), **error_responses(401, 403)},
+        responses={200: PatientSerializer(many=True), **error_responses(400, 401, 403)},
     ),
     retrieve=extend_schema(summary="One patient", responses={200: PatientSerializer, **error_responses(401, 403, 404)}),
     create=extend_schema(
@@ -317,7 +317,9 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             **error_responses(400, 401, 403, 404, 409),
         },
     )
-    @action(detail=True, methods=["get", "post"], url_path="explanations", url_name="explanations")
+    @action(
+        detail=True, methods=["get", "post"], url_path="explanations", url_name="explanations", pagination_class=None
+    )
     def explanations(self, request, pk=None):
         image = self.get_object()
         if request.method == "GET":
@@ -355,7 +357,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         request=FeedbackSerializer,
         responses={201: FeedbackSerializer, **error_responses(400, 401, 403, 404, 409)},
     )
-    @action(detail=True, methods=["get", "post"], url_path="feedback", url_name="feedback")
+    @action(detail=True, methods=["get", "post"], url_path="feedback", url_name="feedback", pagination_class=None)
     def feedback(self, request, pk=None):
         from django.core.exceptions import ValidationError as DjangoValidationError
 
