@@ -71,87 +71,196 @@ def process_image(*, image_id: str, worker_id: str) -> str:
     and raises TransientError for a bounded retry; a model that cannot be loaded gives the claim back
     and raises ModelUnavailable. Either way the image stays queued and the sweeper retries it later.
     """
+    return process_images(image_ids=[image_id], worker_id=worker_id)[image_id]
+
+
+def gather_queued(*, exclude: str, limit: int) -> list[str]:
+    """Up to `limit` other queued images, oldest first: the batch a worker takes with its own image.
+    Their own messages arrive later and find them finished (a no-op claim)."""
+    if limit <= 0:
+        return []
+    return [str(pk) for pk in LesionImage.objects.filter(state=ImageState.QUEUED).exclude(pk=exclude)
+            .order_by("enqueued_at").values_list("pk", flat=True)[:limit]]  # fmt: skip
+
+
+_decoders = None
+
+
+def _decoder_pool():
+    global _decoders
+    if _decoders is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _decoders = ThreadPoolExecutor(max_workers=max(1, settings.DECODE_THREADS), thread_name_prefix="decode")
+    return _decoders
+
+
+def _read_and_decode(image: LesionImage):
+    """Bytes from storage and the decoded photo; Pillow releases the GIL, so threads decode in parallel."""
+    from mlcore.preprocessing import decode_image
+
+    with image.file.open("rb") as handle:
+        data = handle.read()
+    return decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
+                        max_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
+
+
+def process_images(*, image_ids: list[str], worker_id: str) -> dict[str, str]:
+    """Claim each image, decode them in parallel, predict them as one batch, record each.
+
+    The first image is the one this task was sent for: a temporary error on it raises (TransientError,
+    ModelUnavailable) for the task's bounded retry, after the others have been handled; the others'
+    temporary errors give their claims back for their own messages. One image's fault fails only it.
+    """
     from django.db import InterfaceError, OperationalError
 
-    from mlcore.preprocessing import ImageValidationError, decode_image
+    from mlcore.preprocessing import ImageValidationError
 
     from .images import release_image
 
-    image = claim_image(image_id=image_id, worker_id=worker_id)
-    if image is None:
-        return "skipped"
+    outcomes: dict[str, str] = {}
+    own = image_ids[0]
+    deferred: Exception | None = None
 
-    def fail(reason: str) -> str:
+    def fail(image_id: str, reason: str) -> None:
         fail_image(image_id=image_id, reason=reason, worker_id=worker_id)
-        return "failed"
+        outcomes[image_id] = "failed"
 
-    def give_back() -> None:
+    def give_back(image_id: str) -> None:
         try:
             release_image(image_id=image_id, worker_id=worker_id)
         except Exception:  # the database itself is down; the sweeper recovers the claim later
             logger.warning("could not release image %s", image_id)
+        outcomes[image_id] = "released"
 
-    if image.attempts > settings.MAX_PROCESSING_ATTEMPTS:
-        return fail(
-            f"Processing was started {image.attempts - 1} times and never finished (the worker stopped each "
-            "time); the image may be too large or damaged. Upload it again or contact support."
-        )
+    claimed: list[LesionImage] = []
+    for image_id in image_ids:
+        image = claim_image(image_id=image_id, worker_id=worker_id)
+        if image is None:
+            outcomes[image_id] = "skipped"
+        elif image.attempts > settings.MAX_PROCESSING_ATTEMPTS:
+            fail(image_id, f"Processing was started {image.attempts - 1} times and never finished (the worker "
+                           "stopped each time); the image may be too large or damaged. Upload it again or contact "
+                           "support.")  # fmt: skip
+        else:
+            claimed.append(image)
+    if not claimed:
+        return outcomes
     model_version = active_model_version()
     if model_version is None:
-        return fail("No model is active. An administrator must activate a model version.")
+        for image in claimed:
+            fail(str(image.pk), "No model is active. An administrator must activate a model version.")
+        return outcomes
     try:
         predictor = predictor_for(model_version)
-    except (OperationalError, InterfaceError, ConnectionError, TimeoutError) as exc:
-        give_back()
-        raise TransientError(str(exc)) from exc
     except Exception as exc:
-        give_back()
+        for image in claimed:
+            give_back(str(image.pk))
+        if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError)):
+            raise TransientError(str(exc)) from exc
         logger.exception("model %s cannot be loaded", model_version.version)
         raise ModelUnavailable(f"model {model_version.version} cannot be loaded: {exc}") from exc
-    try:
-        with image.file.open("rb") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        return fail("The stored image file is missing. Upload it again.")
-    except (OSError, OperationalError, InterfaceError) as exc:
-        give_back()
-        raise TransientError(str(exc)) from exc
-    try:
-        decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
-                               max_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
-        started = time.perf_counter()
-        results, cams, embeddings = predictor.predict_with_gradcam([decoded.image], embeddings=True)
-        result, cam = results[0], cams[0]
-        inference_ms = (time.perf_counter() - started) * 1000
-    except ImageValidationError as exc:
-        return fail(f"The stored image could not be read: {exc.message}")
-    except Exception as exc:
-        from celery.exceptions import SoftTimeLimitExceeded
 
-        if isinstance(exc, SoftTimeLimitExceeded):
-            return fail("The model took too long on this image and was stopped.")
-        logger.exception("model failed on image %s", image_id)
-        return fail(
-            f"The model could not process this image (internal error: {type(exc).__name__}). "
-            "The team has been notified in the logs."
-        )
+    # Read and decode in parallel (one image: inline, no hand-off).
+    if len(claimed) == 1:
+        jobs = [_run_inline(_read_and_decode, claimed[0])]
+    else:
+        jobs = [_Inline(future=_decoder_pool().submit(_read_and_decode, image)) for image in claimed]
+    ready: list[tuple[LesionImage, object]] = []
+    for image, job in zip(claimed, jobs, strict=True):
+        image_id = str(image.pk)
+        try:
+            ready.append((image, job.result()))
+        except FileNotFoundError:
+            fail(image_id, "The stored image file is missing. Upload it again.")
+        except ImageValidationError as exc:
+            fail(image_id, f"The stored image could not be read: {exc.message}")
+        except (OSError, OperationalError, InterfaceError) as exc:
+            give_back(image_id)
+            if image_id == own:
+                deferred = TransientError(str(exc))
+    if ready:
+        _predict_and_record(ready, model_version=model_version, predictor=predictor, worker_id=worker_id,
+                            outcomes=outcomes, fail=fail)  # fmt: skip
+    if deferred is not None:
+        raise deferred
+    return outcomes
+
+
+class _Inline:
+    def __init__(self, *, value=None, error: BaseException | None = None, future=None) -> None:
+        self.value, self.error, self.future = value, error, future
+
+    def result(self):
+        if self.future is not None:
+            return self.future.result()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _run_inline(function, *args) -> _Inline:
+    try:
+        return _Inline(value=function(*args))
+    except Exception as exc:
+        return _Inline(error=exc)
+
+
+def _predict_and_record(ready, *, model_version, predictor, worker_id, outcomes, fail) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    def attempt(batch):
+        try:
+            started = time.perf_counter()
+            results, cams, embeddings = predictor.predict_with_gradcam([decoded.image for _, decoded in batch],
+                                                                       embeddings=True)  # fmt: skip
+            return results, cams, embeddings, (time.perf_counter() - started) * 1000 / len(batch)
+        except SoftTimeLimitExceeded:
+            raise
+        except Exception as exc:
+            logger.exception("the model failed on a batch of %d (first image %s)", len(batch), batch[0][0].pk)
+            return exc
+
+    try:
+        groups, outputs = [ready], [attempt(ready)]
+        if isinstance(outputs[0], Exception) and len(ready) > 1:
+            # One image broke the batch: run them one by one, so that only that one fails.
+            groups = [[item] for item in ready]
+            outputs = [attempt(group) for group in groups]
+    except SoftTimeLimitExceeded:
+        for image, _ in ready:
+            if str(image.pk) not in outcomes:
+                fail(str(image.pk), "The model took too long on this image and was stopped.")
+        return
+    for group, output in zip(groups, outputs, strict=True):
+        if isinstance(output, Exception):
+            fail(str(group[0][0].pk), f"The model could not process this image (internal error: "
+                                      f"{type(output).__name__}). The team has been notified in the logs.")  # fmt: skip
+            continue
+        results, cams, embeddings, per_image_ms = output
+        for index, (image, decoded) in enumerate(group):
+            _record_one(image=image, decoded=decoded, result=results[index], cam=cams[index],
+                        embedding=embeddings[index], inference_ms=per_image_ms, model_version=model_version,
+                        worker_id=worker_id)  # fmt: skip
+            outcomes[str(image.pk)] = "done"
+
+
+def _record_one(*, image, decoded, result, cam, embedding, inference_ms, model_version, worker_id) -> None:
     # The prediction is stored first: a clinician sees the risk before any heatmap is drawn.
     record_prediction(
         image=image, model_version=model_version, result=result, inference_ms=inference_ms, worker_id=worker_id
     )
     from .explanations import record_gradcam, request_automatic_explanations
+    from .monitoring import record_upload_features
 
     try:
         record_gradcam(image=image, model_version=model_version, result=result, cam=cam, seconds=inference_ms / 1000)
     except Exception:  # a heatmap problem must never undo a stored prediction
-        logger.exception("Grad-CAM could not be stored for image %s", image_id)
-    from .monitoring import record_upload_features
-
+        logger.exception("Grad-CAM could not be stored for image %s", image.pk)
     try:
         record_upload_features(image=image, model_version=model_version, decoded_image=decoded.image,
-                               probability=result.probability_malignant, embedding=embeddings[0])  # fmt: skip
+                               probability=result.probability_malignant, embedding=embedding)  # fmt: skip
     except Exception:  # monitoring must never undo a stored prediction
-        logger.exception("drift features could not be stored for image %s", image_id)
+        logger.exception("drift features could not be stored for image %s", image.pk)
     image.state = ImageState.DONE
     request_automatic_explanations(image=image)
-    return "done"

@@ -154,6 +154,10 @@ DATA_UPLOAD_MAX_NUMBER_FILES = MAX_BATCH_FILES + 1
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(VAR_DIR / "model-cache")))
 INFERENCE_DEVICE = env_str("INFERENCE_DEVICE", "auto")
+# An inference task takes its own image plus up to INFERENCE_BATCH_SIZE - 1 other queued ones as one
+# batch (never waiting for more); DECODE_THREADS read and decode a batch's photos in parallel.
+INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 16)
+DECODE_THREADS = env_int("DECODE_THREADS", 2)
 # A claim older than this is presumed dead (its worker was killed) and may be taken again.
 CLAIM_TIMEOUT_SECONDS = env_int("CLAIM_TIMEOUT_SECONDS", 300)
 # A queued image whose message has not been consumed for this long is enqueued again.

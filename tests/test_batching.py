@@ -1,0 +1,96 @@
+"""Batching across uploads: a task takes its image plus other queued ones as one batch, with the
+per-image state machine intact (one prediction per image, one claim each, faults isolated)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+
+from diagnosis.models import ImageState, LesionImage, Prediction
+from diagnosis.services.images import submit_image
+from diagnosis.services.predictions import gather_queued, process_images
+from tests.conftest import lesion_jpeg, start_worker, stop_worker, token_client, upload_file, wait_for
+
+
+def queued_images(clinic, clinician, count: int, seed: int = 0) -> list[str]:
+    with transaction.atomic():  # no commit hook: nothing is published, the images just wait
+        return [str(submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=seed + i))).pk)
+                for i in range(count)]  # fmt: skip
+
+
+def test_gather_takes_the_oldest_queued_images_but_not_its_own(clinic, clinician):
+    ids = queued_images(clinic, clinician, 5)
+    LesionImage.objects.filter(pk=ids[4]).update(state=ImageState.DONE)
+    assert gather_queued(exclude=ids[0], limit=2) == ids[1:3]
+    assert gather_queued(exclude=ids[0], limit=10) == ids[1:4]
+    assert gather_queued(exclude=ids[0], limit=0) == []
+
+
+def test_one_batch_records_every_image_and_a_damaged_one_fails_alone(clinic, clinician, active_model, settings):
+    settings.AUTO_EXPLAIN_METHODS = []
+    ids = queued_images(clinic, clinician, 5, seed=10)
+    damaged = LesionImage.objects.get(pk=ids[2])
+    default_storage.delete(damaged.file.name)
+    default_storage.save(damaged.file.name, ContentFile(lesion_jpeg(seed=12)[:300]))
+
+    outcomes = process_images(image_ids=ids, worker_id="batcher:1")
+    assert outcomes == {ids[0]: "done", ids[1]: "done", ids[2]: "failed", ids[3]: "done", ids[4]: "done"}
+    damaged.refresh_from_db()
+    assert damaged.state == ImageState.FAILED and "could not be read" in damaged.error
+    assert Prediction.objects.filter(model_version=active_model).count() == 4
+    done = LesionImage.objects.filter(state=ImageState.DONE)
+    assert done.count() == 4 and set(done.values_list("claimed_by", flat=True)) == {"batcher:1"}
+    # One forward pass for the batch: every prediction of it records the same time per image.
+    assert len(set(Prediction.objects.values_list("inference_ms", flat=True))) == 1
+    # Each image's own message, arriving later, finds it finished.
+    assert process_images(image_ids=[ids[1]], worker_id="late:2") == {ids[1]: "skipped"}
+
+
+def test_images_claimed_by_another_worker_are_left_alone(clinic, clinician, active_model, settings):
+    settings.AUTO_EXPLAIN_METHODS = []
+    ids = queued_images(clinic, clinician, 3, seed=20)
+    from diagnosis.services.images import claim_image
+
+    assert claim_image(image_id=ids[1], worker_id="other:9") is not None
+    outcomes = process_images(image_ids=ids, worker_id="me:1")
+    assert outcomes[ids[1]] == "skipped" and outcomes[ids[0]] == outcomes[ids[2]] == "done"
+    assert LesionImage.objects.get(pk=ids[1]).state == ImageState.PROCESSING  # still the other worker's
+
+
+@pytest.mark.django_db(transaction=True)
+def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
+    celery_worker, worker_env, tiny_checkpoint, tmp_path_factory
+):
+    from diagnosis.services.registry import register_model
+    from tests.factories import ClinicFactory, ClinicianFactory
+
+    clinic = ClinicFactory(name="Batching clinic")
+    client = token_client(ClinicianFactory(membership__clinic=clinic))
+    model_version = register_model(checkpoint=tiny_checkpoint, version="batching-tiny", activate=True)
+    second = start_worker(env={**worker_env, "AUTO_EXPLAIN_METHODS": "none"},
+                          log_path=tmp_path_factory.mktemp("second-worker") / "worker.log", queues="inference",
+                          name=f"second-{uuid.uuid4().hex[:6]}@%h")  # fmt: skip
+    try:
+        photos = [lesion_jpeg(seed=seed, size=64) for seed in range(10)]
+        ids = []
+        for index in range(200):
+            response = client.post("/api/v1/images/", {"image": upload_file(photos[index % 10])}, format="multipart")
+            assert response.status_code == 202
+            ids.append(response.json()["id"])
+        images = LesionImage.objects.filter(pk__in=ids)
+        wait_for(lambda: images.filter(state=ImageState.DONE).count() == 200, 180, interval=0.5,
+                 message="all 200 uploads to be done")  # fmt: skip
+    finally:
+        stop_worker(second)
+    predictions = Prediction.objects.filter(image_id__in=ids, model_version=model_version)
+    assert predictions.count() == 200
+    assert predictions.values("image_id").distinct().count() == 200
+    assert set(images.values_list("attempts", flat=True)) == {1}  # each claimed once
+    claims = set(images.values_list("claimed_by", flat=True))
+    workers = {claim.split("@")[0] for claim in claims}
+    assert len(workers) == 2, workers  # both workers took a share
+    assert len(claims) < 200  # and at least some images went through in a batch with others
