@@ -6,6 +6,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from diagnosis import admin_monitoring
 from diagnosis.portal.accounts import LoginView
+from webapp.health import healthz, readyz
 
 
 def no_favicon(request):
@@ -14,6 +15,8 @@ def no_favicon(request):
 
 urlpatterns = [
     path("favicon.ico", no_favicon),
+    path("healthz", healthz, name="healthz"),
+    path("readyz", readyz, name="readyz"),
     path("", include("diagnosis.portal.urls", namespace="portal")),
     path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
