@@ -548,6 +548,8 @@ class AuditEvent(models.Model):
         VIEW_REPORT = "view_report", "Opened a lesion report"
         VIEW_HISTORY = "view_history", "Listed the clinic's images"
         RECORD_FEEDBACK = "record_feedback", "Recorded feedback or an outcome"
+        PURGE_PATIENT = "purge_patient", "Erased a patient and their files"
+        PURGE_EXPIRED = "purge_expired", "Deleted images past the retention period"
 
     at = models.DateTimeField(default=timezone.now, db_index=True)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.SET_NULL, null=True, related_name="+")

@@ -60,3 +60,10 @@ def drift_report_task(triggered_by: str = "schedule") -> str:
 
     report = run_drift_report(triggered_by=triggered_by)
     return f"{report.pk}: {report.status}"
+
+
+@shared_task
+def purge_expired_images_task() -> dict[str, int]:
+    from .services.retention import purge_expired_images
+
+    return purge_expired_images()

@@ -147,6 +147,8 @@ CACHES = {
 # --- Uploads and the model -------------------------------------------------------------------
 MAX_UPLOAD_BYTES = env_int("MAX_UPLOAD_BYTES", 20 * 1024 * 1024)
 MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)
+# Images (with their results and files) older than this many days are deleted daily; 0 keeps them.
+IMAGE_RETENTION_DAYS = env_int("IMAGE_RETENTION_DAYS", 0)
 # POST /api/v1/images/batch/: at most this many files per request.
 MAX_BATCH_FILES = env_int("MAX_BATCH_FILES", 100)
 DATA_UPLOAD_MAX_NUMBER_FILES = MAX_BATCH_FILES + 1
@@ -276,6 +278,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "diagnosis.tasks.drift_report_task",
         "schedule": DRIFT_REPORT_INTERVAL_SECONDS,
     },
+    "purge-expired-images": {"task": "diagnosis.tasks.purge_expired_images_task", "schedule": 24 * 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
