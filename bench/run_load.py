@@ -64,8 +64,8 @@ def main() -> None:
 
     logs = {name: open(out / f"{name}.log", "wb") for name in ("web", "worker")}  # noqa: SIM115
     processes = [
-        subprocess.Popen([PY, "-m", "gunicorn", "webapp.wsgi", "-b", f"127.0.0.1:{args.port}", "-w",
-                          str(args.web_workers), "--threads", "4", "--timeout", "60"], cwd=ROOT, env=env,
+        subprocess.Popen([PY, "-m", "gunicorn", "webapp.wsgi", "-c", "webapp/gunicorn.conf.py", "-b",
+                          f"127.0.0.1:{args.port}", "-w", str(args.web_workers)], cwd=ROOT, env=env,
                          stdout=logs["web"], stderr=subprocess.STDOUT, start_new_session=True),
         subprocess.Popen([PY, "-m", "celery", "-A", "webapp", "worker", "-Q", "inference,default", "--concurrency",
                           "1", "--loglevel", "WARNING", "--hostname", "load@%h"], cwd=ROOT, env=env,
@@ -75,7 +75,7 @@ def main() -> None:
         deadline = time.monotonic() + 60
         while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/api/schema/", timeout=2)
+                urllib.request.urlopen(f"http://127.0.0.1:{args.port}/healthz", timeout=2)
                 break
             except OSError:
                 if time.monotonic() > deadline:

@@ -1,3 +1,5 @@
+import threading
+
 from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.http import HttpResponse
@@ -7,6 +9,19 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from diagnosis import admin_monitoring
 from diagnosis.portal.accounts import LoginView
 from webapp.health import healthz, readyz
+
+
+class SchemaView(SpectacularAPIView):
+    """The OpenAPI schema, generated one request at a time: drf-spectacular loads its extensions lazily
+    and not thread-safely, and two first requests at once in a threaded server raised a 500."""
+
+    _lock = threading.Lock()
+
+    def get(self, request, *args, **kwargs):
+        with self._lock:
+            response = super().get(request, *args, **kwargs)
+            response.render()
+            return response
 
 
 def no_favicon(request):
@@ -29,7 +44,7 @@ urlpatterns = [
     *admin_monitoring.urls(),
     path("admin/", admin.site.urls),
     path("api/v1/", include("diagnosis.api.urls", namespace="api")),
-    path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("api/schema/", SchemaView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="api-docs"),
 ]
 
