@@ -67,3 +67,55 @@ def test_readyz_is_503_while_the_broker_is_down_and_200_when_it_is_back(client, 
 def test_health_endpoints_reveal_no_patient_data(client, db, path):
     body = client.get(path).content.decode()
     assert "patient" not in body.lower() and "token" not in body.lower()
+
+
+def test_first_schema_requests_in_a_fresh_threaded_gunicorn_all_succeed(tmp_path):
+    """drf-spectacular loads its extensions lazily and not thread-safely: concurrent first requests
+    to /api/schema/ in a new threaded process used to answer 500 (21 of 24 here)."""
+    import os
+    import secrets
+    import signal
+    import sys
+    import urllib.error
+    import urllib.request
+    from concurrent.futures import ThreadPoolExecutor
+
+    from django.conf import settings
+
+    from tests.conftest import ROOT
+
+    database = settings.DATABASES["default"]
+    port = free_port()
+    env = {
+        **os.environ, "DJANGO_SETTINGS_MODULE": "webapp.settings.prod", "SECRET_KEY": secrets.token_urlsafe(50),
+        "ALLOWED_HOSTS": "127.0.0.1", "SECURE_SSL_REDIRECT": "false", "CELERY_BROKER_URL": "redis://127.0.0.1:6379/15",
+        "DATABASE_URL": f"postgres://{database['USER']}@{database['HOST']}:{database['PORT']}/{database['NAME']}",
+        "STATIC_ROOT": str(tmp_path),
+    }  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "webapp.wsgi", "-c", "webapp/gunicorn.conf.py", "-b", f"127.0.0.1:{port}",
+         "-w", "1", "--threads", "8"],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "gunicorn did not start"
+                time.sleep(0.2)
+
+        def fetch(_):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/schema/", timeout=60) as response:
+                    return response.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        with ThreadPoolExecutor(8) as pool:
+            assert list(pool.map(fetch, range(8))) == [200] * 8
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

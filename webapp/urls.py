@@ -4,6 +4,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.http import HttpResponse
 from django.urls import include, path
+from drf_spectacular.utils import extend_schema
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from diagnosis import admin_monitoring
@@ -17,11 +18,10 @@ class SchemaView(SpectacularAPIView):
 
     _lock = threading.Lock()
 
+    @extend_schema(exclude=True)
     def get(self, request, *args, **kwargs):
         with self._lock:
-            response = super().get(request, *args, **kwargs)
-            response.render()
-            return response
+            return super().get(request, *args, **kwargs)
 
 
 def no_favicon(request):
