@@ -97,6 +97,8 @@ def evidently_html(request, pk: int):
     except FileNotFoundError:
         raise Http404("The stored Evidently report is missing.") from None
     response = FileResponse(handle, content_type="text/html; charset=utf-8")
+    # Evidently's page runs its own scripts: give it a sandbox (an opaque origin, no admin cookies).
+    response["Content-Security-Policy"] = "sandbox allow-scripts"
     response["Cache-Control"] = "private, no-store"
     response["X-Content-Type-Options"] = "nosniff"
     return response

@@ -8,7 +8,7 @@ from celery import shared_task
 
 from .services.explanations import compute_explanation, render_explanation
 from .services.images import requeue_stale_images
-from .services.predictions import TransientError, gather_queued, process_images
+from .services.predictions import TransientError, process_images
 
 # Work on one image: acknowledged only when done, requeued if the worker dies, retried a bounded
 # number of times for named transient errors only. Every such task is idempotent.
@@ -33,8 +33,7 @@ def predict_image_task(self, image_id: str) -> str:
     empty queue the image goes through alone at once: no waiting for a batch to fill."""
     from django.conf import settings
 
-    others = gather_queued(exclude=image_id, limit=settings.INFERENCE_BATCH_SIZE - 1)
-    outcomes = process_images(image_ids=[image_id, *others], worker_id=worker_id(self))
+    outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self), gather=settings.INFERENCE_BATCH_SIZE - 1)
     return outcomes[image_id]
 
 

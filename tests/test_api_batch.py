@@ -101,3 +101,17 @@ def test_another_clinics_batch_is_404(api_client, other_api_client, django_captu
         body = send(api_client, [upload_file(lesion_jpeg(seed=12))]).json()
     assert other_api_client.get(body["status_url"]).status_code == 404
     assert api_client.get(body["status_url"]).status_code == 200
+
+
+def test_a_batch_counts_each_photo_against_the_upload_limit(api_client, settings, django_capture_on_commit_callbacks):
+    from django.core.cache import cache
+
+    cache.clear()
+    settings.API_UPLOAD_RATE_LIMIT = "5/minute"
+    with django_capture_on_commit_callbacks():
+        assert send(api_client, [upload_file(lesion_jpeg(seed=s)) for s in (13, 14, 15)]).status_code == 202
+        refused = send(api_client, [upload_file(lesion_jpeg(seed=s)) for s in (16, 17, 18)])  # 3 + 3 > 5
+        assert refused.status_code == 429 and int(refused["Retry-After"]) > 0
+        assert send(api_client, [upload_file(lesion_jpeg(seed=s)) for s in (19, 20)]).status_code == 202  # 3 + 2
+    assert LesionImage.objects.count() == 5
+    cache.clear()

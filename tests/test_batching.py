@@ -94,3 +94,20 @@ def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
     workers = {claim.split("@")[0] for claim in claims}
     assert len(workers) == 2, workers  # both workers took a share
     assert len(claims) < 200  # and at least some images went through in a batch with others
+
+
+def test_a_task_gathers_only_when_its_own_image_is_fresh(clinic, clinician, active_model, settings):
+    settings.AUTO_EXPLAIN_METHODS = []
+    first = queued_images(clinic, clinician, 3, seed=30)
+    outcomes = process_images(image_ids=[first[0]], worker_id="t:1", gather=5)
+    assert outcomes == dict.fromkeys(first, "done")  # its own image and the two waiting ones, as one batch
+
+    waiting = queued_images(clinic, clinician, 2, seed=40)
+    # A late message for an image that is already done does no other work: the waiting ones stay queued.
+    assert process_images(image_ids=[first[1]], worker_id="t:2", gather=5) == {first[1]: "skipped"}
+    assert set(LesionImage.objects.filter(pk__in=waiting).values_list("state", flat=True)) == {ImageState.QUEUED}
+    # An image on its second attempt (its worker died) goes alone, and never-attempted ones are not
+    # put at risk with it.
+    LesionImage.objects.filter(pk=waiting[0]).update(attempts=1)
+    assert process_images(image_ids=[waiting[0]], worker_id="t:3", gather=5) == {waiting[0]: "done"}
+    assert LesionImage.objects.get(pk=waiting[1]).state == ImageState.QUEUED

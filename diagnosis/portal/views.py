@@ -26,8 +26,6 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from mlcore.explain import METHOD_LABELS, METHODS
-
 from ..models import (
     ApiToken,
     AuditEvent,
@@ -49,6 +47,16 @@ from ..services.clinics import clinic_of
 from .forms import AssessmentForm, HistoryFilterForm, LesionForm, OutcomeForm, PatientForm, TokenForm
 
 VIA = "portal"
+
+
+def method_labels() -> dict[str, str]:
+    """Explanation methods and their names (imported lazily: mlcore.explain loads torch, which the web
+    tier otherwise never needs)."""
+    from mlcore.explain import METHOD_LABELS
+
+    return METHOD_LABELS
+
+
 FINAL_STATES = {ImageState.DONE, ImageState.FAILED}
 THUMB_SIDE = 240
 DISPLAY_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE: the heatmaps are drawn at this size
@@ -160,7 +168,8 @@ class TimelineRow:
 def timeline(lesion: Lesion) -> list[TimelineRow]:
     """The lesion's images, newest first, each with its risk and the change since the previous one."""
     images = with_predictions(lesion.images.order_by("created_at")).prefetch_related(
-        "feedback", Prefetch("explanations", queryset=Explanation.objects.order_by("created_at"))
+        Prefetch("feedback", queryset=Feedback.objects.select_related("recorded_by")),
+        Prefetch("explanations", queryset=Explanation.objects.order_by("created_at")),
     )
     rows, previous = [], None
     for image in images:
@@ -168,7 +177,7 @@ def timeline(lesion: Lesion) -> list[TimelineRow]:
         row = TimelineRow(image=image, decision=decision, **feedback_services.latest_feedback(image))
         row.explanations = [e for e in image.explanations.all() if e.state == Explanation.State.DONE]
         for explanation in row.explanations:
-            explanation.label = METHOD_LABELS.get(explanation.method, explanation.method)
+            explanation.label = method_labels().get(explanation.method, explanation.method)
         if decision is not None:
             if previous is not None:
                 row.change = decision.probability - previous
@@ -184,7 +193,7 @@ def explanation_payload(explanation: Explanation) -> dict:
     return {
         "id": str(explanation.pk),
         "method": explanation.method,
-        "label": METHOD_LABELS.get(explanation.method, explanation.method),
+        "label": method_labels().get(explanation.method, explanation.method),
         "state": explanation.state,
         "error": explanation.error,
         "target_class": explanation.target_class,
@@ -328,9 +337,9 @@ def lesion_upload(request, pk):
         return JsonResponse({"files": results}, status=202 if accepted else 400)
     if not files:
         messages.error(request, "Choose at least one image to upload.")
-    for result in results:
-        if not result["ok"]:
-            messages.error(request, f"{result['name']}: {result['error']}")
+    for position, result in enumerate(results, start=1):
+        if not result["ok"]:  # by position: the client's file name may hold a person's name
+            messages.error(request, f"File {position} of {len(results)}: {result['error']}")
     if accepted:
         messages.success(request, f"{accepted} image{'s' if accepted != 1 else ''} uploaded; results appear below.")
     return redirect("portal:lesion", pk=lesion.pk)
@@ -365,14 +374,14 @@ def image_page(request, image: LesionImage, *, assessment_form=None, outcome_for
         else []
     )
     for explanation in explanations:
-        explanation.label = METHOD_LABELS.get(explanation.method, explanation.method)
+        explanation.label = method_labels().get(explanation.method, explanation.method)
     done = [e for e in explanations if e.state == Explanation.State.DONE]
     preferred = next((e for e in done if e.method == "gradcam"), done[0] if done else None)
     requested = {e.method for e in explanations}
     context = {
         "image": image, "lesion": image.lesion, "patient": image.lesion.patient if image.lesion else None,
         "decision": decision, "explanations": explanations, "done_explanations": done, "selected": preferred,
-        "requestable": [(m, METHOD_LABELS[m]) for m in METHODS if m not in requested],
+        "requestable": [(m, label) for m, label in method_labels().items() if m not in requested],
         "status": status_payload(image),
         "assessment_form": assessment_form or AssessmentForm(auto_id=ASSESSMENT_IDS),
         "outcome_form": outcome_form or OutcomeForm(auto_id=OUTCOME_IDS),
@@ -473,7 +482,7 @@ def image_explanations(request, pk):
         return redirect("portal:image", pk=image.pk)
     if wants_json(request):
         return JsonResponse(explanation_payload(explanation), status=202)
-    messages.success(request, f"{METHOD_LABELS.get(method, method)} requested; it appears here when ready.")
+    messages.success(request, f"{method_labels().get(method, method)} requested; it appears here when ready.")
     return redirect("portal:image", pk=image.pk)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 
 from django.conf import settings
 from django.db import transaction
@@ -79,7 +80,9 @@ def gather_queued(*, exclude: str, limit: int) -> list[str]:
     Their own messages arrive later and find them finished (a no-op claim)."""
     if limit <= 0:
         return []
-    return [str(pk) for pk in LesionImage.objects.filter(state=ImageState.QUEUED).exclude(pk=exclude)
+    # Only images never attempted: one that was in a batch when its worker died goes alone, so a
+    # photo that kills workers cannot use up its batch-mates' attempts.
+    return [str(pk) for pk in LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk=exclude)
             .order_by("enqueued_at").values_list("pk", flat=True)[:limit]]  # fmt: skip
 
 
@@ -105,7 +108,31 @@ def _read_and_decode(image: LesionImage):
                         max_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
 
 
-def process_images(*, image_ids: list[str], worker_id: str) -> dict[str, str]:
+def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> dict[str, str]:
+    """See _process_images. With gather > 0, and only once the first image is claimed on its first
+    attempt, up to `gather` other never-attempted queued images join it (gather_queued): a message
+    that finds its image already finished does no more work. A database error anywhere gives back
+    every claim of this call that has no outcome yet and becomes a TransientError, for the task's
+    bounded retry."""
+    from django.db import InterfaceError, OperationalError
+
+    outcomes: dict[str, str] = {}
+    image_ids = list(image_ids)  # grows with the gathered images, so all of them can be given back
+    try:
+        return _process_images(image_ids=image_ids, worker_id=worker_id, outcomes=outcomes, gather=gather)
+    except (OperationalError, InterfaceError) as exc:
+        from .images import release_image
+
+        for image_id in image_ids:
+            if image_id not in outcomes:
+                try:
+                    release_image(image_id=image_id, worker_id=worker_id)
+                except Exception:  # still down: the sweeper recovers the claim later
+                    logger.warning("could not release image %s", image_id)
+        raise TransientError(str(exc)) from exc
+
+
+def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int) -> dict[str, str]:
     """Claim each image, decode them in parallel, predict them as one batch, record each.
 
     The first image is the one this task was sent for: a temporary error on it raises (TransientError,
@@ -118,7 +145,6 @@ def process_images(*, image_ids: list[str], worker_id: str) -> dict[str, str]:
 
     from .images import release_image
 
-    outcomes: dict[str, str] = {}
     own = image_ids[0]
     deferred: Exception | None = None
 
@@ -136,6 +162,8 @@ def process_images(*, image_ids: list[str], worker_id: str) -> dict[str, str]:
     claimed: list[LesionImage] = []
     for image_id in image_ids:
         image = claim_image(image_id=image_id, worker_id=worker_id)
+        if image_id == own and gather > 0 and image is not None and image.attempts == 1:
+            image_ids += gather_queued(exclude=own, limit=gather)
         if image is None:
             outcomes[image_id] = "skipped"
         elif image.attempts > settings.MAX_PROCESSING_ATTEMPTS:
@@ -161,11 +189,11 @@ def process_images(*, image_ids: list[str], worker_id: str) -> dict[str, str]:
         logger.exception("model %s cannot be loaded", model_version.version)
         raise ModelUnavailable(f"model {model_version.version} cannot be loaded: {exc}") from exc
 
-    # Read and decode in parallel (one image: inline, no hand-off).
+    # Read and decode in parallel (one image: in this thread, no hand-off).
     if len(claimed) == 1:
-        jobs = [_run_inline(_read_and_decode, claimed[0])]
+        jobs = [_done_future(_read_and_decode, claimed[0])]
     else:
-        jobs = [_Inline(future=_decoder_pool().submit(_read_and_decode, image)) for image in claimed]
+        jobs = [_decoder_pool().submit(_read_and_decode, image) for image in claimed]
     ready: list[tuple[LesionImage, object]] = []
     for image, job in zip(claimed, jobs, strict=True):
         image_id = str(image.pk)
@@ -187,23 +215,13 @@ def process_images(*, image_ids: list[str], worker_id: str) -> dict[str, str]:
     return outcomes
 
 
-class _Inline:
-    def __init__(self, *, value=None, error: BaseException | None = None, future=None) -> None:
-        self.value, self.error, self.future = value, error, future
-
-    def result(self):
-        if self.future is not None:
-            return self.future.result()
-        if self.error is not None:
-            raise self.error
-        return self.value
-
-
-def _run_inline(function, *args) -> _Inline:
+def _done_future(function, *args) -> Future:
+    future: Future = Future()
     try:
-        return _Inline(value=function(*args))
+        future.set_result(function(*args))
     except Exception as exc:
-        return _Inline(error=exc)
+        future.set_exception(exc)
+    return future
 
 
 def _predict_and_record(ready, *, model_version, predictor, worker_id, outcomes, fail) -> None:
