@@ -42,6 +42,14 @@ def test_ig_runs_on_the_explain_worker_while_predictions_continue(celery_worker,
         120,
         message="all IG explanations",
     )
+    wait_for(  # Grad-CAM's pictures are drawn on the default queue, which may still be busy
+        lambda: (
+            Explanation.objects.filter(image_id__in=ids, method="gradcam", state=Explanation.State.DONE).count()
+            == len(ids)
+        ),
+        120,
+        message="all Grad-CAM pictures",
+    )
     for image_id in ids:
         listed = {item["method"]: item for item in client.get(f"/api/v1/images/{image_id}/explanations/").json()}
         assert set(listed) == {"gradcam", "integrated_gradients"}

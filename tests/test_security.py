@@ -160,8 +160,10 @@ def test_portal_html_has_no_inline_script_the_policy_would_block(client, clinici
 
 
 def test_check_deploy_with_production_settings_reports_nothing():
+    # (The browser tests set DJANGO_ALLOW_ASYNC_UNSAFE in this process; a deployment never would.)
     env = {
-        **os.environ, "DJANGO_SETTINGS_MODULE": "webapp.settings.prod", "SECRET_KEY": secrets.token_urlsafe(50),
+        **{k: v for k, v in os.environ.items() if k != "DJANGO_ALLOW_ASYNC_UNSAFE"},
+        "DJANGO_SETTINGS_MODULE": "webapp.settings.prod", "SECRET_KEY": secrets.token_urlsafe(50),
         "ALLOWED_HOSTS": "triage.example.org", "DATABASE_URL": "postgres://postgres@127.0.0.1:5432/postgres",
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/0",
     }  # fmt: skip
