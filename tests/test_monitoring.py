@@ -94,6 +94,7 @@ def drift_settings(settings):
     settings.ALERT_MIN_UPLOADS = 20
     settings.ALERT_FAILED_SHARE = 0.10
     settings.ALERT_LATENCY_P95_SECONDS = 120.0
+    settings.ALERT_COOLDOWN_MINUTES = 0  # each episode on its own, unless a test sets a cooldown
     settings.AUTO_EXPLAIN_METHODS = []
     return settings
 
@@ -811,3 +812,37 @@ def test_run_now_queues_a_report_that_a_real_worker_computes(celery_worker, redi
     assert "drift_report_task" in celery_worker.log()
     html = client.get(DASHBOARD).content.decode()
     assert staff.username in html and report.message in html
+
+
+def test_a_condition_back_within_the_cooldown_reopens_its_alert_without_a_new_message(
+    monitored_model, clinician, clinic, django_capture_on_commit_callbacks, mailoutbox, drift_settings
+):
+    drift_settings.DRIFT_WINDOW_UPLOADS = WINDOW
+    drift_settings.ALERT_EMAILS = ["ops@example.org"]
+    drift_settings.ALERT_COOLDOWN_MINUTES = 60
+    now = timezone.now()
+
+    def window(shift: float, seed: int, hours_ago: int):
+        upload_window(planted_rows(WINDOW, seed=seed, shift=shift), model_version=monitored_model,
+                      clinician=clinician, clinic=clinic, capture=django_capture_on_commit_callbacks,
+                      start=now - timedelta(hours=hours_ago))  # fmt: skip
+
+    window(shift=2.5, seed=21, hours_ago=4)
+    assert run_drift_report().status == "drift"
+    alert = MonitoringAlert.objects.get()
+    window(shift=0.0, seed=22, hours_ago=3)
+    assert run_drift_report().status == "no_drift"
+    alert.refresh_from_db()
+    assert alert.closed_at is not None
+    window(shift=2.5, seed=23, hours_ago=2)  # back within the hour: the same episode, no new message
+    assert run_drift_report().status == "drift"
+    alert.refresh_from_db()
+    assert alert.closed_at is None and alert.reports_seen == 2
+    assert MonitoringAlert.objects.count() == 1 and len(mailoutbox) == 1
+
+    window(shift=0.0, seed=24, hours_ago=1)
+    assert run_drift_report().status == "no_drift"
+    MonitoringAlert.objects.update(closed_at=timezone.now() - timedelta(minutes=90))  # past the cooldown
+    window(shift=2.5, seed=25, hours_ago=0)
+    assert run_drift_report().status == "drift"
+    assert MonitoringAlert.objects.count() == 2 and len(mailoutbox) == 2  # a new episode, a new message

@@ -239,11 +239,25 @@ def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
 
 def evaluate_alerts(report: DriftReport) -> list[MonitoringAlert]:
     """Open an alert (and notify) when a condition starts, keep it open without notifying again while
-    it lasts, and close it when a report finds it gone. Returns the alerts opened now."""
+    it lasts, and close it when a report finds it gone. A condition that comes back within
+    ALERT_COOLDOWN_MINUTES of its episode closing reopens that episode without a new message, so a
+    value hovering at its threshold does not send mail every other report. Returns the alerts opened
+    (and notified) now."""
     opened = []
+    now = timezone.now()
     for kind, (present, message) in alert_conditions(report).items():
         current = MonitoringAlert.objects.filter(kind=kind, closed_at__isnull=True).first()
         if present and current is None:
+            recent = (
+                MonitoringAlert.objects.filter(
+                    kind=kind, closed_at__gte=now - timedelta(minutes=settings.ALERT_COOLDOWN_MINUTES)
+                ).order_by("-closed_at").first()
+            )  # fmt: skip
+            if recent is not None:
+                MonitoringAlert.objects.filter(pk=recent.pk).update(
+                    closed_at=None, last_seen_at=now, reports_seen=F("reports_seen") + 1
+                )
+                continue
             try:
                 with transaction.atomic():
                     alert = MonitoringAlert.objects.create(kind=kind, report=report, message=message)
@@ -252,11 +266,9 @@ def evaluate_alerts(report: DriftReport) -> list[MonitoringAlert]:
             notify(alert)
             opened.append(alert)
         elif present:
-            MonitoringAlert.objects.filter(pk=current.pk).update(
-                last_seen_at=timezone.now(), reports_seen=F("reports_seen") + 1
-            )
+            MonitoringAlert.objects.filter(pk=current.pk).update(last_seen_at=now, reports_seen=F("reports_seen") + 1)
         elif current is not None:
-            MonitoringAlert.objects.filter(pk=current.pk).update(closed_at=timezone.now())
+            MonitoringAlert.objects.filter(pk=current.pk).update(closed_at=now)
     return opened
 
 

@@ -192,6 +192,8 @@ ALERT_WEBHOOK_TIMEOUT_SECONDS = env_float("ALERT_WEBHOOK_TIMEOUT_SECONDS", 5.0)
 ALERT_FAILED_SHARE = env_float("ALERT_FAILED_SHARE", 0.10)
 ALERT_LATENCY_P95_SECONDS = env_float("ALERT_LATENCY_P95_SECONDS", 120.0)
 ALERT_MIN_UPLOADS = env_int("ALERT_MIN_UPLOADS", 20)
+# A condition that returns within this many minutes of its alert closing reopens it silently.
+ALERT_COOLDOWN_MINUTES = env_int("ALERT_COOLDOWN_MINUTES", 60)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "lesion-triage@localhost")
 
 # --- Portal -------------------------------------------------------------------------------------
