@@ -59,7 +59,6 @@ def method_labels() -> dict[str, str]:
 
 FINAL_STATES = {ImageState.DONE, ImageState.FAILED}
 THUMB_SIDE = 240
-DISPLAY_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE: the heatmaps are drawn at this size
 # The result page has two feedback forms with a "note" each: distinct ids keep each label on its field.
 ASSESSMENT_IDS, OUTCOME_IDS = "assessment_%s", "outcome_%s"
 
@@ -382,11 +381,9 @@ def image_page(request, image: LesionImage, *, assessment_form=None, outcome_for
         "image": image, "lesion": image.lesion, "patient": image.lesion.patient if image.lesion else None,
         "decision": decision, "explanations": explanations, "done_explanations": done, "selected": preferred,
         "requestable": [(m, label) for m, label in method_labels().items() if m not in requested],
-        "status": status_payload(image),
         "assessment_form": assessment_form or AssessmentForm(auto_id=ASSESSMENT_IDS),
         "outcome_form": outcome_form or OutcomeForm(auto_id=OUTCOME_IDS),
         "feedback": image.feedback.select_related("recorded_by").order_by("-recorded_at", "-id"),
-        "display_side": DISPLAY_SIDE,
     }  # fmt: skip
     return render(request, "portal/image.html", context, status=status)
 
@@ -412,7 +409,7 @@ def image_photo(request, pk):
     `?size=original` downloads the stored file itself (logged)."""
     from PIL import Image
 
-    from mlcore.heatmap import display_size
+    from mlcore.heatmap import DISPLAY_MAX_SIDE, display_size
 
     image = get_object_or_404(LesionImage.objects.for_clinic(request.clinic), pk=pk)
     size = request.GET.get("size", "display")
@@ -428,7 +425,7 @@ def image_photo(request, pk):
         response = FileResponse(handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
                                 content_type=image.content_type)  # fmt: skip
     else:
-        max_side = THUMB_SIDE if size == "thumb" else DISPLAY_SIDE
+        max_side = THUMB_SIDE if size == "thumb" else DISPLAY_MAX_SIDE  # the heatmaps' size
         with handle, Image.open(handle) as photo:
             target = display_size(photo.width, photo.height, max_side)
             photo.draft("RGB", target)  # JPEG: decode at a fraction of the size when that is enough

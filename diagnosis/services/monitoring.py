@@ -37,7 +37,7 @@ from ..models import (
     ReferenceFeature,
     UploadFeatures,
 )
-from .registry import active_model_version
+from .registry import VersionCache, active_model_version
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,12 @@ def reference_rows(model_version: ModelVersion) -> list[dict]:
     return list(rows.values_list("values", flat=True))
 
 
-_reference_cache: dict[int, dict[str, np.ndarray]] = {}
+_references = VersionCache(lambda model_version: drift.columns(reference_rows(model_version)))
 
 
 def reference_columns(model_version: ModelVersion) -> dict[str, np.ndarray]:
-    """Per process, per model version (reference sets never change once registered)."""
-    if model_version.pk not in _reference_cache:
-        _reference_cache.clear()
-        _reference_cache[model_version.pk] = drift.columns(reference_rows(model_version))
-    return _reference_cache[model_version.pk]
+    """Per process, for the version being served (reference sets never change once registered)."""
+    return _references.get(model_version)
 
 
 # --- per upload ---------------------------------------------------------------------------------------
