@@ -5,8 +5,11 @@ Decoding imports only Pillow and NumPy, so the web tier can validate uploads wit
 
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -114,21 +117,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def decode_image(
-    data: bytes,
-    *,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_side: int | None = None,
-) -> DecodedImage:
-    """Validate and fully decode image bytes into an oriented RGB image.
-
-    max_side: where only a smaller copy is needed (an explanation's overlay), a large JPEG is
-    decoded at a reduced DCT scale (Pillow's draft mode) whose longest side is still at least this:
-    a 6000x4000 photo then costs a sixteenth of the memory and time.
-
-    Raises ImageValidationError with a message a clinician can act on.
-    """
+def _open_checked(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Size, sniffing and the header: an opened but not yet decoded image, its pixel count checked.
+    Call inside _quiet_bomb_warnings()."""
     if not data:
         raise ImageValidationError("empty_file", "The file is empty (0 bytes).")
     if len(data) > max_bytes:
@@ -141,32 +132,62 @@ def decode_image(
         raise ImageValidationError(
             "unsupported_format", f"{unsupported} files are not accepted. Upload a JPEG, PNG or WebP photo."
         )
-    with warnings.catch_warnings():
-        # Our own max_pixels check below is the limit; Pillow's warning would only duplicate it.
-        # (Pillow still refuses images over twice its MAX_IMAGE_PIXELS, about 179 MP, outright.)
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
-        except UnidentifiedImageError:
-            raise ImageValidationError(
-                "not_an_image", "The file is not a readable image. Upload a JPEG, PNG or WebP photo."
-            ) from None
-        except Image.DecompressionBombError:
-            raise _too_many_pixels(max_pixels) from None
-        except Exception as exc:
-            if "truncated" in str(exc).lower():
-                raise _truncated() from None
-            raise _damaged() from None
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except UnidentifiedImageError:
+        raise ImageValidationError(
+            "not_an_image", "The file is not a readable image. Upload a JPEG, PNG or WebP photo."
+        ) from None
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(max_pixels) from None
+    except Exception as exc:
+        if "truncated" in str(exc).lower():
+            raise _truncated() from None
+        raise _damaged() from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ImageValidationError("corrupt_image", "The image has no pixels.")
+    if width * height > max_pixels:
+        raise ImageValidationError(
+            "too_many_pixels",
+            f"The image is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels); "
+            f"the limit is {max_pixels / 1e6:.0f} megapixels.",
+        )
+    return image
 
+
+@contextlib.contextmanager
+def _quiet_bomb_warnings():
+    # Our own max_pixels check is the limit; Pillow's warning would only duplicate it.
+    # (Pillow still refuses images over twice its MAX_IMAGE_PIXELS, about 179 MP, outright.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        yield
+
+
+def decode_image(
+    data: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    copy_pixels: bool = True,
+) -> DecodedImage:
+    """Validate and fully decode image bytes into an oriented RGB image.
+
+    max_side: where only a smaller copy is needed (the model's input, an explanation's overlay), a
+    large JPEG is decoded at a reduced DCT scale (Pillow's draft mode) whose longest side is still at
+    least this: a 6000x4000 photo then costs a sixteenth of the memory and time. `width` and `height`
+    are then those of the reduced image.
+
+    copy_pixels: the returned image is a fresh copy with no info dict at all (what may be written out
+    again); a worker that only computes on the pixels skips the copy.
+
+    Raises ImageValidationError with a message a clinician can act on.
+    """
+    with _quiet_bomb_warnings():
+        image = _open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels)
         width, height = image.size
-        if width < 1 or height < 1:
-            raise ImageValidationError("corrupt_image", "The image has no pixels.")
-        if width * height > max_pixels:
-            raise ImageValidationError(
-                "too_many_pixels",
-                f"The image is {width}×{height} pixels ({width * height / 1e6:.0f} megapixels); "
-                f"the limit is {max_pixels / 1e6:.0f} megapixels.",
-            )
         source_format = image.format or "UNKNOWN"
         if max_side is not None and source_format == "JPEG" and max(width, height) > 2 * max_side:
             scale = max_side / max(width, height)
@@ -185,9 +206,200 @@ def decode_image(
         except Exception:  # a corrupt EXIF block must not reject a good photo
             oriented = image
         rgb = _to_rgb(oriented if oriented is not None else image)
+    if not copy_pixels:
+        return DecodedImage(image=rgb, source_format=source_format, width=rgb.width, height=rgb.height)
     # A fresh image carries no info dict: EXIF (GPS included), XMP, ICC and comments are all gone.
     clean = Image.frombytes("RGB", rgb.size, rgb.tobytes())
     return DecodedImage(image=clean, source_format=source_format, width=clean.width, height=clean.height)
+
+
+# --- uploads: validate the header, strip metadata without decoding ---------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedUpload:
+    """What is stored for an upload: `data` under `extension` / `content_type`, and the upright size."""
+
+    data: bytes
+    extension: str
+    content_type: str
+    width: int
+    height: int
+    source_format: str
+    lossless: bool  # the client's compressed pixels, metadata segments removed (else decoded and re-encoded)
+
+
+ORIENTATION_TAG = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def prepare_upload(
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> PreparedUpload:
+    """The web tier's validation: only as much decoding as it needs.
+
+    A JPEG or PNG is checked from its header (format, size, pixel count) and its segment structure
+    (every segment complete, CRCs of PNG chunks, a JPEG that ends), then stored as the client's own
+    compressed pixels with every metadata segment removed: EXIF (GPS, camera, dates, thumbnails), XMP,
+    IPTC, comments, PNG text and time chunks, and anything after the image's end. What only affects how
+    the pixels look is kept: a valid colour profile of at most 64 KB, Adobe's colour transform flag, PNG
+    transparency and gamma, and the EXIF orientation (rewritten as an EXIF block that holds nothing else). decode_image
+    applies them. No pixel is decoded or re-encoded: the worker's full decode finds any damage inside
+    the compressed data and fails that image with the reason.
+
+    Anything else (WebP, arithmetic-coded or 12-bit JPEG, a PNG with an EXIF block, a colour profile
+    that is broken or over 64 KB, a file whose structure is not clean) is decoded in full here and
+    re-encoded from its pixels, as before: encode_for_storage. Raises ImageValidationError.
+    """
+    with _quiet_bomb_warnings():
+        header = _open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        stripped = None
+        if not _plausible_profile(header.info.get("icc_profile")):
+            pass  # decode_image drops a profile that is no profile, or converts and drops a huge one
+        elif header.format in ("JPEG", "MPO"):
+            stripped = _strip_jpeg(data, _orientation(header))
+        elif header.format == "PNG":
+            stripped = _strip_png(data)
+        if stripped is not None and _same_header(stripped, header):
+            orientation = _orientation(header) if header.format != "PNG" else 1
+            width, height = header.size
+            if orientation in _TRANSPOSED:
+                width, height = height, width
+            png = header.format == "PNG"
+            return PreparedUpload(
+                data=stripped, extension="png" if png else "jpg", content_type="image/png" if png else "image/jpeg",
+                width=width, height=height, source_format="PNG" if png else "JPEG", lossless=True,
+            )  # fmt: skip
+    decoded = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+    clean, extension, content_type = encode_for_storage(decoded)
+    return PreparedUpload(
+        data=clean, extension=extension, content_type=content_type, width=decoded.width, height=decoded.height,
+        source_format=decoded.source_format, lossless=False,
+    )  # fmt: skip
+
+
+MAX_KEPT_PROFILE_BYTES = 64 * 1024  # sRGB is 3 KB, Display P3 and Adobe RGB under 1 KB
+
+
+def _plausible_profile(icc: bytes | None) -> bool:
+    """No profile, or a real ICC profile of a sensible size: worth keeping with the pixels."""
+    if not icc:
+        return True
+    if len(icc) > MAX_KEPT_PROFILE_BYTES:
+        return False
+    try:
+        ImageCms.ImageCmsProfile(io.BytesIO(icc))
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        value = image.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # a corrupt EXIF block: decode_image would not turn the photo either
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def _same_header(stripped: bytes, original: Image.Image) -> bool:
+    try:
+        reopened = Image.open(io.BytesIO(stripped), formats=("JPEG", "PNG"))
+    except Exception:
+        return False
+    return reopened.size == original.size and reopened.mode == original.mode
+
+
+_SOF_HUFFMAN_8BIT = {0xC0, 0xC1, 0xC2}  # baseline, extended and progressive Huffman: what Pillow decodes
+_SOF_ANY = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the end of entropy-coded data
+
+
+def _exif_orientation_segment(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[ORIENTATION_TAG] = orientation
+    payload = exif.tobytes()  # b"Exif\0\0" and a TIFF block with this one tag
+    return b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _strip_jpeg(data: bytes, orientation: int) -> bytes | None:
+    """The JPEG without APPn (except the ICC profile and Adobe's transform flag) and COM segments, and
+    without anything after EOI; None where the structure is not one we can vouch for."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    out = [b"\xff\xd8"]
+    if orientation != 1:
+        out.append(_exif_orientation_segment(orientation))
+    position, size, frame = 2, len(data), False
+    while True:
+        if position >= size or data[position] != 0xFF:
+            return None
+        while position < size and data[position] == 0xFF:  # fill bytes
+            position += 1
+        if position >= size:
+            return None
+        marker = data[position]
+        position += 1
+        if marker == 0xD9:  # EOI: what follows (camera trailers, MPO's other pictures) is dropped
+            out.append(b"\xff\xd9")
+            return b"".join(out) if frame else None
+        if marker in (0x00, 0x01, 0xD8) or 0xD0 <= marker <= 0xD7:
+            return None
+        if position + 2 > size:
+            return None
+        end = position + int.from_bytes(data[position : position + 2], "big")
+        if end > size or end < position + 2:
+            return None
+        payload = data[position + 2 : end]
+        if marker in _SOF_ANY:
+            if marker not in _SOF_HUFFMAN_8BIT or payload[:1] != b"\x08" or frame:
+                return None
+            frame, keep = True, True
+        elif 0xE0 <= marker <= 0xEF:
+            keep = (marker == 0xE2 and payload.startswith(b"ICC_PROFILE\x00")) or (
+                marker == 0xEE and payload.startswith(b"Adobe")
+            )
+        else:
+            keep = marker != 0xFE  # COM goes; tables, restart intervals and scans stay
+        if keep:
+            out.append(b"\xff" + bytes((marker,)) + data[position:end])
+        position = end
+        if marker == 0xDA:  # SOS: the scan's entropy-coded data runs up to the next marker
+            if not frame:
+                return None
+            following = _NEXT_MARKER.search(data, position)
+            if following is None:
+                return None  # no end: truncated (decode_image says so)
+            out.append(data[position : following.start()])
+            position = following.start()
+
+
+# Critical chunks and those that change how the pixels look; text, time, EXIF, animation and private
+# chunks go.
+_PNG_KEEP = {b"IHDR", b"PLTE", b"IDAT", b"IEND", b"tRNS", b"gAMA", b"cHRM", b"sRGB", b"iCCP", b"sBIT"}
+
+
+def _strip_png(data: bytes) -> bytes | None:
+    if data[:8] != b"\x89PNG\r\n\x1a\n":
+        return None
+    out = [data[:8]]
+    position, size = 8, len(data)
+    while position + 12 <= size:
+        length = int.from_bytes(data[position : position + 4], "big")
+        kind = data[position + 4 : position + 8]
+        end = position + 12 + length
+        if end > size:
+            return None
+        if zlib.crc32(data[position + 4 : end - 4]) != int.from_bytes(data[end - 4 : end], "big"):
+            return None
+        if kind == b"eXIf":
+            return None  # a PNG's orientation is rare: the full path applies it
+        if kind in _PNG_KEEP:
+            out.append(data[position:end])
+        position = end
+        if kind == b"IEND":
+            return b"".join(out)
+    return None
 
 
 def encode_for_storage(decoded: DecodedImage) -> tuple[bytes, str, str]:

@@ -68,7 +68,7 @@ def test_a_poison_image_fails_alone(api_client, active_model, django_capture_on_
     outcomes = [process_image(image_id=item["id"], worker_id="w") for item in body["accepted"]]
     assert outcomes == ["done", "failed", "done"]
     poison.refresh_from_db()
-    assert poison.state == ImageState.FAILED and "could not be read" in poison.error
+    assert poison.state == ImageState.FAILED and "could not be decoded" in poison.error
     assert Prediction.objects.count() == 2
     states = api_client.get(body["status_url"]).json()["states"]
     assert states["done"] == 2 and states["failed"] == 1

@@ -40,7 +40,7 @@ def test_one_batch_records_every_image_and_a_damaged_one_fails_alone(clinic, cli
     outcomes = process_images(image_ids=ids, worker_id="batcher:1")
     assert outcomes == {ids[0]: "done", ids[1]: "done", ids[2]: "failed", ids[3]: "done", ids[4]: "done"}
     damaged.refresh_from_db()
-    assert damaged.state == ImageState.FAILED and "could not be read" in damaged.error
+    assert damaged.state == ImageState.FAILED and "could not be decoded" in damaged.error
     assert Prediction.objects.filter(model_version=active_model).count() == 4
     done = LesionImage.objects.filter(state=ImageState.DONE)
     assert done.count() == 4 and set(done.values_list("claimed_by", flat=True)) == {"batcher:1"}

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import pytest
 from django.urls import reverse
-from PIL import Image
+from PIL import Image, ImageCms
 
 from diagnosis.models import ImageState, LesionImage, Prediction
 from diagnosis.services.patients import create_lesion, create_patient
@@ -31,10 +31,10 @@ PORTAL_CASES = [case for case in CASES if case.portal]
 STORED_KEY = re.compile(r"images/[0-9a-f]{32}\.(jpg|png)")
 EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png"}
 FORMATS = {"image/jpeg": "JPEG", "image/png": "PNG"}
-# What a stored file may say about itself: pixels only, no metadata.
-METADATA_KEYS = {"exif", "icc_profile", "xmp", "XML:com.adobe.xmp", "comment", "transparency", "photoshop", "adobe"}
-METADATA_MARKERS = (b"Exif", b"ICC_PROFILE", b"iCCP", b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"http://ns.adobe.com")
-
+# What a stored file may keep: only what changes how its pixels look (prepare_upload).
+FORBIDDEN_KEYS = {"xmp", "XML:com.adobe.xmp", "comment", "photoshop", "exif_thumbnail"}
+METADATA_MARKERS = (b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"http://ns.adobe.com", b"8BIM", b"MPF")
+ORIENTATION = 0x0112
 
 # --- helpers -------------------------------------------------------------------------------------
 
@@ -75,9 +75,11 @@ def assert_nothing_stored() -> None:
 
 
 def assert_stored_cleanly(case: Case, image: LesionImage) -> None:
-    """The stored file: a random key, pixels only (no EXIF, GPS, ICC, text, comment or trailing data),
-    8-bit RGB of the expected size and colours."""
+    """The stored file: a random key; no metadata (an EXIF block may hold the orientation alone, a valid
+    colour profile may stay); and decode_image of it gives 8-bit RGB of the expected size and colours."""
     from django.conf import settings
+
+    from mlcore.preprocessing import MAX_KEPT_PROFILE_BYTES, decode_image
 
     assert STORED_KEY.fullmatch(image.file.name), image.file.name
     assert image.file.name.endswith("." + EXTENSIONS[case.stored_type])  # from the content, not the client
@@ -92,16 +94,25 @@ def assert_stored_cleanly(case: Case, image: LesionImage) -> None:
     for marker in (*METADATA_MARKERS, *case.absent):
         assert marker not in stored, f"{marker!r} survived into the stored file"
     reopened = Image.open(io.BytesIO(stored))
-    reopened.load()
     assert reopened.format == FORMATS[case.stored_type]
-    assert reopened.mode == "RGB" and reopened.size == case.size
-    assert len(reopened.getexif()) == 0
-    assert not METADATA_KEYS & set(reopened.info), reopened.info.keys()
+    exif = reopened.getexif()
+    assert set(exif) <= {ORIENTATION}, dict(exif)
+    assert stored.count(b"Exif") <= 1 and not exif.get_ifd(0x8825) and not exif.get_ifd(0x8769)
+    assert not FORBIDDEN_KEYS & set(reopened.info), reopened.info.keys()
+    profile = reopened.info.get("icc_profile")
+    if profile:
+        assert len(profile) <= MAX_KEPT_PROFILE_BYTES
+        ImageCms.ImageCmsProfile(io.BytesIO(profile))  # a real profile, not a carrier for other bytes
     assert getattr(reopened, "n_frames", 1) == 1
     if reopened.format == "PNG":
         assert reopened.text == {}
+        assert stored.endswith(b"IEND\xaeB`\x82")  # nothing after the image
+    else:
+        assert stored.endswith(b"\xff\xd9")
+    decoded = decode_image(stored).image
+    assert decoded.mode == "RGB" and decoded.size == case.size
     for probe in case.probes:
-        pixel = reopened.getpixel((probe.x, probe.y))
+        pixel = decoded.getpixel((probe.x, probe.y))
         assert max(abs(got - want) for got, want in zip(pixel, probe.rgb, strict=True)) <= probe.tolerance, (
             f"pixel ({probe.x}, {probe.y}) is {pixel}, expected about {probe.rgb}"
         )

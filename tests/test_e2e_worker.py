@@ -95,7 +95,7 @@ def test_image_that_breaks_the_model_ends_failed_with_reason(celery_worker, e2e_
         default_storage.save(image.file.name, ContentFile(lesion_jpeg(seed=9)[:400]))
     body = poll_until_finished(client, f"/api/v1/images/{image.pk}/")
     assert body["state"] == "failed"
-    assert "could not be read" in body["error"] and "truncated" in body["error"]
+    assert "could not be decoded" in body["error"] and "truncated" in body["error"]
     assert body["prediction"] is None
 
 

@@ -522,7 +522,7 @@ def test_poison_image_and_poison_explanation_fail_once_and_the_worker_serves_on(
             good = accepted(web, client, seed=301)["id"]  # the next job, after the poison
             wait_showing_log(lambda: finished.filter(pk=good).exists(), 60, "the next image", worker)
             poisoned, served = LesionImage.objects.get(pk=poison), LesionImage.objects.get(pk=good)
-            assert poisoned.state == ImageState.FAILED and "could not be read" in poisoned.error
+            assert poisoned.state == ImageState.FAILED and "could not be decoded" in poisoned.error
             assert served.state == ImageState.DONE
             assert poisoned.attempts == 1 and served.attempts == 1
             assert not Prediction.objects.filter(image_id=poison).exists()

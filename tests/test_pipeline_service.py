@@ -94,7 +94,7 @@ def test_corrupted_stored_file_fails_with_reason_not_a_crash(queued_image, activ
     assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "failed"
     queued_image.refresh_from_db()
     assert queued_image.state == ImageState.FAILED
-    assert queued_image.error.startswith("The stored image could not be read")
+    assert queued_image.error.startswith("The photo could not be decoded in full")
 
 
 def test_missing_stored_file_fails_with_reason(queued_image, active_model):
@@ -105,7 +105,11 @@ def test_missing_stored_file_fails_with_reason(queued_image, active_model):
 
 
 def test_model_crash_fails_the_image_with_reason(queued_image, active_model, monkeypatch):
+    real = prediction_services.predictor_for(active_model)
+
     class ExplodingPredictor:
+        meta = real.meta
+
         def predict_with_gradcam(self, images, **kwargs):
             raise RuntimeError("CUDA error: device-side assert triggered")
 

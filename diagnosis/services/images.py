@@ -17,7 +17,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
-from mlcore.preprocessing import ImageValidationError, decode_image, encode_for_storage
+from mlcore.preprocessing import ImageValidationError, prepare_upload
 
 from ..models import AuditEvent, Clinic, ImageState, Lesion, LesionImage
 from .audit import record_event
@@ -60,7 +60,7 @@ def submit_image(
     *, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "", idempotency_key: str = "",
     batch=None,
 ) -> LesionImage:  # fmt: skip
-    """Validate, strip metadata, store under a random key, record as queued, and enqueue on commit.
+    """Validate the header, strip metadata (prepare_upload), store under a random key, record as queued, and enqueue on commit.
 
     Raises ImageValidationError for bad files and ValidationError for a lesion of another clinic;
     in both cases nothing is stored. With an idempotency key that this user already used, returns
@@ -78,8 +78,9 @@ def submit_image(
         earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data)
         if earlier is not None:
             return earlier
-    decoded = decode_image(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
-    clean_bytes, extension, content_type = encode_for_storage(decoded)
+    # The header and the file's structure only; the worker's full decode reports damage in the pixels.
+    prepared = prepare_upload(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
+    clean_bytes, extension, content_type = prepared.data, prepared.extension, prepared.content_type
     sha256 = hashlib.sha256(data).hexdigest()
 
     stored_name = default_storage.save(f"images/{uuid.uuid4().hex}.{extension}", ContentFile(clean_bytes))
@@ -92,8 +93,8 @@ def submit_image(
                 file=stored_name,
                 content_type=content_type,
                 sha256=sha256,
-                width=decoded.width,
-                height=decoded.height,
+                width=prepared.width,
+                height=prepared.height,
                 file_size=len(clean_bytes),
                 upload_bytes=len(data),
                 idempotency_key=idempotency_key,

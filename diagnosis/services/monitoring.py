@@ -74,7 +74,9 @@ def record_upload_features(
     *, image: LesionImage, model_version: ModelVersion, decoded_image, probability: float, embedding=None
 ) -> UploadFeatures:
     """Store an upload's drift features and where each lies in the reference set."""
-    values = drift.describe_image(decoded_image, file_size=image.upload_bytes)
+    # The photo's own size, not the decoded copy's: the worker may decode a large JPEG at a reduced scale.
+    values = {**drift.image_features(decoded_image),
+              **drift.file_features(width=image.width, height=image.height, file_size=image.upload_bytes)}  # fmt: skip
     values["probability_malignant"] = float(probability)
     projection = drift.Projection.from_dict(model_version.drift_projection)
     if projection is not None and embedding is not None and len(embedding) == len(projection.mean):

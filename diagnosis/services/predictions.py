@@ -98,14 +98,24 @@ def _decoder_pool():
     return _decoders
 
 
-def _read_and_decode(image: LesionImage):
-    """Bytes from storage and the decoded photo; Pillow releases the GIL, so threads decode in parallel."""
+def decode_side(input_size: int) -> int:
+    """The longest side a worker decodes a JPEG at (Pillow's draft mode picks the smallest DCT scale at
+    least this large): twice what the model and the drift features resize to, so the final resize
+    still averages over several source pixels and matches a full decode closely."""
+    from mlcore.drift import FEATURE_SIZE
+
+    return 2 * max(input_size, FEATURE_SIZE)
+
+
+def _read_and_decode(image: LesionImage, max_side: int | None = None):
+    """Bytes from storage and the decoded photo; Pillow releases the GIL, so threads decode in parallel.
+    This is the upload's full decode: damage the web tier's header check could not see fails the image."""
     from mlcore.preprocessing import decode_image
 
     with image.file.open("rb") as handle:
         data = handle.read()
     return decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
-                        max_pixels=settings.MAX_IMAGE_PIXELS)  # fmt: skip
+                        max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
 
 
 def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> dict[str, str]:
@@ -190,10 +200,11 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
         raise ModelUnavailable(f"model {model_version.version} cannot be loaded: {exc}") from exc
 
     # Read and decode in parallel (one image: in this thread, no hand-off).
+    max_side = decode_side(predictor.meta.input_size)
     if len(claimed) == 1:
-        jobs = [_done_future(_read_and_decode, claimed[0])]
+        jobs = [_done_future(_read_and_decode, claimed[0], max_side)]
     else:
-        jobs = [_decoder_pool().submit(_read_and_decode, image) for image in claimed]
+        jobs = [_decoder_pool().submit(_read_and_decode, image, max_side) for image in claimed]
     ready: list[tuple[LesionImage, object]] = []
     for image, job in zip(claimed, jobs, strict=True):
         image_id = str(image.pk)
@@ -202,7 +213,7 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
         except FileNotFoundError:
             fail(image_id, "The stored image file is missing. Upload it again.")
         except ImageValidationError as exc:
-            fail(image_id, f"The stored image could not be read: {exc.message}")
+            fail(image_id, f"The photo could not be decoded in full: {exc.message}")
         except (OSError, OperationalError, InterfaceError) as exc:
             give_back(image_id)
             if image_id == own:
