@@ -60,7 +60,8 @@ def submit_image(
     *, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "", idempotency_key: str = "",
     batch=None,
 ) -> LesionImage:  # fmt: skip
-    """Validate the header, strip metadata (prepare_upload), store under a random key, record as queued, and enqueue on commit.
+    """Validate the header, strip metadata (prepare_upload), store under a random key, record as queued,
+    and enqueue on commit.
 
     Raises ImageValidationError for bad files and ValidationError for a lesion of another clinic;
     in both cases nothing is stored. With an idempotency key that this user already used, returns
