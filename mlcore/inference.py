@@ -61,9 +61,7 @@ class Predictor:
         """Calibrated softmax probabilities for a preprocessed batch, as float32 on the CPU."""
         outputs = []
         for chunk in batch.split(self.max_batch_size):
-            chunk = chunk.to(self.device, non_blocking=True)
-            if self.device.type == "cuda":
-                chunk = chunk.contiguous(memory_format=torch.channels_last)
+            chunk = self.to_device(chunk)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model(chunk)
             outputs.append(torch.softmax(logits.float() / self.meta.temperature, dim=1).cpu())
@@ -104,12 +102,25 @@ class Predictor:
         """
         if not images:
             return ([], [], np.zeros((0, 0), np.float32)) if embeddings else ([], [])
-        batch = torch.stack([self.preprocess(image) for image in images]).to(self.device)
-        with torch.no_grad():
-            if self.device.type == "cuda":
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                features = resnet_features(self.model, batch)
+        return self.predict_with_gradcam_tensors(torch.stack([self.preprocess(image) for image in images]),
+                                                 embeddings=embeddings)  # fmt: skip
+
+    def to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        """A preprocessed batch on the model's device: from pinned memory without blocking on CUDA, in
+        channels_last there."""
+        if self.device.type != "cuda":
+            return batch.to(self.device)
+        if batch.device.type == "cpu":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device).contiguous(memory_format=torch.channels_last)
+
+    def predict_with_gradcam_tensors(self, batch: torch.Tensor, *, embeddings: bool = False):
+        """predict_with_gradcam for a batch already preprocessed (on the CPU, or on the model's device
+        when it was decoded there: mlcore.tensor_decode)."""
+        batch = self.to_device(batch)
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with torch.no_grad(), autocast:
+            features = resnet_features(self.model, batch)
         features = features.float().requires_grad_(True)
         with torch.enable_grad():
             logits = resnet_head(self.model, features).float()
@@ -128,6 +139,30 @@ class Predictor:
         if embeddings:
             return results, maps, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
         return results, maps
+
+
+def warm_up(predictor: Predictor, batch_sizes: Sequence[int] = (1,)) -> float:
+    """One pass per batch size on grey images, so that the first real upload does not pay for CUDA's
+    context, cuDNN's algorithm search or the allocator's first blocks. Returns the seconds it took."""
+    import time
+
+    started = time.perf_counter()
+    size = predictor.meta.input_size
+    for batch_size in batch_sizes:
+        batch = torch.zeros(max(1, batch_size), 3, size, size)
+        predictor.predict_with_gradcam_tensors(batch, embeddings=True)
+    if predictor.device.type == "cuda":
+        torch.cuda.synchronize(predictor.device)
+    return time.perf_counter() - started
+
+
+def decode_side(input_size: int) -> int:
+    """The longest side a worker decodes a JPEG at (Pillow's draft mode picks the smallest DCT scale at
+    least this large): twice what the model and the drift features resize to, so the final resize
+    still averages over several source pixels and matches a full decode closely."""
+    from .drift import FEATURE_SIZE
+
+    return 2 * max(input_size, FEATURE_SIZE)
 
 
 def configure_torch_threads(default: int | None = None) -> int:

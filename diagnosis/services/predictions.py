@@ -10,6 +10,9 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from webapp.request_id import set_image_id
+
+from .. import metrics
 from ..models import ImageState, LesionImage, ModelVersion, Prediction
 from .images import claim_image, fail_image
 from .registry import VersionCache, active_model_version, cached_weights_path
@@ -31,6 +34,28 @@ predictors = VersionCache(_load_predictor)
 def predictor_for(model_version: ModelVersion):
     """The process-wide Predictor of this version."""
     return predictors.get(model_version)
+
+
+def warm_up_worker(consumed_queues) -> float | None:
+    """At an inference worker process's start: load the active model and run a batch of 1 and one of
+    INFERENCE_BATCH_SIZE, so that the first upload does not wait for the weights, CUDA's context or
+    cuDNN's algorithm search. Never stops the worker from starting. Returns the seconds, or None."""
+    from mlcore.inference import warm_up
+
+    if not settings.INFERENCE_WARMUP or "inference" not in set(consumed_queues):
+        return None
+    try:
+        version = active_model_version()
+        if version is None:
+            return None
+        predictor = predictor_for(version)
+        seconds = warm_up(predictor, (1, settings.INFERENCE_BATCH_SIZE))
+        tensor_decoding(predictor)  # probes nvJPEG once, on a GPU
+        logger.info("warmed up model %s on %s in %.2f s", version.version, predictor.device, seconds)
+        return seconds
+    except Exception as exc:  # the first task loads the model instead, and reports any real problem
+        logger.warning("warm-up skipped: %s", exc)
+        return None
 
 
 def record_prediction(
@@ -98,24 +123,90 @@ def _decoder_pool():
     return _decoders
 
 
-def decode_side(input_size: int) -> int:
-    """The longest side a worker decodes a JPEG at (Pillow's draft mode picks the smallest DCT scale at
-    least this large): twice what the model and the drift features resize to, so the final resize
-    still averages over several source pixels and matches a full decode closely."""
-    from mlcore.drift import FEATURE_SIZE
+class Prepared:
+    """One photo ready for the model: its input tensor and the picture its drift features are taken from."""
 
-    return 2 * max(input_size, FEATURE_SIZE)
+    __slots__ = ("image", "tensor")
+
+    def __init__(self, image, tensor) -> None:
+        self.image, self.tensor = image, tensor
 
 
-def _read_and_decode(image: LesionImage, max_side: int | None = None):
-    """Bytes from storage and the decoded photo; Pillow releases the GIL, so threads decode in parallel.
-    This is the upload's full decode: damage the web tier's header check could not see fails the image."""
-    from mlcore.preprocessing import decode_image
-
+def _read(image: LesionImage) -> bytes:
     with image.file.open("rb") as handle:
-        data = handle.read()
-    return decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
-                        max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
+        return handle.read()
+
+
+def _decode_and_prepare(data: bytes, spec, max_side: int) -> Prepared:
+    """The upload's full decode (damage the web tier's header check could not see fails the image), in
+    Pillow's draft mode for large JPEGs, then the model's transform. Pillow and the transform release
+    the GIL, so the pool's threads do this in parallel."""
+    from mlcore.preprocessing import decode_image, to_tensor
+
+    decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
+                           max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
+    return Prepared(decoded.image, to_tensor(decoded.image, spec))
+
+
+def _read_and_prepare(image: LesionImage, spec, max_side: int) -> Prepared:
+    return _decode_and_prepare(_read(image), spec, max_side)
+
+
+def tensor_decoding(predictor) -> bool:
+    """INFERENCE_DECODE: 'auto' decodes plain JPEGs with torchvision on the GPU (nvJPEG) when the model
+    is on one that can, 'torchvision' always (on the model's device, the CPU included), 'pillow' never."""
+    from mlcore import tensor_decode
+
+    choice = settings.INFERENCE_DECODE
+    if choice == "pillow":
+        return False
+    if choice == "torchvision":
+        return True
+    if predictor.device.type != "cuda":
+        return False
+    cached = getattr(predictor, "_tensor_decode_available", None)
+    if cached is None:
+        cached = predictor._tensor_decode_available = tensor_decode.available(predictor.device)
+        logger.info("JPEG decoding on %s: %s", predictor.device, "nvJPEG" if cached else "Pillow (nvJPEG unavailable)")
+    return cached
+
+
+def _prepare_all(claimed: list[LesionImage], predictor) -> list[Future]:
+    """One future per image: its Prepared, or the exception reading or decoding it raised."""
+    from mlcore.drift import FEATURE_SIZE
+    from mlcore.inference import decode_side
+
+    max_side = decode_side(predictor.meta.input_size)
+    if not tensor_decoding(predictor):
+        if len(claimed) == 1:  # one image: in this thread, no hand-off
+            return [_done_future(_read_and_prepare, claimed[0], predictor.spec, max_side)]
+        return [_decoder_pool().submit(_read_and_prepare, image, predictor.spec, max_side) for image in claimed]
+
+    from mlcore import tensor_decode
+
+    reads = [_decoder_pool().submit(_read, image) for image in claimed]
+    futures: list[Future | None] = [None] * len(claimed)
+    batch: list[tuple[int, bytes, int]] = []
+    for index, read in enumerate(reads):
+        if read.exception() is not None:
+            futures[index] = read
+            continue
+        data = read.result()
+        ok, orientation = tensor_decode.eligible(data, max_pixels=settings.MAX_IMAGE_PIXELS)
+        if ok:
+            batch.append((index, data, orientation))
+        else:
+            futures[index] = _decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side)
+    if batch:
+        results = tensor_decode.decode_batch([data for _, data, _ in batch], [o for _, _, o in batch],
+                                             spec=predictor.spec, feature_size=FEATURE_SIZE,
+                                             device=predictor.device)  # fmt: skip
+        for (index, data, _), result in zip(batch, results, strict=True):
+            if isinstance(result, Exception):  # Pillow decides, and says in words what is wrong
+                futures[index] = _decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side)
+            else:
+                futures[index] = _done_future(lambda prepared: prepared, Prepared(result.thumbnail, result.tensor))
+    return futures  # type: ignore[return-value]
 
 
 def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> dict[str, str]:
@@ -142,6 +233,16 @@ def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> 
         raise TransientError(str(exc)) from exc
 
 
+def bucket_errors() -> tuple[type[Exception], ...]:
+    """With STORAGE_BACKEND=s3, the bucket unreachable, slow or refusing: never the image's fault (a
+    missing object is a FileNotFoundError). Empty where botocore is not installed."""
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return ()
+    return (BotoCoreError, ClientError)
+
+
 def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int) -> dict[str, str]:
     """Claim each image, decode them in parallel, predict them as one batch, record each.
 
@@ -156,6 +257,7 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
     from .images import release_image
 
     own = image_ids[0]
+    set_image_id(own)  # this task's log lines are about its own image (a gathered one's id is in the text)
     deferred: Exception | None = None
 
     def fail(image_id: str, reason: str) -> None:
@@ -194,18 +296,14 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
     except Exception as exc:
         for image in claimed:
             give_back(str(image.pk))
-        if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError)):
+        if isinstance(exc, (OperationalError, InterfaceError, ConnectionError, TimeoutError, *bucket_errors())):
             raise TransientError(str(exc)) from exc
         logger.exception("model %s cannot be loaded", model_version.version)
         raise ModelUnavailable(f"model {model_version.version} cannot be loaded: {exc}") from exc
 
-    # Read and decode in parallel (one image: in this thread, no hand-off).
-    max_side = decode_side(predictor.meta.input_size)
-    if len(claimed) == 1:
-        jobs = [_done_future(_read_and_decode, claimed[0], max_side)]
-    else:
-        jobs = [_decoder_pool().submit(_read_and_decode, image, max_side) for image in claimed]
-    ready: list[tuple[LesionImage, object]] = []
+    # Read, decode and preprocess in parallel (on the GPU where it pays), then one forward pass.
+    jobs = _prepare_all(claimed, predictor)
+    ready: list[tuple[LesionImage, Prepared]] = []
     for image, job in zip(claimed, jobs, strict=True):
         image_id = str(image.pk)
         try:
@@ -214,7 +312,7 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
             fail(image_id, "The stored image file is missing. Upload it again.")
         except ImageValidationError as exc:
             fail(image_id, f"The photo could not be decoded in full: {exc.message}")
-        except (OSError, OperationalError, InterfaceError) as exc:
+        except (OSError, OperationalError, InterfaceError, *bucket_errors()) as exc:
             give_back(image_id)
             if image_id == own:
                 deferred = TransientError(str(exc))
@@ -236,13 +334,14 @@ def _done_future(function, *args) -> Future:
 
 
 def _predict_and_record(ready, *, model_version, predictor, worker_id, outcomes, fail) -> None:
+    import torch
     from celery.exceptions import SoftTimeLimitExceeded
 
     def attempt(batch):
         try:
             started = time.perf_counter()
-            results, cams, embeddings = predictor.predict_with_gradcam([decoded.image for _, decoded in batch],
-                                                                       embeddings=True)  # fmt: skip
+            inputs = torch.stack([prepared.tensor for _, prepared in batch])
+            results, cams, embeddings = predictor.predict_with_gradcam_tensors(inputs, embeddings=True)
             return results, cams, embeddings, (time.perf_counter() - started) * 1000 / len(batch)
         except SoftTimeLimitExceeded:
             raise
@@ -279,6 +378,7 @@ def _record_one(*, image, decoded, result, cam, embedding, inference_ms, model_v
     record_prediction(
         image=image, model_version=model_version, result=result, inference_ms=inference_ms, worker_id=worker_id
     )
+    metrics.record_prediction(label=result.label, model_version=model_version.version)
     from .explanations import record_gradcam, request_automatic_explanations
     from .monitoring import record_upload_features
 

@@ -1,0 +1,116 @@
+"""The inference worker's decode paths: Pillow (CPU workers) and torchvision's decode_jpeg (GPU workers,
+nvJPEG), which INFERENCE_DECODE=torchvision also runs on the CPU, so the GPU path is covered here;
+and the warm-up an inference worker process does when it starts."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import pytest
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import transaction
+from PIL import Image
+
+from diagnosis.models import ImageState, LesionImage, Prediction, UploadFeatures
+from diagnosis.services.images import submit_image
+from diagnosis.services.predictions import predictor_for, process_images, tensor_decoding, warm_up_worker
+from tests.conftest import lesion_jpeg, start_worker, stop_worker, token_client, upload_file, wait_for
+
+
+def _rotated_jpeg(seed: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(lesion_jpeg(seed=seed, size=120))).save(buffer, format="JPEG", quality=92, exif=exif)
+    return buffer.getvalue()
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(lesion_jpeg(seed=seed))).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def queue(clinic, clinician, payloads: list[bytes]) -> list[str]:
+    with transaction.atomic():  # no commit hook: nothing is published, the images just wait
+        return [str(submit_image(uploader=clinician, clinic=clinic, upload=upload_file(data)).pk) for data in payloads]
+
+
+def _probabilities(ids: list[str]) -> list[float]:
+    by_image = dict(Prediction.objects.values_list("image_id", "probability_malignant"))
+    return [by_image[uuid.UUID(image_id)] for image_id in ids]
+
+
+def test_torchvision_decoding_gives_the_pillow_predictions_and_isolates_a_damaged_file(
+    clinic, clinician, active_model, settings
+):
+    settings.AUTO_EXPLAIN_METHODS = []
+    payloads = [lesion_jpeg(seed=1), _rotated_jpeg(2), _png(3), lesion_jpeg(seed=4)]
+
+    settings.INFERENCE_DECODE = "pillow"
+    pillow_ids = queue(clinic, clinician, payloads)
+    assert set(process_images(image_ids=pillow_ids, worker_id="pillow:1").values()) == {"done"}
+
+    settings.INFERENCE_DECODE = "torchvision"
+    assert tensor_decoding(predictor_for(active_model))
+    ids = queue(clinic, clinician, [*payloads, lesion_jpeg(seed=5)])
+    damaged = LesionImage.objects.get(pk=ids[4])
+    default_storage.delete(damaged.file.name)
+    default_storage.save(damaged.file.name, ContentFile(lesion_jpeg(seed=5)[:300]))
+
+    outcomes = process_images(image_ids=ids, worker_id="tv:1")
+    assert outcomes == {ids[0]: "done", ids[1]: "done", ids[2]: "done", ids[3]: "done", ids[4]: "failed"}
+    damaged.refresh_from_db()
+    assert "could not be decoded" in damaged.error  # Pillow's words, not torchvision's
+    # The same photos, decoded two ways (nvJPEG's path ran on the CPU here), give the same risks to
+    # within the resize's rounding; the rotated one is turned the same way by both.
+    for by_pillow, by_torchvision in zip(_probabilities(pillow_ids), _probabilities(ids[:4]), strict=True):
+        assert by_torchvision == pytest.approx(by_pillow, abs=0.02)
+    features = UploadFeatures.objects.get(image_id=ids[1]).values
+    assert (features["width"], features["height"]) == (120, 120) and features["brightness"] > 0
+
+
+def test_auto_decoding_uses_pillow_on_the_cpu(active_model, settings):
+    settings.INFERENCE_DECODE = "auto"
+    assert predictor_for(active_model).device.type == "cpu" and not tensor_decoding(predictor_for(active_model))
+    settings.INFERENCE_DECODE = "pillow"
+    assert not tensor_decoding(predictor_for(active_model))
+
+
+def test_warm_up_runs_only_on_inference_workers_with_an_active_model(db, settings, tiny_checkpoint):
+    settings.INFERENCE_WARMUP = True
+    assert warm_up_worker({"inference": None}) is None  # no model is active yet: nothing to warm
+    from diagnosis.services.registry import register_model
+
+    register_model(checkpoint=tiny_checkpoint, version="warm-1", activate=True)
+    assert warm_up_worker({"explain": None, "default": None}) is None
+    assert warm_up_worker({"inference": None, "default": None}) > 0
+    settings.INFERENCE_WARMUP = False
+    assert warm_up_worker({"inference": None}) is None
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_worker_warms_up_at_start_and_decodes_with_torchvision(worker_env, tmp_path, clinic, clinician,
+                                                                  tiny_checkpoint):  # fmt: skip
+    from diagnosis.services.registry import register_model
+
+    register_model(checkpoint=tiny_checkpoint, version="warm-2", activate=True)
+    worker = start_worker(env={**worker_env, "INFERENCE_DECODE": "torchvision", "AUTO_EXPLAIN_METHODS": "none"},
+                          log_path=tmp_path / "worker.log", queues="inference",
+                          name=f"tv-{uuid.uuid4().hex[:6]}@%h")  # fmt: skip
+    try:
+        wait_for(lambda: "warmed up model warm-2" in worker.log(), 60, message="the warm-up in the worker's log")
+        client = token_client(clinician)
+        response = client.post("/api/v1/images/", {"image": upload_file(_rotated_jpeg(7))}, format="multipart")
+        assert response.status_code == 202, response.content
+        image_id = response.json()["id"]
+        wait_for(lambda: LesionImage.objects.get(pk=image_id).state in (ImageState.DONE, ImageState.FAILED), 60,
+                 message="the upload to be processed")  # fmt: skip
+        image = LesionImage.objects.get(pk=image_id)
+        assert image.state == ImageState.DONE, image.error
+        assert image.claimed_by.startswith(worker.node)
+        assert Prediction.objects.filter(image=image).count() == 1
+    finally:
+        stop_worker(worker)
