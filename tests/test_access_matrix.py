@@ -211,6 +211,8 @@ BASE_TABLE: dict[str, Entry] = {
     "favicon.ico": Entry(PUBLIC, none, get=expect(204, 204, 204, 204)),
     "healthz": Entry(PUBLIC, none, get=expect(200, 200, 200, 200)),
     "readyz": Entry(PUBLIC, none, get=expect(200, 200, 200, 200)),
+    # No METRICS_TOKEN in tests: served to local clients only (the test client is 127.0.0.1).
+    "metrics": Entry(PUBLIC, none, get=expect(200, 200, 200, 200)),
     "login": Entry(
         ACCOUNT, none, get=expect(200, 302, 302, 302),
         post=expect(302, 302, 302, 302), post_data=lambda w: {"username": w.a.username, "password": PASSWORD},
@@ -303,6 +305,7 @@ BASE_TABLE: dict[str, Entry] = {
         post_data=lambda w: {"kind": "histopathology", "diagnosis": "melanoma"},
     ),
     "api:image-file": Entry(API, image_kw, get=api_object()),
+    "api:image-status": Entry(API, image_kw, get=api_object()),
     "api:explanation-detail": Entry(API, gradcam_kw, get=api_object()),
     "api:explanation-overlay": Entry(API, gradcam_kw, get=api_object()),
     "api:explanation-heatmap": Entry(API, gradcam_kw, get=api_object()),

@@ -321,3 +321,34 @@ def test_bad_cursor_gets_400(api_client):
     response = api_client.get(URL, {"cursor": "garbage"})
     assert response.status_code == 400
     assert "cursor" in response.json()["errors"]
+
+
+def test_status_is_one_query_scoped_to_the_clinic_and_audited_once_done(api_client, other_api_client, active_model,
+                                                                          settings):  # fmt: skip
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from diagnosis.services.predictions import process_image
+
+    settings.AUTO_EXPLAIN_METHODS = []
+    image_id = post_image(api_client, lesion_jpeg()).json()["id"]
+    url = f"/api/v1/images/{image_id}/status/"
+    with CaptureQueriesContext(connection) as queries:
+        body = api_client.get(url).json()
+    assert body["state"] == "queued" and body["prediction"] is None and body["error"] == ""
+    image_queries = [q["sql"] for q in queries.captured_queries if "diagnosis_lesionimage" in q["sql"]]
+    assert len(image_queries) == 1, image_queries  # state, clinic scope and prediction: one statement
+    assert '"diagnosis_lesionimage"."id" =' in image_queries[0]  # by primary key: indexed
+    assert not AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE).exists()
+
+    assert other_api_client.get(url).status_code == 404  # another clinic's image does not exist for it
+    assert process_image(image_id=image_id, worker_id="w") == "done"
+    response = api_client.get(url)
+    body = response.json()
+    full = api_client.get(f"/api/v1/images/{image_id}/").json()
+    assert body["state"] == "done" and response["Cache-Control"] == "no-store"
+    assert body["prediction"]["probability_malignant"] == full["prediction"]["probability_malignant"]
+    assert body["prediction"]["model_version"] == full["prediction"]["model_version"] == active_model.version
+    assert body["prediction"]["above_threshold"] == full["prediction"]["above_threshold"]
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).count() == 2
+    assert api_client.get("/api/v1/images/not-a-uuid/status/").status_code in (400, 404)

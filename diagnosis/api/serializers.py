@@ -4,7 +4,7 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ..models import DISCLAIMER, BodySite, Explanation, Feedback, Lesion, LesionImage, Patient, Prediction
+from ..models import DISCLAIMER, BodySite, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
 
 
 class ClinicScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
@@ -122,6 +122,25 @@ class ImageSerializer(serializers.ModelSerializer):
 
     def get_disclaimer(self, image: LesionImage) -> str:
         return DISCLAIMER
+
+
+class StatusPredictionSerializer(serializers.Serializer):
+    probability_malignant = serializers.FloatField()
+    label = serializers.CharField()
+    threshold = serializers.FloatField()
+    above_threshold = serializers.BooleanField()
+    model_version = serializers.CharField()
+
+
+class ImageStatusSerializer(serializers.Serializer):
+    """What a polling client needs, read in one query (ImageViewSet.image_status)."""
+
+    id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=ImageState.choices)
+    error = serializers.CharField(allow_blank=True)
+    processed_at = serializers.DateTimeField(allow_null=True)
+    prediction = StatusPredictionSerializer(allow_null=True)
+    disclaimer = serializers.CharField()
 
 
 class ExplanationRequestSerializer(serializers.Serializer):

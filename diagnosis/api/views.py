@@ -8,7 +8,17 @@ from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from ..models import AuditEvent, Explanation, ImageState, Lesion, LesionImage, Patient, Prediction, UploadBatch
+from ..models import (
+    DISCLAIMER,
+    AuditEvent,
+    Explanation,
+    ImageState,
+    Lesion,
+    LesionImage,
+    Patient,
+    Prediction,
+    UploadBatch,
+)
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
 from ..services import images as image_services
@@ -24,6 +34,7 @@ from .serializers import (
     ExplanationSerializer,
     FeedbackSerializer,
     ImageSerializer,
+    ImageStatusSerializer,
     ImageUploadSerializer,
     LesionSerializer,
     PatientSerializer,
@@ -33,6 +44,39 @@ from .throttling import UploadRateThrottle
 
 def client_ip(request) -> str | None:
     return request.META.get("REMOTE_ADDR")
+
+
+PRESIGNED_REDIRECT = {
+    302: OpenApiResponse(
+        description="Only where the server sets MEDIA_PRESIGNED_REDIRECT: `Location` is a presigned URL of the file, "
+        "valid for S3_PRESIGNED_URL_SECONDS (60 s by default). Do not forward the Authorization header to it."
+    )
+}
+
+
+def presigned_redirect(stored, *, filename: str, content_type: str, as_attachment: bool):
+    """With MEDIA_PRESIGNED_REDIRECT on a bucket: a 302 to a signed URL valid for S3_PRESIGNED_URL_SECONDS
+    whose answer carries these headers; else None (the view streams the file). Call it only after the
+    clinic check and the audit record: the URL itself is the permission."""
+    from django.conf import settings
+    from django.http import HttpResponseRedirect
+
+    if not settings.MEDIA_PRESIGNED_REDIRECT or not getattr(stored.storage, "querystring_auth", False):
+        return None
+    disposition = "attachment" if as_attachment else "inline"
+    url = stored.storage.url(
+        stored.name,
+        expire=settings.S3_PRESIGNED_URL_SECONDS,
+        parameters={
+            "ResponseContentType": content_type,
+            "ResponseContentDisposition": f'{disposition}; filename="{filename}"',
+            "ResponseCacheControl": "private, no-store",
+        },
+    )
+    response = HttpResponseRedirect(url)
+    response["Cache-Control"] = "private, no-store"
+    response["Referrer-Policy"] = "no-referrer"
+    return response
 
 
 @extend_schema_view(
@@ -257,6 +301,59 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         data = ImageSerializer(image, context={"request": request}).data
         return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": data["status_url"]})
 
+    @extend_schema(
+        summary="Poll an upload's state: one indexed query",
+        description=(
+            "The state, the error in words when it failed, and the latest prediction once done, read with a "
+            "single SQL statement (primary key, clinic and latest prediction together), for clients that poll. "
+            "Reading a finished result is written to the audit log, as for the full record."
+        ),
+        responses={200: ImageStatusSerializer, **error_responses(401, 403, 404, 429)},
+    )
+    @action(detail=True, methods=["get"], url_path="status", url_name="status")
+    def image_status(self, request, pk=None):
+        from django.db.models import OuterRef, Subquery
+
+        from ..models import ClinicMembership
+
+        image_id = _uuid_param("id", str(pk))
+        latest = Prediction.objects.filter(image=OuterRef("pk")).order_by("-created_at")
+        row = (
+            LesionImage.objects.filter(
+                pk=image_id, clinic_id__in=ClinicMembership.objects.filter(user=request.user).values("clinic_id")
+            )
+            .annotate(**{
+                name: Subquery(latest.values(field)[:1])
+                for name, field in (("p", "probability_malignant"), ("label", "label"), ("threshold", "threshold"),
+                                    ("version", "model_version__version"))
+            })
+            .values("pk", "clinic_id", "state", "error", "processed_at", "p", "label", "threshold", "version")
+            .first()
+        )  # fmt: skip
+        if row is None:
+            from rest_framework.exceptions import NotFound
+
+            raise NotFound("No image with this id in your clinic.")
+        done = row["state"] == ImageState.DONE and row["p"] is not None
+        if done:
+            from ..models import Clinic
+
+            record_event(actor=request.user, action=AuditEvent.Action.VIEW_IMAGE, obj=LesionImage(pk=row["pk"]),
+                         clinic=Clinic(pk=row["clinic_id"]), via="api", ip_address=client_ip(request))  # fmt: skip
+        data = {
+            "id": str(row["pk"]), "state": row["state"],
+            "error": row["error"] if row["state"] == ImageState.FAILED else "",
+            "processed_at": row["processed_at"],
+            "prediction": {
+                "probability_malignant": row["p"], "label": row["label"], "threshold": row["threshold"],
+                "above_threshold": row["p"] >= row["threshold"], "model_version": row["version"],
+            } if done else None,
+            "disclaimer": DISCLAIMER,
+        }  # fmt: skip
+        response = Response(ImageStatusSerializer(data).data)
+        response["Cache-Control"] = "no-store"
+        return response
+
     def retrieve(self, request, *args, **kwargs):
         image = self.get_object()
         if image.state == ImageState.DONE:
@@ -271,9 +368,13 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
 
     @extend_schema(
         summary="Download the stored photo",
-        description="The photo as stored: orientation applied, all metadata removed. Served as an attachment.",
+        description=(
+            "The photo as stored: the client's own compressed pixels with every metadata block removed (a valid "
+            "colour profile and the EXIF orientation tag stay, so it displays upright). Served as an attachment."
+        ),
         responses={
             (200, "image/jpeg"): OpenApiResponse(description="The photo (JPEG or PNG)."),
+            **PRESIGNED_REDIRECT,
             **error_responses(401, 403, 404),
         },
     )
@@ -289,10 +390,13 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         record_event(actor=request.user, action=AuditEvent.Action.DOWNLOAD_IMAGE, obj=image, via="api",
                      ip_address=client_ip(request))  # fmt: skip
         extension = "jpg" if image.content_type == "image/jpeg" else "png"
-        response = FileResponse(
-            handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
-            content_type=image.content_type,
-        )  # fmt: skip
+        filename = f"lesion-image-{image.pk}.{extension}"
+        redirect = presigned_redirect(image.file, filename=filename, content_type=image.content_type,
+                                      as_attachment=True)  # fmt: skip
+        if redirect is not None:
+            handle.close()
+            return redirect
+        response = FileResponse(handle, as_attachment=True, filename=filename, content_type=image.content_type)
         response["X-Content-Type-Options"] = "nosniff"
         response["Cache-Control"] = "private, no-store"
         return response
@@ -447,17 +551,25 @@ class ExplanationViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
             raise NotFound("The stored file of this explanation is missing.") from None
         record_event(actor=request.user, action=AuditEvent.Action.VIEW_EXPLANATION, obj=explanation,
                      clinic=explanation.image.clinic, via="api", ip_address=client_ip(request))  # fmt: skip
-        response = FileResponse(
-            handle, content_type=content_type, as_attachment=kind == "attribution",
-            filename=f"{explanation.method}-{explanation.pk}-{kind}.{extension}",
-        )  # fmt: skip
+        filename = f"{explanation.method}-{explanation.pk}-{kind}.{extension}"
+        redirect = presigned_redirect(stored, filename=filename, content_type=content_type,
+                                      as_attachment=kind == "attribution")  # fmt: skip
+        if redirect is not None:
+            handle.close()
+            return redirect
+        response = FileResponse(handle, content_type=content_type, as_attachment=kind == "attribution",
+                                filename=filename)  # fmt: skip
         response["X-Content-Type-Options"] = "nosniff"
         response["Cache-Control"] = "private, no-store"
         return response
 
     @extend_schema(
         summary="The heatmap over the photo, with a legend (PNG)",
-        responses={(200, "image/png"): OpenApiResponse(description="PNG"), **error_responses(401, 403, 404)},
+        responses={
+            (200, "image/png"): OpenApiResponse(description="PNG"),
+            **PRESIGNED_REDIRECT,
+            **error_responses(401, 403, 404),
+        },
     )
     @action(detail=True, methods=["get"], url_path="overlay", url_name="overlay")
     def overlay(self, request, pk=None):
@@ -465,7 +577,11 @@ class ExplanationViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
 
     @extend_schema(
         summary="The heatmap alone, transparent where evidence is weak (PNG)",
-        responses={(200, "image/png"): OpenApiResponse(description="PNG"), **error_responses(401, 403, 404)},
+        responses={
+            (200, "image/png"): OpenApiResponse(description="PNG"),
+            **PRESIGNED_REDIRECT,
+            **error_responses(401, 403, 404),
+        },
     )
     @action(detail=True, methods=["get"], url_path="heatmap", url_name="heatmap")
     def heatmap(self, request, pk=None):
@@ -476,6 +592,7 @@ class ExplanationViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
         description="Shape (3, S, S) for pixel methods and (S, S) for Grad-CAM, S being the model's input size.",
         responses={
             (200, "application/octet-stream"): OpenApiResponse(description=".npy"),
+            **PRESIGNED_REDIRECT,
             **error_responses(401, 403, 404),
         },
     )
