@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # Browser tests drive the system Chromium; playwright cannot download browsers here.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint format install install-dev clean-var chromium load
+.PHONY: run test lint format install install-dev clean-var chromium docker-compose load
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,7 +32,7 @@ run: $(VENV)/.installed-base
 	DJANGO_SETTINGS_MODULE=webapp.settings.dev $(PY) manage.py rundemo
 
 ## make test: install the dev requirements, lint, and run the whole suite with a coverage summary.
-test: $(VENV)/.installed-dev chromium
+test: $(VENV)/.installed-dev chromium docker-compose
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest --cov --cov-report=term:skip-covered
@@ -44,6 +44,15 @@ chromium:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  export DEBIAN_FRONTEND=noninteractive; \
 	  $$SUDO apt-get install -y -q chromium >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; \
+	fi
+
+## Debian's docker-compose (1.29) for tests/test_deploy.py, which validates docker-compose.yml with it.
+docker-compose:
+	@if ! command -v docker-compose >/dev/null; then \
+	  echo "Installing docker-compose for the deployment tests..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  $$SUDO apt-get install -y -q docker-compose >/dev/null || { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q docker-compose >/dev/null; }; \
 	fi
 
 $(VENV)/.installed-load: requirements/base.txt requirements/prod.txt requirements/load.txt | $(PY)

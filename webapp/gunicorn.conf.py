@@ -1,6 +1,9 @@
 """gunicorn settings for the web tier (the load test and the production image use this file)."""
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
@@ -13,3 +16,55 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
+
+# --- metrics and logs (docs/observability.md) ------------------------------------------------------------
+# prometheus_client's multiprocess mode: each worker process records into files in this folder and /metrics
+# adds them all up. It is read when prometheus_client is first imported, so it is set here, in the master,
+# before any worker loads the app. The folder belongs to this gunicorn alone: it is emptied at start.
+_metrics_dir_is_ours = not os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _metrics_dir_is_ours:
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="prometheus-web-")
+
+
+def on_starting(server):
+    folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for leftover in folder.glob("*.db"):  # an earlier run's counts
+        leftover.unlink()
+
+
+def child_exit(server, worker):
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(worker.pid)  # its live gauges go; its counters stay in the sums
+
+
+def on_exit(server):
+    if _metrics_dir_is_ours:
+        shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
+
+
+if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
+    # gunicorn's own lines as JSON too. Its access log stays off: it writes the full URL, query string
+    # included (a portal search would put a patient reference in the log); the app logs one line per
+    # request instead (logger webapp.request, with the request id).
+    logconfig_dict = {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "webapp.structured_logging.JsonFormatter"}},
+        "filters": {"redact": {"()": "webapp.structured_logging.RedactSecretsFilter"}},
+        "handlers": {
+            "json": {
+                "class": "logging.StreamHandler",
+                "formatter": "json",
+                "filters": ["redact"],
+                "stream": "ext://sys.stderr",
+            },
+            "none": {"class": "logging.NullHandler"},
+        },  # fmt: skip
+        "root": {"level": "INFO", "handlers": ["json"]},
+        "loggers": {
+            "gunicorn.error": {"level": "INFO", "handlers": ["json"], "propagate": False},
+            "gunicorn.access": {"level": "INFO", "handlers": ["none"], "propagate": False},
+        },
+    }

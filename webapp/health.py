@@ -39,7 +39,11 @@ def _broker() -> str | None:
 def _storage() -> str | None:
     from django.core.files.storage import default_storage
 
-    default_storage.exists("readyz-probe")
+    bucket_name = getattr(default_storage, "bucket_name", None)
+    if bucket_name:  # S3: a missing bucket must fail, not read as a missing file
+        default_storage.connection.meta.client.head_bucket(Bucket=bucket_name)
+    else:
+        default_storage.exists("readyz-probe")
     return None
 
 

@@ -10,6 +10,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from diagnosis import admin_monitoring
 from diagnosis.portal.accounts import LoginView
 from webapp.health import healthz, readyz
+from webapp.metrics import metrics
 
 
 class SchemaView(SpectacularAPIView):
@@ -32,6 +33,7 @@ urlpatterns = [
     path("favicon.ico", no_favicon),
     path("healthz", healthz, name="healthz"),
     path("readyz", readyz, name="readyz"),
+    path("metrics", metrics, name="metrics"),
     path("", include("diagnosis.portal.urls", namespace="portal")),
     path("accounts/login/", LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),

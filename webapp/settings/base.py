@@ -29,10 +29,15 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "axes",
+    "django_prometheus",
     "diagnosis",
 ]
 
 MIDDLEWARE = [
+    # First and (before axes) last: django-prometheus times the whole stack and counts final statuses.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
+    # Early, so every later log line of the request carries its request id.
+    "webapp.request_id.RequestIdMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -42,6 +47,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "webapp.middleware.SecurityHeadersMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
     # Last, as django-axes asks: it turns a locked-out login into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]
@@ -100,16 +106,64 @@ STATIC_ROOT = Path(env_str("STATIC_ROOT", str(VAR_DIR / "static")))
 MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(VAR_DIR / "media")))
 MEDIA_URL = None
 
+# Where uploads, heatmaps, attribution arrays, drift reports and model weights live (everything goes
+# through default_storage). "local": files under MEDIA_ROOT, for one machine. "s3": a private bucket of
+# an S3-compatible service (AWS S3, MinIO, ...) shared by the web tier and every worker machine; see
+# docs/storage-and-scaling.md.
 STORAGE_BACKEND = env_str("STORAGE_BACKEND", "local")
-if STORAGE_BACKEND != "local":
+# Lifetime of a presigned URL (only issued when MEDIA_PRESIGNED_REDIRECT is on, after the permission check).
+S3_PRESIGNED_URL_SECONDS = env_int("S3_PRESIGNED_URL_SECONDS", 60)
+# Off (the default): the API streams files through the app. On, with STORAGE_BACKEND=s3: the API's file,
+# overlay, heatmap and attribution downloads answer 302 to a presigned URL of S3_PRESIGNED_URL_SECONDS,
+# issued after the clinic check and the audit record. The clients must be able to reach S3_ENDPOINT_URL.
+MEDIA_PRESIGNED_REDIRECT = env_bool("MEDIA_PRESIGNED_REDIRECT", False)
+
+
+def default_storage_from_env(backend: str, media_root) -> dict:
+    """STORAGES["default"] for a STORAGE_BACKEND, the bucket and credentials read from the environment."""
+    if backend == "local":
+        return {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(media_root), "base_url": None},
+        }
+    if backend == "s3":
+        from botocore.config import Config
+
+        endpoint = env_str("S3_ENDPOINT_URL", "") or None  # None: AWS S3 itself
+        return {
+            "BACKEND": "storages.backends.s3.S3Storage",
+            "OPTIONS": {
+                "bucket_name": env_str("S3_BUCKET"),
+                "endpoint_url": endpoint,
+                "region_name": env_str("S3_REGION", "us-east-1"),
+                "access_key": env_str("AWS_ACCESS_KEY_ID", "") or None,
+                "secret_key": env_str("AWS_SECRET_ACCESS_KEY", "") or None,
+                # Private objects: no ACL is sent (objects stay private to the bucket's owner), no public
+                # or custom-domain URLs, and url() only ever gives a signed, expiring URL.
+                "default_acl": None,
+                "querystring_auth": True,
+                "querystring_expire": S3_PRESIGNED_URL_SECONDS,
+                "custom_domain": None,
+                "file_overwrite": False,  # a name already taken gets a suffix, as on local disk
+                # Files read from the bucket are buffered in memory up to this size, then on disk.
+                "max_memory_size": 8 * 1024 * 1024,
+                "client_config": Config(
+                    signature_version="s3v4",
+                    # MinIO and most S3-compatible servers want bucket names in the path.
+                    s3={"addressing_style": env_str("S3_ADDRESSING_STYLE", "path" if endpoint else "auto")},
+                    connect_timeout=env_float("S3_CONNECT_TIMEOUT_SECONDS", 5.0),
+                    read_timeout=env_float("S3_READ_TIMEOUT_SECONDS", 60.0),
+                    retries={"max_attempts": env_int("S3_MAX_ATTEMPTS", 3), "mode": "standard"},
+                ),
+            },
+        }
     from django.core.exceptions import ImproperlyConfigured
 
-    raise ImproperlyConfigured(f"STORAGE_BACKEND={STORAGE_BACKEND!r} is not supported yet; use 'local'.")
+    raise ImproperlyConfigured(f"STORAGE_BACKEND={backend!r} is not supported; use 'local' or 's3'.")
+
+
 STORAGES = {
-    "default": {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": str(MEDIA_ROOT), "base_url": None},
-    },
+    "default": default_storage_from_env(STORAGE_BACKEND, MEDIA_ROOT),
     "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
 }
 FILE_UPLOAD_PERMISSIONS = 0o600
@@ -156,6 +210,15 @@ DATA_UPLOAD_MAX_NUMBER_FILES = MAX_BATCH_FILES + 1
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 MODEL_CACHE_DIR = Path(env_str("MODEL_CACHE_DIR", str(VAR_DIR / "model-cache")))
 INFERENCE_DEVICE = env_str("INFERENCE_DEVICE", "auto")
+# How the inference worker decodes JPEGs: "auto" (nvJPEG through torchvision when the model is on a GPU
+# that supports it, else Pillow), "torchvision" (always, on the model's device), "pillow" (never).
+INFERENCE_DECODE = env_str("INFERENCE_DECODE", "auto").strip().lower()
+if INFERENCE_DECODE not in ("auto", "torchvision", "pillow"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"INFERENCE_DECODE={INFERENCE_DECODE!r}: use auto, torchvision or pillow.")
+# Load the active model and run one batch when an inference worker process starts.
+INFERENCE_WARMUP = env_bool("INFERENCE_WARMUP", True)
 # An inference task takes its own image plus up to INFERENCE_BATCH_SIZE - 1 other queued ones as one
 # batch (never waiting for more); DECODE_THREADS read and decode a batch's photos in parallel.
 INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 16)
@@ -174,6 +237,9 @@ EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 # Memory one explanation may take for its batched passes (activations and gradients); the batch
 # size follows from it, so a large model or input cannot run a worker out of memory.
 EXPLAIN_MEMORY_BUDGET_MB = env_int("EXPLAIN_MEMORY_BUDGET_MB", 512)
+# An Integrated Gradients task takes its own explanation plus up to EXPLAIN_BATCH_SIZE - 1 other queued
+# ones (same model version and parameters) into one Captum call; 1 turns batching off.
+EXPLAIN_BATCH_SIZE = env_int("EXPLAIN_BATCH_SIZE", 4)
 
 # --- Monitoring -----------------------------------------------------------------------------------
 # The drift window: the last DRIFT_WINDOW_UPLOADS scored uploads when set (> 0), else the last
@@ -195,6 +261,14 @@ ALERT_MIN_UPLOADS = env_int("ALERT_MIN_UPLOADS", 20)
 # A condition that returns within this many minutes of its alert closing reopens it silently.
 ALERT_COOLDOWN_MINUTES = env_int("ALERT_COOLDOWN_MINUTES", 60)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "lesion-triage@localhost")
+# Outgoing mail (alerts): an SMTP relay. dev and test settings replace the backend.
+EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("EMAIL_PORT", 25)
+EMAIL_HOST_USER = env_str("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = env_str("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = env_bool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = env_bool("EMAIL_USE_SSL", False)
+EMAIL_TIMEOUT = env_int("EMAIL_TIMEOUT", 10)
 
 # --- Portal -------------------------------------------------------------------------------------
 # The lesion timeline flags a rise in malignancy probability of more than this (0.10 = 10
@@ -284,14 +358,38 @@ CELERY_BEAT_SCHEDULE = {
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
+# --- Logs and metrics (docs/observability.md) -------------------------------------------------------
+# "json" (production): one JSON object per line with time, level, logger, message, request_id, image_id,
+# task_id and task_name. "plain": readable text (the default in dev and tests; Celery keeps its own format).
+LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
+if LOG_FORMAT not in ("plain", "json"):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use plain or json.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {
+        "context": {"()": "webapp.structured_logging.ContextFilter"},
+        # Defence in depth: "Token mlt_...", "Bearer ..." and the like never reach a log.
+        "redact": {"()": "webapp.structured_logging.RedactSecretsFilter"},
+    },
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+        "json": {"()": "webapp.structured_logging.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": LOG_FORMAT, "filters": ["context", "redact"]}
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+# GET /metrics (web tier): with a token, only "Authorization: Bearer <METRICS_TOKEN>"; without, only local
+# clients not relayed by a proxy.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+# Workers serve their metrics on this port (0: off), from the main process, summed over the pool's children.
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
+WORKER_METRICS_ADDR = env_str("WORKER_METRICS_ADDR", "0.0.0.0")
 
 # Security headers that apply everywhere; prod.py adds the HTTPS-only ones.
 SECURE_CONTENT_TYPE_NOSNIFF = True

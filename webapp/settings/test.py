@@ -5,7 +5,7 @@ from __future__ import annotations
 import tempfile
 
 from .base import *  # noqa: F403
-from .base import database_from_env
+from .base import database_from_env, default_storage_from_env
 from .env import env_str
 
 DEBUG = False
@@ -17,11 +17,9 @@ CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/14")
 # on to the worker processes it starts.
 MEDIA_ROOT = env_str("MEDIA_ROOT", tempfile.mkdtemp(prefix="melanoma-test-media-"))
 MODEL_CACHE_DIR = env_str("MODEL_CACHE_DIR", tempfile.mkdtemp(prefix="melanoma-test-models-"))
+# STORAGE_BACKEND=s3 (tests/test_storage_s3.py starts its workers so) uses the bucket from the environment.
 STORAGES = {
-    "default": {
-        "BACKEND": "django.core.files.storage.FileSystemStorage",
-        "OPTIONS": {"location": MEDIA_ROOT, "base_url": None},
-    },
+    "default": default_storage_from_env(STORAGE_BACKEND, MEDIA_ROOT),  # noqa: F405
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
 }
 STATIC_ROOT = tempfile.mkdtemp(prefix="melanoma-test-static-")
