@@ -93,15 +93,21 @@ def test_warm_up_runs_only_on_inference_workers_with_an_active_model(db, setting
 
 @pytest.mark.django_db(transaction=True)
 def test_a_worker_warms_up_at_start_and_decodes_with_torchvision(worker_env, tmp_path, clinic, clinician,
-                                                                  tiny_checkpoint):  # fmt: skip
+                                                                  tiny_checkpoint, monkeypatch):  # fmt: skip
     from diagnosis.services.registry import register_model
+    from diagnosis.tasks import predict_image_task
 
     register_model(checkpoint=tiny_checkpoint, version="warm-2", activate=True)
+    queue_name = f"inference-tv-{uuid.uuid4().hex[:6]}"  # its own queue: the session's worker cannot take it
     worker = start_worker(env={**worker_env, "INFERENCE_DECODE": "torchvision", "AUTO_EXPLAIN_METHODS": "none"},
-                          log_path=tmp_path / "worker.log", queues="inference",
+                          log_path=tmp_path / "worker.log", queues=f"inference,{queue_name}",
                           name=f"tv-{uuid.uuid4().hex[:6]}@%h")  # fmt: skip
     try:
         wait_for(lambda: "warmed up model warm-2" in worker.log(), 60, message="the warm-up in the worker's log")
+        monkeypatch.setattr(
+            "diagnosis.services.images.enqueue_prediction",
+            lambda image_id: predict_image_task.apply_async(args=[image_id], queue=queue_name),
+        )
         client = token_client(clinician)
         response = client.post("/api/v1/images/", {"image": upload_file(_rotated_jpeg(7))}, format="multipart")
         assert response.status_code == 202, response.content
@@ -112,5 +118,6 @@ def test_a_worker_warms_up_at_start_and_decodes_with_torchvision(worker_env, tmp
         assert image.state == ImageState.DONE, image.error
         assert image.claimed_by.startswith(worker.node)
         assert Prediction.objects.filter(image=image).count() == 1
+        assert "JPEG decoding for the model on cpu: torchvision" in worker.log()
     finally:
         stop_worker(worker)

@@ -108,9 +108,9 @@ def test_model_crash_fails_the_image_with_reason(queued_image, active_model, mon
     real = prediction_services.predictor_for(active_model)
 
     class ExplodingPredictor:
-        meta = real.meta
+        meta, spec, device = real.meta, real.spec, real.device
 
-        def predict_with_gradcam(self, images, **kwargs):
+        def predict_with_gradcam_tensors(self, batch, **kwargs):
             raise RuntimeError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(prediction_services, "predictor_for", lambda model_version: ExplodingPredictor())
@@ -237,7 +237,9 @@ def test_a_stale_worker_cannot_release_fail_or_finish_a_claim_taken_over(queued_
     release_image(image_id=str(queued_image.pk), worker_id="A:1")
     fail_image(image_id=str(queued_image.pk), reason="late", worker_id="A:1")
     result = PredictionResult(0.2, "benign", 0.5, {"benign": 0.8, "malignant": 0.2})
-    record_prediction(image=queued_image, model_version=active_model, result=result, inference_ms=1, worker_id="A:1")
+    assert record_prediction(image=queued_image, model_version=active_model, result=result, inference_ms=1,
+                             worker_id="A:1") is None  # fmt: skip
+    assert not Prediction.objects.filter(image=queued_image).exists()  # the stale worker wrote nothing
     queued_image.refresh_from_db()
     assert queued_image.state == ImageState.PROCESSING and queued_image.claimed_by == "B:2"
 

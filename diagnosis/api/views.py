@@ -308,7 +308,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "single SQL statement (primary key, clinic and latest prediction together), for clients that poll. "
             "Reading a finished result is written to the audit log, as for the full record."
         ),
-        responses={200: ImageStatusSerializer, **error_responses(401, 403, 404, 429)},
+        responses={200: ImageStatusSerializer, **error_responses(400, 401, 403, 404)},
     )
     @action(detail=True, methods=["get"], url_path="status", url_name="status")
     def image_status(self, request, pk=None):

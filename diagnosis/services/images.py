@@ -18,6 +18,7 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from mlcore.preprocessing import ImageValidationError, prepare_upload
+from webapp.request_id import set_image_id
 
 from ..models import AuditEvent, Clinic, ImageState, Lesion, LesionImage
 from .audit import record_event
@@ -105,6 +106,7 @@ def submit_image(
             )
             record_event(actor=uploader, action=AuditEvent.Action.UPLOAD_IMAGE, obj=image, via=via)
             image_id = str(image.pk)
+            set_image_id(image_id)
             # robust: a broker outage must not turn a committed upload into a 500. The image stays
             # queued and the sweeper enqueues it again once the broker is back.
             transaction.on_commit(lambda: enqueue_prediction(image_id), robust=True)

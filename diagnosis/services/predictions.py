@@ -60,10 +60,17 @@ def warm_up_worker(consumed_queues) -> float | None:
 
 def record_prediction(
     *, image: LesionImage, model_version: ModelVersion, result, inference_ms: float, worker_id: str | None = None
-) -> Prediction:
+) -> Prediction | None:
     """Idempotent: one Prediction per (image, model version), and the image ends done. With a
-    worker id, only that worker's claim is moved to done."""
+    worker id, only while that worker still holds the claim (the row is locked while it checks): a
+    worker whose claim was taken over writes nothing and gets None."""
     with transaction.atomic():
+        if worker_id is not None and not (
+            LesionImage.objects.select_for_update()
+            .filter(pk=image.pk, state=ImageState.PROCESSING, claimed_by=worker_id)
+            .exists()
+        ):
+            return None
         prediction, _ = Prediction.objects.update_or_create(
             image=image,
             model_version=model_version,
@@ -158,17 +165,17 @@ def tensor_decoding(predictor) -> bool:
     from mlcore import tensor_decode
 
     choice = settings.INFERENCE_DECODE
-    if choice == "pillow":
-        return False
-    if choice == "torchvision":
-        return True
-    if predictor.device.type != "cuda":
-        return False
-    cached = getattr(predictor, "_tensor_decode_available", None)
-    if cached is None:
-        cached = predictor._tensor_decode_available = tensor_decode.available(predictor.device)
-        logger.info("JPEG decoding on %s: %s", predictor.device, "nvJPEG" if cached else "Pillow (nvJPEG unavailable)")
-    return cached
+    if choice == "auto" and predictor.device.type == "cuda":
+        use = getattr(predictor, "_tensor_decode_available", None)
+        if use is None:
+            use = predictor._tensor_decode_available = tensor_decode.available(predictor.device)
+    else:
+        use = choice == "torchvision"
+    if getattr(predictor, "_decode_logged", None) != use:
+        predictor._decode_logged = use
+        logger.info("JPEG decoding for the model on %s: %s (INFERENCE_DECODE=%s)", predictor.device,
+                    "torchvision" if use else "Pillow", choice)  # fmt: skip
+    return use
 
 
 def _prepare_all(claimed: list[LesionImage], predictor) -> list[Future]:
@@ -367,17 +374,22 @@ def _predict_and_record(ready, *, model_version, predictor, worker_id, outcomes,
             continue
         results, cams, embeddings, per_image_ms = output
         for index, (image, decoded) in enumerate(group):
-            _record_one(image=image, decoded=decoded, result=results[index], cam=cams[index],
-                        embedding=embeddings[index], inference_ms=per_image_ms, model_version=model_version,
-                        worker_id=worker_id)  # fmt: skip
-            outcomes[str(image.pk)] = "done"
+            recorded = _record_one(image=image, decoded=decoded, result=results[index], cam=cams[index],
+                                   embedding=embeddings[index], inference_ms=per_image_ms,
+                                   model_version=model_version, worker_id=worker_id)  # fmt: skip
+            outcomes[str(image.pk)] = "done" if recorded else "skipped"
 
 
-def _record_one(*, image, decoded, result, cam, embedding, inference_ms, model_version, worker_id) -> None:
+def _record_one(*, image, decoded, result, cam, embedding, inference_ms, model_version, worker_id) -> bool:
+    """False when this worker's claim was taken over meanwhile: the new owner records it."""
     # The prediction is stored first: a clinician sees the risk before any heatmap is drawn.
-    record_prediction(
-        image=image, model_version=model_version, result=result, inference_ms=inference_ms, worker_id=worker_id
-    )
+    if (
+        record_prediction(
+            image=image, model_version=model_version, result=result, inference_ms=inference_ms, worker_id=worker_id
+        )
+        is None
+    ):
+        return False
     metrics.record_prediction(label=result.label, model_version=model_version.version)
     from .explanations import record_gradcam, request_automatic_explanations
     from .monitoring import record_upload_features
@@ -393,3 +405,4 @@ def _record_one(*, image, decoded, result, cam, embedding, inference_ms, model_v
         logger.exception("drift features could not be stored for image %s", image.pk)
     image.state = ImageState.DONE
     request_automatic_explanations(image=image)
+    return True

@@ -217,7 +217,8 @@ def cached_weights_path(model_version: ModelVersion) -> Path:
     digest = hashlib.sha256()
     handle, temporary = tempfile.mkstemp(dir=cache_dir, suffix=".part")
     try:
-        with os.fdopen(handle, "wb") as out, model_version.weights.open("rb") as source:
+        # Through the storage, not the FieldFile: that would share one open file between threads.
+        with os.fdopen(handle, "wb") as out, model_version.weights.storage.open(model_version.weights.name) as source:
             for chunk in iter(lambda: source.read(1 << 20), b""):
                 digest.update(chunk)
                 out.write(chunk)
