@@ -1,6 +1,6 @@
 """Explanation speed and memory, measured side by side in one run.
 
-    .venv/bin/python bench/explain_bench.py [--arch resnet18] [--image-size 224] [--repeats 3]
+    .venv/bin/python bench/explain_bench.py [--arch resnet18] [--image-size 224] [--repeats 3] [--images K]
 
 1. Integrated Gradients, 50 steps, one image: the project's Explainer against Captum's default call
    (IntegratedGradients(f).attribute(x, target=t, n_steps=50), no internal_batch_size) on the same
@@ -10,6 +10,11 @@
    predict with the fused Grad-CAM + its raw map as .npy; and, apart, the cost of drawing the PNGs,
    which a CPU worker does on the default queue.
 3. Peak RSS of explaining a 6000x4000 JPEG upload end to end (decode, IG, overlay), in a subprocess.
+4. With --images K: Integrated Gradients (--steps, default 50; blurred baseline, the service's default)
+   for K different images with alternating targets, K single-image calls (Explainer.explain) against
+   one batched call of the K images (Explainer.explain_batch, what the explain worker does with
+   EXPLAIN_BATCH_SIZE >= K), on the same CPU and model, repeats interleaved. Prints both times, the
+   ratio, the passes' shape (images x steps) and the largest difference between the two sets of maps.
 """
 
 from __future__ import annotations
@@ -82,6 +87,8 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, default=0, help="also compare K single IG calls with one batch of K")
+    parser.add_argument("--steps", type=int, default=50, help="IG steps for --images")
     parser.add_argument("--child-rss", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_rss:
@@ -159,6 +166,47 @@ def main() -> None:
         f"Peak RSS explaining a 6000x4000 JPEG upload in a fresh worker process (draft decode, IG 50 steps at "
         f"internal batch {batch}, overlay): {float(after):.0f} MB, of which {float(before):.0f} MB is the process "
         "with torch and the model loaded"
+    )
+
+    # 4. IG for K images: one at a time against one batched call.
+    if args.images > 0:
+        batch_comparison(explainer, args.images, args.steps, args.image_size, args.repeats)
+
+
+def batch_comparison(explainer: Explainer, count: int, steps: int, image_size: int, repeats: int) -> None:
+    images = [SyntheticLesions(count, size=image_size, seed=21)[index][0] for index in range(count)]
+    targets = [index % 2 for index in range(count)]
+    params = {"n_steps": steps, "baseline": "blurred"}
+
+    def one_at_a_time():
+        return [
+            explainer.explain(image, "integrated_gradients", params, t)
+            for image, t in zip(images, targets, strict=True)
+        ]
+
+    def batched():
+        return explainer.explain_batch(images, "integrated_gradients", params, targets)
+
+    batched()  # warm-up: the first call pays for allocations
+    single_times, batch_times = [], []
+    singles = together = None
+    for _ in range(repeats):  # interleaved, so that a busy moment on the machine hits both
+        seconds, singles = median_time(one_at_a_time, 1)
+        single_times.append(seconds)
+        seconds, together = median_time(batched, 1)
+        batch_times.append(seconds)
+    single_seconds, batch_seconds = statistics.median(single_times), statistics.median(batch_times)
+    difference = max(
+        float(np.abs(a.map - b.map).max() / np.abs(a.map).max()) for a, b in zip(singles, together, strict=True)
+    )
+    per_call, steps_per_pass = explainer.ig_batch_plan(count, steps)
+    print(
+        f"IG {steps} steps, {count} images (blurred baseline, targets alternating): one at a time "
+        f"{single_seconds:.2f} s ({count / single_seconds:.2f} explanations/s, internal batch "
+        f"{explainer.internal_batch_size(steps)}), one batched call {batch_seconds:.2f} s "
+        f"({count / batch_seconds:.2f} explanations/s, {per_call} images x {steps_per_pass} steps per pass): "
+        f"ratio batched / one at a time {batch_seconds / single_seconds:.2f}x; max relative difference of the "
+        f"maps {difference:.1e}"
     )
 
 

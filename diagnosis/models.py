@@ -352,6 +352,8 @@ class Explanation(models.Model):
                 fields=["image", "model_version", "method", "params_key"], name="one_explanation_per_request"
             )
         ]
+        # The explain worker gathers the oldest queued explanations of its kind into one batch.
+        indexes = [models.Index(fields=["state", "created_at"], name="explanation_state_created")]
 
     def __str__(self) -> str:
         return f"{self.method} of {self.image_id} ({self.state})"

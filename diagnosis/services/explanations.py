@@ -19,6 +19,9 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from webapp.request_id import set_image_id
+
+from .. import metrics
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
 from .audit import record_event
 from .registry import VersionCache
@@ -170,6 +173,7 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw=None, 
         for name in names:
             default_storage.delete(name)
         raise
+    metrics.observe_explanation(method=explanation.method, seconds=seconds)
     if not updated:  # another worker finished it first: keep theirs
         for name in names:
             default_storage.delete(name)
@@ -213,6 +217,7 @@ def render_explanation(*, explanation_id: str) -> str:
     explanation = Explanation.objects.select_related("image").filter(pk=explanation_id).first()
     if explanation is None or explanation.state == Explanation.State.DONE or not explanation.attribution:
         return "skipped"
+    set_image_id(explanation.image_id)
     started = time.perf_counter()
     try:
         with explanation.attribution.open("rb") as handle:
@@ -262,40 +267,279 @@ def claim_explanation(*, explanation_id: str, worker_id: str) -> Explanation | N
     return Explanation.objects.select_related("image", "model_version").get(pk=explanation_id)
 
 
-def compute_explanation(*, explanation_id: str, worker_id: str) -> str:
-    """Returns 'done', 'failed' or 'skipped'. Bad or unreadable inputs end failed with a reason."""
-    from mlcore.preprocessing import ImageValidationError, decode_image
+def compute_explanation(*, explanation_id: str, worker_id: str, gather: int | None = None) -> str:
+    """Returns 'done', 'failed' or 'skipped'. Bad or unreadable inputs end failed with a reason.
 
-    explanation = claim_explanation(explanation_id=explanation_id, worker_id=worker_id)
-    if explanation is None:
-        return "skipped"
+    An Integrated Gradients explanation on its first attempt takes up to `gather` (by default
+    EXPLAIN_BATCH_SIZE - 1) other queued ones of the same model version and parameters into one
+    Captum call (compute_explanations); their own messages later find them finished."""
+    if gather is None:
+        gather = settings.EXPLAIN_BATCH_SIZE - 1
+    return compute_explanations(explanation_ids=[explanation_id], worker_id=worker_id, gather=gather)[explanation_id]
 
-    def fail(reason: str) -> str:
-        Explanation.objects.filter(pk=explanation_id, claimed_by=worker_id).exclude(
+
+BATCHED_METHODS = ("integrated_gradients",)
+
+
+def gather_queued_explanations(*, explanation: Explanation, limit: int) -> list[str]:
+    """Up to `limit` other explanations that can share this one's Captum call, oldest first: queued,
+    never attempted (one that was in a batch when its worker died goes alone, so it cannot use up its
+    batch-mates' attempts), the same method, model version and parameters. Targets may differ."""
+    if limit <= 0 or explanation.method not in BATCHED_METHODS:
+        return []
+    # Parameter by parameter (canonical parameters have every key of their method): equal on SQLite too,
+    # where comparing whole JSON documents would depend on the order of their keys.
+    same_params = {f"params__{name}": value for name, value in explanation.params.items()}
+    candidates = Explanation.objects.filter(
+        state=Explanation.State.QUEUED, attempts=0, method=explanation.method,
+        model_version_id=explanation.model_version_id, **same_params,
+    ).exclude(pk=explanation.pk)  # fmt: skip
+    return [str(pk) for pk in candidates.order_by("created_at").values_list("pk", flat=True)[:limit]]
+
+
+def release_explanation(*, explanation_id: str, worker_id: str) -> None:
+    """Give our claim back after a temporary error (database, storage): it is queued again, and the
+    attempt is not counted towards MAX_PROCESSING_ATTEMPTS. The sweeper sends it again if its own
+    message was already spent."""
+    from django.db.models.functions import Greatest
+
+    Explanation.objects.filter(pk=explanation_id, state=Explanation.State.PROCESSING, claimed_by=worker_id).update(
+        state=Explanation.State.QUEUED, claimed_at=None, claimed_by="", attempts=Greatest(F("attempts") - 1, 0)
+    )
+
+
+def compute_explanations(*, explanation_ids: list[str], worker_id: str, gather: int = 0) -> dict[str, str]:
+    """Claim each explanation, decode their photos in parallel, explain them together, store each.
+    The first is the one the task was sent for; with gather > 0, and only once it is claimed on its
+    first attempt, others join it (gather_queued_explanations). Returns an outcome per id: 'done',
+    'failed', 'skipped' or 'released'. A database error anywhere gives back every claim of this call
+    that has no outcome yet and becomes a TransientError, for the task's bounded retry."""
+    from django.db import InterfaceError, OperationalError
+
+    from .predictions import TransientError
+
+    outcomes: dict[str, str] = {}
+    explanation_ids = list(explanation_ids)  # grows with the gathered ones, so all of them can be given back
+    try:
+        _ExplainBatch(explanation_ids=explanation_ids, worker_id=worker_id, outcomes=outcomes, gather=gather).run()
+    except (OperationalError, InterfaceError) as exc:
+        for explanation_id in explanation_ids:
+            if explanation_id not in outcomes:
+                try:
+                    release_explanation(explanation_id=explanation_id, worker_id=worker_id)
+                except Exception:  # still down: the sweeper recovers the claim later
+                    logger.warning("could not release explanation %s", explanation_id)
+        raise TransientError(str(exc)) from exc
+    return outcomes
+
+
+_decoders = None
+
+
+def _decoder_pool():
+    """Threads that read and decode a batch's photos (Pillow releases the GIL), DECODE_THREADS of them."""
+    global _decoders
+    if _decoders is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _decoders = ThreadPoolExecutor(max_workers=max(1, settings.DECODE_THREADS), thread_name_prefix="explain-decode")
+    return _decoders
+
+
+def _read_and_decode(explanation: Explanation):
+    from mlcore.preprocessing import decode_image
+
+    with explanation.image.file.open("rb") as handle:
+        data = handle.read()
+    return decode_image(data, max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS, max_side=DISPLAY_MAX_SIDE)
+
+
+def _in_this_thread(function, *args):
+    """A finished Future of function(*args): one photo is decoded without a hand-off to the pool."""
+    from concurrent.futures import Future
+
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as exc:
+        future.set_exception(exc)
+    return future
+
+
+class _ExplainBatch:
+    """One explain task's work. Only an explanation's own faults fail it; a temporary error on a
+    gathered one gives its claim back for its own message, and on the task's own one raises a
+    TransientError once the others are handled. Running out of time fails every one without an outcome."""
+
+    TOO_LONG = "The explanation took too long and was stopped; try fewer steps or samples."
+
+    def __init__(self, *, explanation_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int) -> None:
+        self.ids = explanation_ids
+        self.own = explanation_ids[0]
+        self.worker_id = worker_id
+        self.outcomes = outcomes
+        self.gather = gather
+        self.deferred: Exception | None = None
+
+    def fail(self, explanation_id: str, reason: str) -> None:
+        Explanation.objects.filter(pk=explanation_id, claimed_by=self.worker_id).exclude(
             state=Explanation.State.DONE
         ).update(state=Explanation.State.FAILED, error=reason[:2000], finished_at=timezone.now(), claimed_at=None)
-        return "failed"
+        self.outcomes[explanation_id] = "failed"
 
-    if explanation.attempts > settings.MAX_PROCESSING_ATTEMPTS:
-        return fail("The explanation was started several times and never finished (the worker stopped each time).")
-    try:
-        explainer = explainer_for(explanation.model_version)
-        with explanation.image.file.open("rb") as handle:
-            decoded = decode_image(
-                handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS, max_side=DISPLAY_MAX_SIDE
-            )
-        result = explainer.explain(decoded.image, explanation.method, explanation.params, explanation.target_index)
-    except FileNotFoundError:
-        return fail("The stored image file is missing.")
-    except ImageValidationError as exc:
-        return fail(f"The stored image could not be read: {exc.message}")
-    except Exception as exc:
+    def give_back(self, explanation_id: str, exc: BaseException | None = None) -> None:
+        from .predictions import TransientError
+
+        try:
+            release_explanation(explanation_id=explanation_id, worker_id=self.worker_id)
+        except Exception:  # the database itself is down; the sweeper recovers the claim later
+            logger.warning("could not release explanation %s", explanation_id)
+        self.outcomes[explanation_id] = "released"
+        if exc is not None and explanation_id == self.own:
+            self.deferred = TransientError(str(exc))
+
+    def run(self) -> None:
         from celery.exceptions import SoftTimeLimitExceeded
 
-        if isinstance(exc, SoftTimeLimitExceeded):
-            return fail("The explanation took too long and was stopped; try fewer steps or samples.")
-        logger.exception("explanation %s failed", explanation_id)
-        return fail(f"The explanation could not be computed (internal error: {type(exc).__name__}).")
-    store_result(explanation=explanation, image=decoded.image, attribution_map=result.map, raw=result.raw,
-                 seconds=result.seconds, convergence_delta=result.convergence_delta)  # fmt: skip
-    return "done"
+        claimed = self.claim()
+        try:
+            explainer = self.explainer(claimed) if claimed else None
+            ready = self.decode(claimed) if explainer is not None else []
+            if ready:
+                self.explain_and_store(ready, explainer)
+        except SoftTimeLimitExceeded:
+            for explanation in claimed:
+                if str(explanation.pk) not in self.outcomes:
+                    self.fail(str(explanation.pk), self.TOO_LONG)
+        if self.deferred is not None:
+            raise self.deferred
+
+    def claim(self) -> list[Explanation]:
+        claimed: list[Explanation] = []
+        for explanation_id in self.ids:  # grows while it is walked: the gathered ones are claimed in turn
+            explanation = claim_explanation(explanation_id=explanation_id, worker_id=self.worker_id)
+            if explanation_id == self.own and explanation is not None:
+                set_image_id(explanation.image_id)  # this task's log lines are about its own image
+                if self.gather > 0 and explanation.attempts == 1:
+                    self.ids += gather_queued_explanations(explanation=explanation, limit=self.gather)
+            if explanation is None:
+                self.outcomes[explanation_id] = "skipped"
+            elif explanation.attempts > settings.MAX_PROCESSING_ATTEMPTS:
+                self.fail(explanation_id, "The explanation was started several times and never finished (the "
+                                          "worker stopped each time).")  # fmt: skip
+            else:
+                claimed.append(explanation)
+        return claimed
+
+    def explainer(self, claimed: list[Explanation]):
+        from celery.exceptions import SoftTimeLimitExceeded
+        from django.db import InterfaceError, OperationalError
+
+        from .predictions import TransientError, bucket_errors
+
+        try:
+            return explainer_for(claimed[0].model_version)  # one model version per batch (gathered so)
+        except (OperationalError, InterfaceError, SoftTimeLimitExceeded):
+            raise
+        except (ConnectionError, TimeoutError, *bucket_errors()) as exc:  # the weights could not be fetched
+            for explanation in claimed:
+                self.give_back(str(explanation.pk))
+            raise TransientError(str(exc)) from exc
+        except Exception as exc:
+            logger.exception("the explainer of model %s cannot be built", claimed[0].model_version.version)
+            for explanation in claimed:  # not the gathered photos' fault: they wait for their own messages
+                if str(explanation.pk) == self.own:
+                    self.fail(self.own, f"The explanation could not be computed (internal error: "
+                                        f"{type(exc).__name__}).")  # fmt: skip
+                else:
+                    self.give_back(str(explanation.pk))
+            return None
+
+    def decode(self, claimed: list[Explanation]) -> list[tuple[Explanation, object]]:
+        """Read and decode in parallel (one photo: in this thread, no hand-off), always with
+        mlcore.preprocessing.decode_image (EXIF orientation, colour profile, draft mode)."""
+        from celery.exceptions import SoftTimeLimitExceeded
+        from django.db import InterfaceError, OperationalError
+
+        from mlcore.preprocessing import ImageValidationError
+
+        from .predictions import bucket_errors
+
+        if len(claimed) == 1:
+            jobs = [_in_this_thread(_read_and_decode, claimed[0])]
+        else:
+            jobs = [_decoder_pool().submit(_read_and_decode, explanation) for explanation in claimed]
+        ready = []
+        for explanation, job in zip(claimed, jobs, strict=True):
+            explanation_id = str(explanation.pk)
+            try:
+                ready.append((explanation, job.result()))
+            except FileNotFoundError:
+                self.fail(explanation_id, "The stored image file is missing.")
+            except ImageValidationError as exc:
+                self.fail(explanation_id, f"The stored image could not be read: {exc.message}")
+            except (OperationalError, InterfaceError, SoftTimeLimitExceeded):
+                raise
+            except (OSError, *bucket_errors()) as exc:  # storage briefly unavailable: not the photo's fault
+                logger.warning("explanation %s: the stored image could not be read now (%s)", explanation_id,
+                               type(exc).__name__)  # fmt: skip
+                self.give_back(explanation_id, exc)
+            except Exception as exc:
+                logger.exception("explanation %s: the stored image could not be read", explanation_id)
+                self.fail(explanation_id, f"The stored image could not be read (internal error: "
+                                          f"{type(exc).__name__}).")  # fmt: skip
+        return ready
+
+    def explain_and_store(self, ready: list[tuple[Explanation, object]], explainer) -> None:
+        """All of them in one call; if that raises, one by one, so that only the broken one fails."""
+        output = self.attempt(ready, explainer)
+        if isinstance(output, Exception) and len(ready) > 1:
+            for item in ready:
+                self.store([item], self.attempt([item], explainer))
+        else:
+            self.store(ready, output)
+
+    def attempt(self, group: list[tuple[Explanation, object]], explainer):
+        """The group's attributions (Integrated Gradients of several photos: one call), or the
+        exception that stopped them."""
+        from celery.exceptions import SoftTimeLimitExceeded
+        from django.db import InterfaceError, OperationalError
+
+        first = group[0][0]
+        try:
+            if len(group) == 1:
+                return [explainer.explain(group[0][1].image, first.method, first.params, first.target_index)]
+            return explainer.explain_batch([decoded.image for _, decoded in group], first.method, first.params,
+                                           [explanation.target_index for explanation, _ in group])  # fmt: skip
+        except (OperationalError, InterfaceError, SoftTimeLimitExceeded):
+            raise
+        except Exception as exc:
+            logger.exception("explanation failed on a batch of %d (first %s)", len(group), first.pk)
+            return exc
+
+    def store(self, group: list[tuple[Explanation, object]], output) -> None:
+        from celery.exceptions import SoftTimeLimitExceeded
+        from django.db import InterfaceError, OperationalError
+
+        from .predictions import bucket_errors
+
+        if isinstance(output, Exception):
+            self.fail(str(group[0][0].pk), f"The explanation could not be computed (internal error: "
+                                           f"{type(output).__name__}).")  # fmt: skip
+            return
+        for (explanation, decoded), result in zip(group, output, strict=True):
+            explanation_id = str(explanation.pk)
+            try:
+                store_result(explanation=explanation, image=decoded.image, attribution_map=result.map, raw=result.raw,
+                             seconds=result.seconds, convergence_delta=result.convergence_delta)  # fmt: skip
+            except (OperationalError, InterfaceError, SoftTimeLimitExceeded):
+                raise
+            except (OSError, *bucket_errors()) as exc:  # storage briefly unavailable
+                logger.warning("explanation %s could not be stored now (%s)", explanation_id, type(exc).__name__)
+                self.give_back(explanation_id, exc)
+            except Exception as exc:
+                logger.exception("explanation %s could not be stored", explanation_id)
+                self.fail(explanation_id, f"The explanation could not be stored (internal error: "
+                                          f"{type(exc).__name__}).")  # fmt: skip
+            else:
+                self.outcomes[explanation_id] = "done"
