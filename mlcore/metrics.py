@@ -43,7 +43,8 @@ def sensitivity_specificity(labels: ArrayLike, scores: ArrayLike, threshold: flo
 
 
 def threshold_for_sensitivity(labels: ArrayLike, scores: ArrayLike, target_sensitivity: float = 0.9) -> float:
-    """The highest threshold whose sensitivity still reaches the target (the most specific safe cut-off).
+    """The most specific threshold whose sensitivity still reaches the target, placed halfway between
+    the lowest positive score it must keep and the next lower score.
 
     A case is called positive when its score is >= the threshold.
     """
@@ -54,7 +55,14 @@ def threshold_for_sensitivity(labels: ArrayLike, scores: ArrayLike, target_sensi
     if len(positives) == 0:
         raise ValueError("no positive cases to set a threshold on")
     needed = int(np.ceil(target_sensitivity * len(positives)))
-    return float(np.clip(positives[needed - 1], 0.0, 1.0))
+    cut = positives[needed - 1]
+    # Halfway to the next lower score of any case: the same calls on these scores, but a score that
+    # comes out a rounding error lower on another machine (thread count, batch size) is not flipped.
+    lower = np.asarray(scores, dtype=np.float64)
+    lower = lower[lower < cut]
+    if len(lower):
+        cut = (cut + lower.max()) / 2
+    return float(np.clip(cut, 0.0, 1.0))
 
 
 def summarise(labels: ArrayLike, scores: ArrayLike, threshold: float) -> dict[str, float | int]:

@@ -487,11 +487,14 @@ def test_web_role_serves_healthz_readyz_and_static_files_with_production_setting
         # Collected at build time, served by WhiteNoise.
         static = client.get("/static/admin/css/base.css")
         assert static.status_code == 200 and b"body" in static.content
-    # Production settings: plain HTTP is redirected to HTTPS, an unknown host is refused.
+    # Production settings: plain HTTP is redirected to HTTPS (probes and scrapes inside the deployment's
+    # network are exempt), an unknown host is refused.
     with httpx.Client(base_url=stack.web_url, timeout=30) as bare:
-        redirected = bare.get("/healthz", headers={"Host": stack.variables["ALLOWED_HOSTS"]})
+        redirected = bare.get("/api/v1/", headers={"Host": stack.variables["ALLOWED_HOSTS"]})
         assert redirected.status_code == 301
         assert redirected.headers["location"].startswith("https://")
+        for probe in ("/healthz", "/readyz"):
+            assert bare.get(probe, headers={"Host": stack.variables["ALLOWED_HOSTS"]}).status_code == 200
         assert bare.get("/healthz", headers={"X-Forwarded-Proto": "https"}).status_code == 400
     assert stack.run("web", "web-health").returncode == 0
 

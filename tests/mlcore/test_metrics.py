@@ -69,11 +69,12 @@ SCORES = [0.9, 0.8, 0.3, 0.6, 0.7, 0.2]  # positives from the top: 0.9, 0.8, 0.6
 
 @pytest.mark.parametrize(
     ("target", "expected"),
-    [(0.25, 0.9), (0.5, 0.8), (0.51, 0.6), (0.75, 0.6), (0.9, 0.3), (1.0, 0.3)],
+    # halfway between the lowest positive kept (0.9, 0.8, 0.6, 0.3) and the next lower score of any case
+    [(0.25, 0.85), (0.5, 0.75), (0.51, 0.45), (0.75, 0.45), (0.9, 0.25), (1.0, 0.25)],
 )
 def test_threshold_for_sensitivity_matches_hand_computed_thresholds(target, expected):
     threshold = threshold_for_sensitivity(LABELS, SCORES, target)
-    assert threshold == expected
+    assert threshold == pytest.approx(expected)
     assert sensitivity_specificity(LABELS, SCORES, threshold)[0] >= target
 
 
@@ -86,12 +87,17 @@ def test_threshold_for_sensitivity_is_the_highest_threshold_reaching_the_target(
     threshold = threshold_for_sensitivity(labels, scores, target)
 
     assert sensitivity_specificity(labels, scores, threshold)[0] >= target
-    assert sensitivity_specificity(labels, scores, np.nextafter(threshold, 1.0))[0] < target
+    # the same calls as the highest such threshold (the lowest positive score it keeps) ...
+    kept = scores[(labels == 1) & (scores >= threshold)].min()
+    assert confusion_at(labels, scores, threshold) == confusion_at(labels, scores, kept)
+    assert sensitivity_specificity(labels, scores, np.nextafter(kept, 1.0))[0] < target
+    # ... and a margin: no score lies within half the gap below it
+    assert not np.any((scores < kept) & (scores >= threshold))
 
 
 def test_threshold_for_sensitivity_keeps_its_promise_at_the_extremes():
     threshold = threshold_for_sensitivity([1, 1, 0], [1.0, 1.0, 0.2], 0.9)
-    assert threshold == 1.0
+    assert threshold == pytest.approx(0.6)
     assert sensitivity_specificity([1, 1, 0], [1.0, 1.0, 0.2], threshold) == (1.0, 1.0)
     # A positive case scored exactly 0 (float32 softmax underflow) still counts: the threshold drops to 0.
     threshold = threshold_for_sensitivity([1, 1, 0], [0.9, 0.0, 0.5], 1.0)

@@ -59,7 +59,8 @@ def test_trained_model_keeps_the_best_validation_epoch(trained, validation_items
 
 def test_threshold_reaches_the_target_sensitivity_on_the_validation_set(trained, validation_items):
     meta = trained.meta
-    scores = predict_probabilities(trained.model, validation_items, _spec(meta))
+    # The threshold is set on calibrated probabilities: the same temperature here.
+    scores = predict_probabilities(trained.model, validation_items, _spec(meta), temperature=meta.temperature)
     labels = [label for _, label in validation_items]
 
     sensitivity, specificity = sensitivity_specificity(labels, scores, meta.threshold)
