@@ -126,6 +126,7 @@ class Stack:
     def __init__(self, *, out: Path, embedded: bool, port: int, worker_concurrency: int, torch_threads: int,
                  web_workers: int, arch: str, input_size: int, queues: str) -> None:  # fmt: skip
         self.out, self.embedded, self.port = out, embedded, port
+        self.draws_pictures = "default" in queues.split(",")
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
         self.env = {
@@ -198,8 +199,9 @@ class Stack:
         if self.embedded:
             import sqlite3
 
-            with sqlite3.connect(self.out / "db.sqlite3", timeout=30) as connection:
-                return connection.execute(sql.replace("%s", "?"), params).fetchall()
+            if getattr(self, "_connection", None) is None:  # one connection, autocommit: no read transaction lingers
+                self._connection = sqlite3.connect(self.out / "db.sqlite3", timeout=30, isolation_level=None)
+            return self._connection.execute(sql.replace("%s", "?"), params).fetchall()
         import psycopg
 
         if getattr(self, "_connection", None) is None:
@@ -306,8 +308,18 @@ def idle_latency(stack: Stack, photos: list[bytes], uploads: int) -> dict:
 
     session = requests.Session()
     for index in range(uploads):
-        assert wait_done(stack, stack.upload(session, photos[index % len(photos)])) == "done"
-        time.sleep(0.3)  # idle between uploads: each one meets an empty queue
+        image_id = stack.upload(session, photos[index % len(photos)])
+        assert wait_done(stack, image_id) == "done"
+        if stack.draws_pictures:  # idle means idle: the Grad-CAM pictures of this one are drawn too
+            deadline = time.monotonic() + 60
+            while not stack.query(
+                "SELECT 1 FROM diagnosis_explanation WHERE image_id = %s AND method = 'gradcam' AND state = 'done'",
+                (image_id.replace("-", "") if stack.embedded else image_id,),
+            ):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the Grad-CAM pictures were not drawn within 60 s")
+                time.sleep(0.01)
+        time.sleep(0.2)
     rows = stack.timings()[-uploads:]
     prediction = [(p - c) * 1000 for c, p, _ in rows]
     gradcam = [(g - c) * 1000 for c, _, g in rows if g is not None]
@@ -340,6 +352,9 @@ def throughput(stack: Stack, photos: list[bytes], images: int, clients: int) -> 
         jobs = [pool.submit(client) for _ in range(clients)]
         half_seen = False
         while not all(job.done() for job in jobs) or stack.predictions() - done_before < images:
+            for job in jobs:
+                if job.done() and job.exception() is not None:
+                    raise SystemExit(f"a client failed: {job.exception()}")
             processed = stack.predictions() - done_before
             if not half_seen and processed >= images // 2:
                 memory["half"], half_seen = stack.memory(), True

@@ -37,6 +37,8 @@ def eligible(data: bytes, *, max_pixels: int) -> tuple[bool, int]:
         return False, 1
     if image.format != "JPEG" or image.mode not in ("RGB", "L") or image.info.get("icc_profile"):
         return False, 1
+    if image.info.get("adobe_transform") == 0:  # RGB-coded: Pillow's reading of it is the reference
+        return False, 1
     if image.width * image.height > max_pixels or getattr(image, "bits", 8) != 8:
         return False, 1
     try:
@@ -97,10 +99,14 @@ def decode_batch(
         if isinstance(image, Exception):
             results.append(image)
             continue
-        upright = orient(image, orientation)
-        model_input = ((_resize(upright, spec.input_size) - mean) / std)[0]
-        thumbnail = _resize(upright, feature_size)[0].round().clamp(0, 255).to(torch.uint8)
-        pixels = np.ascontiguousarray(thumbnail.permute(1, 2, 0).cpu().numpy())
+        try:
+            upright = orient(image, orientation)
+            model_input = ((_resize(upright, spec.input_size) - mean) / std)[0]
+            thumbnail = _resize(upright, feature_size)[0].round().clamp(0, 255).to(torch.uint8)
+            pixels = np.ascontiguousarray(thumbnail.permute(1, 2, 0).cpu().numpy())
+        except Exception as exc:  # out of memory on a huge photo, say: this one goes to Pillow
+            results.append(exc)
+            continue
         results.append(TensorImage(tensor=model_input, thumbnail=Image.fromarray(pixels, mode="RGB")))
     return results
 

@@ -120,6 +120,7 @@ def test_one_captum_call_explains_several_queued_explanations(clinic, clinician,
 
 def test_a_damaged_or_missing_photo_fails_only_its_own_explanation(clinic, clinician, active_model, settings):
     settings.EXPLAIN_BATCH_SIZE = 8
+    settings.EXPLAIN_BATCH_MAX_STEPS = 1000
     igs = queued_igs(clinic, clinician, 5, seed=30)
     damaged, missing = igs[1].image, igs[3].image
     default_storage.delete(damaged.file.name)
@@ -234,3 +235,13 @@ def test_real_explain_worker_finishes_every_ig_explanation_exactly_once(celery_w
         assert explanation.overlay and explanation.heatmap and explanation.attribution
         assert default_storage.exists(explanation.attribution.name)
         assert stored_attribution(explanation).shape == (3, 64, 64)
+
+
+def test_a_batch_stays_within_its_budget_of_steps(clinic, clinician, active_model, settings, captum_calls):
+    settings.EXPLAIN_BATCH_SIZE = 8
+    settings.EXPLAIN_BATCH_MAX_STEPS = 100  # two explanations of 50 steps share one task's time limit
+    igs = queued_igs(clinic, clinician, 4, seed=70)
+    assert compute_explanation(explanation_id=str(igs[0].pk), worker_id="explainer:1") == "done"
+    assert captum_calls == [2]
+    states = dict(Explanation.objects.filter(pk__in=[e.pk for e in igs]).values_list("pk", "state"))
+    assert sorted(states.values()) == ["done", "done", "queued", "queued"]

@@ -150,7 +150,7 @@ def upload(stack, django_db_blocker, tiny_checkpoint):
             assert [item["id"] for item in found] == [patient.json()["id"]]
             lesion = api.post("/lesions/", json={"patient": patient.json()["id"], "body_site": "back"})
             assert lesion.status_code == 201, lesion.text
-            request_id = f"obs-{uuid.uuid4()}"
+            request_id = str(uuid.uuid4())
             response = api.post(
                 "/images/", data={"lesion": lesion.json()["id"]},
                 files={"image": (CLIENT_FILE_NAME, lesion_jpeg(seed=31, size=96), "image/jpeg")},
@@ -296,9 +296,9 @@ def test_metrics_with_a_token_need_it_as_a_bearer_token(db, settings):
 
 
 def test_request_id_is_echoed_when_sane_and_replaced_otherwise(db):
-    given = "3f0c2b8e-proxy-request-0001"
-    assert Client().get("/healthz", HTTP_X_REQUEST_ID=given)["X-Request-ID"] == given
-    for bad in ("PT-0042", "x" * 200, "id with spaces and a name", ""):
+    for given in ("3f0c2b8e9a1d4e5f", str(uuid.uuid4()), "0123456789abcdef" * 4):  # nginx's $request_id, a UUID
+        assert Client().get("/healthz", HTTP_X_REQUEST_ID=given)["X-Request-ID"] == given
+    for bad in ("PT-0042", "x" * 200, "id with spaces and a name", "", "jane.doe.1970-01-01", "jane-doe-19700101"):
         echoed = Client().get("/healthz", HTTP_X_REQUEST_ID=bad)["X-Request-ID"]
         assert echoed != bad and uuid.UUID(echoed).version == 4
 
@@ -315,7 +315,7 @@ def test_json_log_lines_carry_the_context_and_redact_credentials():
     test_logger.addHandler(handler)
     test_logger.propagate = False
     token = "mlt_" + secrets.token_hex(32)
-    bound = log_context.bind(request_id="req-0123456789abcdef", task_id="task-1", task_name="a.task")
+    bound = log_context.bind(request_id="0123456789abcdef", task_id="task-1", task_name="a.task")
     try:
         log_context.set_image_id("image-1")
         test_logger.warning("header was Authorization: Token %s", token, extra={"status": 401})
@@ -335,6 +335,6 @@ def test_json_log_lines_carry_the_context_and_redact_credentials():
     assert first["message"] == "header was Authorization: Token [redacted]"
     assert (first["level"], first["logger"], first["status"]) == ("WARNING", "tests.observability", 401)
     assert (first["request_id"], first["image_id"], first["task_id"], first["task_name"]) == (
-        "req-0123456789abcdef", "image-1", "task-1", "a.task",
+        "0123456789abcdef", "image-1", "task-1", "a.task",
     )  # fmt: skip
     assert "ValueError: Bearer [redacted]" in second["exception"] and "token=[redacted]" in second["exception"]

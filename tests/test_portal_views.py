@@ -1146,3 +1146,21 @@ def test_demo_patient_is_seeded_once(portal, clinic, clinician, django_capture_o
     assert re.search(r"DEMO-0001</a></td>\s*<td>2</td>\s*<td>4</td>", page)
     back = text_of(portal.get(url("lesion", lesions["back"].pk)))
     assert len(timeline_rows(back)) == 3 and back.count('data-state="queued"') == 3
+
+
+def test_photo_is_shown_upright_and_transparency_white_as_the_model_saw_it(portal, lesion, clinician):
+    # Stored as the client's own pixels (prepare_upload) with an orientation tag: the portal turns it.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.new("RGB", (400, 200), (200, 150, 120)).save(buffer, format="JPEG", exif=exif)
+    rotated = add_image(lesion, clinician, state=ImageState.QUEUED, data=buffer.getvalue())
+    assert (rotated.width, rotated.height) == (200, 400)
+    assert photo_of(portal.get(url("image-photo", rotated.pk), {"size": "thumb"})).size == (120, 240)
+
+    rgba = Image.new("RGBA", (100, 100), (120, 120, 120, 0))  # fully transparent grey
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    transparent = add_image(lesion, clinician, state=ImageState.QUEUED, data=buffer.getvalue())
+    shown = photo_of(portal.get(url("image-photo", transparent.pk), {"size": "thumb"})).convert("RGB")
+    assert min(shown.getpixel((50, 50))) >= 250  # white, not the hidden grey

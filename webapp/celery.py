@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init, worker_ready
 
 from webapp import celery_signals  # noqa: F401 - request ids across the broker, JSON logs, task metrics
 
@@ -26,17 +26,53 @@ def _size_torch_threads(**_: object) -> None:
 
 @worker_process_init.connect
 def _warm_up_inference(**_: object) -> None:
-    # After the fork: CUDA must never be initialised in the parent of prefork children.
+    # In each prefork child, after the fork: CUDA must never be initialised in the parent.
     from celery.fixups.django import _maybe_close_fd
     from django.db import connections
 
     for connection in connections.all():  # inherited from the parent: drop without network I/O
         if connection.connection is not None:
             _maybe_close_fd(connection.connection)
-            connection.connection = None
+            try:
+                connection.close()
+            except Exception:
+                connection.connection = None
+    _warm_up()
+
+
+@worker_ready.connect
+def _warm_up_single_process_pool(sender=None, **_: object) -> None:
+    # The threads and solo pools run tasks in this very process, and send no worker_process_init.
+    pool = getattr(getattr(sender, "controller", None), "pool", None)
+    if pool is not None and "prefork" not in type(pool).__module__:
+        _warm_up()
+
+
+def _warm_up() -> None:
+    from django.db import connections
+
     from diagnosis.services.predictions import warm_up_worker
 
     try:
         warm_up_worker(app.amqp.queues.consume_from or {})
     finally:
         connections.close_all()  # each task opens its own
+
+
+@worker_init.connect
+def _worker_commits_without_waiting_for_the_disk(**_: object) -> None:
+    # A worker's writes are results it can compute again: on PostgreSQL its transactions do not wait for
+    # the WAL flush (WORKER_SYNCHRONOUS_COMMIT=false, the default). After a database crash the last
+    # fraction of a second of results may be gone, together with the image states they set; the
+    # sweeper then sends those images again. Uploads (the web tier) always commit synchronously.
+    from django.conf import settings
+    from django.db.backends.signals import connection_created
+
+    if not settings.WORKER_SYNCHRONOUS_COMMIT:
+        connection_created.connect(_asynchronous_commit, weak=False, dispatch_uid="worker-async-commit")
+
+
+def _asynchronous_commit(sender, connection, **_: object) -> None:
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SET synchronous_commit TO off")

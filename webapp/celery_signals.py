@@ -96,6 +96,15 @@ def _forget_metrics(**_) -> None:
     metrics.remove_own_multiprocess_dir()
 
 
+@signals.worker_process_shutdown.connect(dispatch_uid="triage-metrics-child-exit")
+def _child_exited(pid=None, **_) -> None:
+    # A recycled prefork child's gauge files go with it (its counters stay summed in by prometheus_client).
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid())
+
+
 @signals.worker_ready.connect(dispatch_uid="triage-metrics-server")
 def _serve_metrics(sender=None, **_) -> None:
     global _metrics_server_started

@@ -18,9 +18,9 @@ import uuid
 _context: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar("log_context", default=None)
 
 HEADER = "X-Request-ID"
-# Accepted from a client or a proxy (nginx's $request_id, a load balancer's, a UUID); anything else
-# (too short to be an id, or text that could carry a name or a reference) is replaced by a fresh uuid4.
-SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{16,128}$")
+# Accepted from a client or a proxy only when it is a UUID or 16 to 64 hex digits (nginx's $request_id);
+# anything else (text that could carry a name, a date of birth or a reference) is replaced by a fresh uuid4.
+SANE_REQUEST_ID = re.compile(r"^(?:[0-9a-fA-F]{16,64}|[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12})$")
 # Probes and scrapes: logged at DEBUG so they do not drown the requests of people.
 QUIET_VIEWS = {"healthz", "readyz", "metrics"}
 

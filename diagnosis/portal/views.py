@@ -425,15 +425,23 @@ def image_photo(request, pk):
         response = FileResponse(handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
                                 content_type=image.content_type)  # fmt: skip
     else:
+        from mlcore.preprocessing import ImageValidationError, decode_image
+
         max_side = THUMB_SIDE if size == "thumb" else DISPLAY_MAX_SIDE  # the heatmaps' size
-        with handle, Image.open(handle) as photo:
-            target = display_size(photo.width, photo.height, max_side)
-            photo.draft("RGB", target)  # JPEG: decode at a fraction of the size when that is enough
-            picture = photo.convert("RGB")
-            if picture.size != target:
-                picture = picture.resize(target, Image.Resampling.LANCZOS)
-            buffer = io.BytesIO()
-            picture.save(buffer, format="JPEG", quality=85 if size == "thumb" else 90)
+        with handle:
+            data = handle.read()
+        try:
+            # The same decode as the model's and the heatmaps': upright, colour-managed, transparency
+            # over white; a large JPEG at a reduced DCT scale.
+            picture = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
+                                   max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side).image  # fmt: skip
+        except ImageValidationError:
+            raise Http404("The stored photo cannot be shown; see the image's error.") from None
+        target = display_size(image.width, image.height, max_side)
+        if picture.size != target:
+            picture = picture.resize(target, Image.Resampling.LANCZOS)
+        buffer = io.BytesIO()
+        picture.save(buffer, format="JPEG", quality=85 if size == "thumb" else 90)
         response = HttpResponse(buffer.getvalue(), content_type="image/jpeg")
         response["Content-Disposition"] = f'inline; filename="lesion-image-{image.pk}-{size}.jpg"'
     response["X-Content-Type-Options"] = "nosniff"

@@ -408,9 +408,14 @@ class _ExplainBatch:
             if ready:
                 self.explain_and_store(ready, explainer)
         except SoftTimeLimitExceeded:
+            # Only the task's own explanation has used up its time; the gathered ones go back to wait
+            # for their own messages, where each has the whole limit to itself.
             for explanation in claimed:
                 if str(explanation.pk) not in self.outcomes:
-                    self.fail(str(explanation.pk), self.TOO_LONG)
+                    if str(explanation.pk) == self.own:
+                        self.fail(self.own, self.TOO_LONG)
+                    else:
+                        self.give_back(str(explanation.pk))
         if self.deferred is not None:
             raise self.deferred
 
@@ -421,7 +426,10 @@ class _ExplainBatch:
             if explanation_id == self.own and explanation is not None:
                 set_image_id(explanation.image_id)  # this task's log lines are about its own image
                 if self.gather > 0 and explanation.attempts == 1:
-                    self.ids += gather_queued_explanations(explanation=explanation, limit=self.gather)
+                    # The whole batch shares this task's time limit: at most EXPLAIN_BATCH_MAX_STEPS steps.
+                    steps = int(explanation.params.get("n_steps") or 1)
+                    limit = min(self.gather, settings.EXPLAIN_BATCH_MAX_STEPS // max(1, steps) - 1)
+                    self.ids += gather_queued_explanations(explanation=explanation, limit=limit)
             if explanation is None:
                 self.outcomes[explanation_id] = "skipped"
             elif explanation.attempts > settings.MAX_PROCESSING_ATTEMPTS:

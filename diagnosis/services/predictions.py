@@ -205,9 +205,13 @@ def _prepare_all(claimed: list[LesionImage], predictor) -> list[Future]:
         else:
             futures[index] = _decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side)
     if batch:
-        results = tensor_decode.decode_batch([data for _, data, _ in batch], [o for _, _, o in batch],
-                                             spec=predictor.spec, feature_size=FEATURE_SIZE,
-                                             device=predictor.device)  # fmt: skip
+        try:
+            results = tensor_decode.decode_batch([data for _, data, _ in batch], [o for _, _, o in batch],
+                                                 spec=predictor.spec, feature_size=FEATURE_SIZE,
+                                                 device=predictor.device)  # fmt: skip
+        except Exception as exc:  # out of GPU memory, say: Pillow decodes the whole batch instead
+            logger.warning("batch decoding on %s failed (%s); decoding with Pillow", predictor.device, exc)
+            results = [exc] * len(batch)
         for (index, data, _), result in zip(batch, results, strict=True):
             if isinstance(result, Exception):  # Pillow decides, and says in words what is wrong
                 futures[index] = _decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side)
@@ -347,7 +351,8 @@ def _predict_and_record(ready, *, model_version, predictor, worker_id, outcomes,
     def attempt(batch):
         try:
             started = time.perf_counter()
-            inputs = torch.stack([prepared.tensor for _, prepared in batch])
+            # nvJPEG's tensors are on the GPU, Pillow's fallbacks on the CPU: one device for the batch
+            inputs = torch.stack([prepared.tensor.to(predictor.device) for _, prepared in batch])
             results, cams, embeddings = predictor.predict_with_gradcam_tensors(inputs, embeddings=True)
             return results, cams, embeddings, (time.perf_counter() - started) * 1000 / len(batch)
         except SoftTimeLimitExceeded:

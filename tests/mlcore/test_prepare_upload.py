@@ -4,6 +4,7 @@ decoding pixels; the stored bytes decode to exactly the pixels of the original."
 from __future__ import annotations
 
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -48,8 +49,10 @@ def test_jpeg_keeps_its_compressed_pixels_and_loses_its_metadata(options):
     prepared = prepare_upload(original)
     assert prepared.lossless and prepared.content_type == "image/jpeg" and prepared.extension == "jpg"
     assert (prepared.width, prepared.height) == (120, 80)
-    for secret in (b"Exif", b"GPS", b"CameraMaker", b"Jane Doe", b"JFIF"):
+    for secret in (b"Exif", b"GPS", b"CameraMaker", b"Jane Doe"):
         assert secret not in prepared.data
+    # JFIF's header stays (it tells decoders the data is YCbCr), without a thumbnail: 16 bytes in all
+    assert prepared.data[2:6] == b"\xff\xe0\x00\x10" and prepared.data[6:11] == b"JFIF\x00"
     assert len(prepared.data) < len(original)
     np.testing.assert_array_equal(_pixels(prepared.data), _pixels(original))  # not one pixel re-encoded
 
@@ -170,3 +173,89 @@ def test_a_segment_running_past_the_end_of_the_file_is_not_stored_as_it_is():
     except ImageValidationError:
         return
     assert not prepared.lossless  # Pillow may still read it; then it was decoded and re-encoded
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    return b"\xff" + bytes((marker,)) + (len(payload) + 2).to_bytes(2, "big") + payload
+
+
+def _after_soi(data: bytes, *segments: bytes) -> bytes:
+    return data[:2] + b"".join(segments) + data[2:]
+
+
+def _before_first(data: bytes, marker: bytes, *segments: bytes) -> bytes:
+    index = data.index(marker)
+    return data[:index] + b"".join(segments) + data[index:]
+
+
+JFIF = _segment(0xE0, b"JFIF\x00\x01\x01\x00\x00\x01\x00\x01\x00\x00")
+
+
+def test_jfif_stays_so_an_rgb_coded_jpeg_decodes_to_the_same_colours():
+    # Pillow's keep_rgb writes Adobe's transform 0 (no YCbCr); with JFIF in front, decoders read YCbCr.
+    original = _after_soi(_jpeg(_photo(), keep_rgb=True), JFIF)
+    prepared = prepare_upload(original)
+    np.testing.assert_array_equal(_pixels(prepared.data), _pixels(original))
+
+
+SECRET = b"PATIENT-JANE-DOE-1970"
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        # an ICC fragment Pillow does not assemble (placed after the frame header)
+        lambda: _before_first(_jpeg(_photo()), b"\xff\xda", _segment(0xE2, b"ICC_PROFILE\x00\x01\x01" + SECRET)),
+        # Adobe's segment with bytes after its 12
+        lambda: _after_soi(_jpeg(_photo()), _segment(0xEE, b"Adobe\x00\x64\x00\x00\x00\x00\x01" + SECRET)),
+        # a JPEG extension marker (JPGn) and a quantisation table with bytes after its tables
+        lambda: _before_first(_jpeg(_photo()), b"\xff\xda", _segment(0xF3, SECRET)),
+        lambda: _after_soi(_jpeg(_photo()), _segment(0xDB, bytes(65) + SECRET)),
+    ],
+    ids=["icc-fragment-after-frame", "adobe-with-extra-bytes", "jpg-extension-marker", "dqt-with-extra-bytes"],
+)
+def test_bytes_hidden_in_segments_decoding_needs_never_reach_storage(make):
+    original = make()
+    try:
+        prepared = prepare_upload(original)
+    except ImageValidationError:
+        return  # refused outright: nothing stored
+    assert SECRET not in prepared.data
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def _insert_chunk(png: bytes, before: bytes, chunk: bytes) -> bytes:
+    index = png.index(before) - 4
+    return png[:index] + chunk + png[index:]
+
+
+@pytest.mark.parametrize("where", [b"IDAT", b"IEND"])
+def test_png_chunks_of_the_wrong_length_or_place_carry_nothing_into_storage(where):
+    buffer = io.BytesIO()
+    _photo((24, 24)).save(buffer, format="PNG")
+    original = _insert_chunk(buffer.getvalue(), where, _png_chunk(b"gAMA", b"\x00\x00\xb1\x8f" + SECRET))
+    original = _insert_chunk(original, where, _png_chunk(b"tRNS", SECRET))
+    original = _insert_chunk(original, b"IEND", _png_chunk(b"iCCP", b"x\x00\x00" + zlib.compress(SECRET)))
+    try:
+        prepared = prepare_upload(original)
+    except ImageValidationError:
+        return
+    assert SECRET not in prepared.data and zlib.compress(SECRET) not in prepared.data
+
+
+def test_a_png_turned_by_its_xmp_is_stored_upright():
+    xmp = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+           b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF>'
+           b"</x:xmpmeta>")  # fmt: skip
+    buffer = io.BytesIO()
+    _photo((64, 48)).save(buffer, format="PNG")
+    original = _insert_chunk(
+        buffer.getvalue(), b"IDAT", _png_chunk(b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp)
+    )
+    assert decode_image(original).image.size == (48, 64)  # Pillow turns it
+    prepared = prepare_upload(original)
+    assert not prepared.lossless and (prepared.width, prepared.height) == (48, 64)
+    assert decode_image(prepared.data).image.size == (48, 64) and b"xmpmeta" not in prepared.data

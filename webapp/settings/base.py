@@ -240,6 +240,9 @@ EXPLAIN_MEMORY_BUDGET_MB = env_int("EXPLAIN_MEMORY_BUDGET_MB", 512)
 # An Integrated Gradients task takes its own explanation plus up to EXPLAIN_BATCH_SIZE - 1 other queued
 # ones (same model version and parameters) into one Captum call; 1 turns batching off.
 EXPLAIN_BATCH_SIZE = env_int("EXPLAIN_BATCH_SIZE", 4)
+# ... and at most this many Integrated Gradients steps in all (4 explanations at 50 steps): the batch shares
+# one task's time limit.
+EXPLAIN_BATCH_MAX_STEPS = env_int("EXPLAIN_BATCH_MAX_STEPS", 200)
 
 # --- Monitoring -----------------------------------------------------------------------------------
 # The drift window: the last DRIFT_WINDOW_UPLOADS scored uploads when set (> 0), else the last
@@ -293,10 +296,21 @@ REST_FRAMEWORK = {
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "DEFAULT_THROTTLE_CLASSES": ["diagnosis.api.throttling.ApiRateThrottle"],
 }
-# Rate limits ("<n>/<second|minute|hour|day>", empty for none). Counters live in the cache
-# (CACHE_URL: Redis in production, so every web process shares them).
-API_RATE_LIMIT = env_str("API_RATE_LIMIT", "1200/minute")
-API_UPLOAD_RATE_LIMIT = env_str("API_UPLOAD_RATE_LIMIT", "300/minute")
+# Rate limits ("<n>/<second|minute|hour|day>"; set but empty, or "none", for no limit). Counters live
+# in the cache (CACHE_URL: Redis in production, so every web process shares them).
+
+
+def _rate_limit(name: str, default: str) -> str:
+    import os
+
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return "" if value.strip().lower() in ("", "none", "off") else value.strip()
+
+
+API_RATE_LIMIT = _rate_limit("API_RATE_LIMIT", "1200/minute")
+API_UPLOAD_RATE_LIMIT = _rate_limit("API_UPLOAD_RATE_LIMIT", "300/minute")
 KNOX_TOKEN_MODEL = "diagnosis.ApiToken"
 # knox's own migrations create its default AuthToken table even when the model is swapped out;
 # that stray table references auth_user and breaks TRUNCATE. Our ApiToken replaces it entirely.
@@ -334,6 +348,11 @@ CELERY_TASK_IGNORE_RESULT = True  # state lives in the database, not in a result
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# A prefork child that warms up the model (weights from the bucket, a first batch) must not be taken for
+# a hung one: Celery's default gives it 4 s.
+CELERY_WORKER_PROC_ALIVE_TIMEOUT = env_int("CELERY_WORKER_PROC_ALIVE_TIMEOUT", 120)
+# Worker transactions on PostgreSQL wait for the disk only when true (webapp/celery.py explains why not).
+WORKER_SYNCHRONOUS_COMMIT = env_bool("WORKER_SYNCHRONOUS_COMMIT", False)
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 180)
 CELERY_WORKER_MAX_MEMORY_PER_CHILD = env_int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", 2_000_000)  # KiB

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import *  # noqa: F403
 from .base import VAR_DIR, database_from_env
-from .env import env_bool, env_float, env_str
+from .env import env_bool, env_float, env_int, env_str
 
 DEBUG = env_bool("DJANGO_DEBUG", True)
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-do-not-use-in-production")
@@ -26,6 +26,10 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         # default's upload-to-result latency.
         "polling_interval": env_float("FILESYSTEM_BROKER_POLL_SECONDS", 0.1),
     }
+    # Celery's blocking loop for this transport acknowledges a finished task only when its 2-second
+    # wait for messages ends; with one message in flight, every upload would wait for that. A few
+    # messages in hand keep the worker busy meanwhile (bench/throughput.py: embedded latency).
+    CELERY_WORKER_PREFETCH_MULTIPLIER = env_int("CELERY_WORKER_PREFETCH_MULTIPLIER", 8)
 
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405 - whitenoise warns when it is missing
 EMAIL_BACKEND = "django.core.mail.backends.console.EmailBackend"
