@@ -246,6 +246,24 @@ class Stack:
             log.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_by_group(stack: Stack) -> dict[str, float]:
+    """CPU seconds used so far by each part of the system (live processes only)."""
+    groups = {name: [process.pid, *_children(process.pid)] for name, process in stack.processes.items()}
+    for name, pattern in (("postgresql", "postgres"), ("redis", "redis-server")):
+        found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+        groups[name] = [int(pid) for pid in found]
+    groups["clients (this script)"] = [os.getpid()]
+    return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
+
+
 def _epoch(value) -> float:
     from datetime import datetime
 
@@ -348,6 +366,7 @@ def throughput(stack: Stack, photos: list[bytes], images: int, clients: int) -> 
             stack.upload(session, photos[index % len(photos)])
 
     started = time.time()
+    cpu_before = cpu_by_group(stack)
     with ThreadPoolExecutor(clients) as pool:
         jobs = [pool.submit(client) for _ in range(clients)]
         half_seen = False
@@ -364,10 +383,12 @@ def throughput(stack: Stack, photos: list[bytes], images: int, clients: int) -> 
         for job in jobs:
             job.result()
     memory["all"] = stack.memory()
+    cpu_after = cpu_by_group(stack)
+    cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
     rows = stack.timings()[done_before:]
     first, last = min(c for c, _, _ in rows), max(p for _, p, _ in rows)
     return {"images_per_s": len(rows) / (last - first), "images": len(rows), "seconds": last - first,
-            "memory": memory}  # fmt: skip
+            "memory": memory, "cpu": cpu, "wall": time.time() - started}  # fmt: skip
 
 
 def print_memory(memory: dict) -> None:
@@ -435,6 +456,12 @@ def main() -> None:
           f"(goal >= 0.8x); worker queues {args.queues}, concurrency {args.worker_concurrency}, torch threads "
           f"{torch_threads}, gunicorn workers {args.web_workers}")  # fmt: skip
     print_memory(system["memory"])
+    total = sum(system["cpu"].values())
+    print(f"\nCPU seconds during the throughput run ({system['wall']:.0f} s of wall time, {cores} cores = "
+          f"{system['wall'] * cores:.0f} CPU-s available):")  # fmt: skip
+    for name, seconds in sorted(system["cpu"].items(), key=lambda item: -item[1]):
+        print(f"  {name}: {seconds:.1f} CPU-s ({seconds / max(total, 1e-9):.0%}), "
+              f"{seconds / system['images'] * 1000:.1f} ms per image")  # fmt: skip
 
     if not args.skip_embedded:
         embedded = Stack(out=ROOT / "var" / "bench" / "embedded", embedded=True, port=args.port + 1,
