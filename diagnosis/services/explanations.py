@@ -333,17 +333,11 @@ def compute_explanations(*, explanation_ids: list[str], worker_id: str, gather: 
     return outcomes
 
 
-_decoders = None
-
-
 def _decoder_pool():
-    """Threads that read and decode a batch's photos (Pillow releases the GIL), DECODE_THREADS of them."""
-    global _decoders
-    if _decoders is None:
-        from concurrent.futures import ThreadPoolExecutor
+    """The process's decode threads (DECODE_THREADS), shared with the inference path."""
+    from .predictions import _decoder_pool as shared
 
-        _decoders = ThreadPoolExecutor(max_workers=max(1, settings.DECODE_THREADS), thread_name_prefix="explain-decode")
-    return _decoders
+    return shared()
 
 
 def _read_and_decode(explanation: Explanation):

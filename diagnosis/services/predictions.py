@@ -122,6 +122,8 @@ _decoders = None
 
 
 def _decoder_pool():
+    """Threads that read and decode a batch's photos (Pillow releases the GIL), DECODE_THREADS of them;
+    one pool per process, for predictions and explanations alike."""
     global _decoders
     if _decoders is None:
         from concurrent.futures import ThreadPoolExecutor
