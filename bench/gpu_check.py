@@ -34,14 +34,19 @@ from mlcore.model import CheckpointMeta, build_model
 from mlcore.preprocessing import decode_image, to_tensor
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def rate(function, seconds: float, per_call: int) -> float:
     function()
-    torch.cuda.synchronize()
+    _synchronize()
     calls, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
         function()
         calls += 1
-    torch.cuda.synchronize()
+    _synchronize()
     return calls * per_call / (time.perf_counter() - started)
 
 
@@ -51,26 +56,36 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--input-size", type=int, default=224)
+    parser.add_argument(
+        "--dry-run-on-cpu",
+        action="store_true",
+        help="run every step on the CPU with tiny sizes, to check the script before a GPU session",
+    )
     args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run bench/throughput.py for the CPU figures")
-    device = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; {os.cpu_count()} CPU cores")
+    if args.dry_run_on_cpu:
+        args.seconds, args.batch, args.input_size = 0.5, 4, 64
+        device = torch.device("cpu")
+        print("dry run on the CPU: the figures mean nothing")
+    elif not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run bench/throughput.py for the CPU figures (or --dry-run-on-cpu)")
+    else:
+        device = torch.device("cuda")
+        print(f"{torch.cuda.get_device_name(0)}; torch {torch.__version__}; {os.cpu_count()} CPU cores")
 
     torch.manual_seed(0)
     meta = CheckpointMeta(arch=args.arch, input_size=args.input_size)
-    predictor = Predictor(build_model(args.arch).eval(), meta, device="cuda", max_batch_size=1024)
+    predictor = Predictor(build_model(args.arch).eval(), meta, device=str(device), max_batch_size=1024)
     print(f"warm-up {warm_up(predictor, (1, args.batch)):.2f} s")
 
     # 1. model-only ceiling
     model = build_model(args.arch).eval().to(device)
     fast_model = build_model(args.arch).eval().to(device).to(memory_format=torch.channels_last)
-    for size in (args.batch, 256):
+    for size in (args.batch, 4 if args.dry_run_on_cpu else 256):
         batch = torch.randn(size, 3, args.input_size, args.input_size, device=device)
         fast_batch = batch.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             fp32 = rate(lambda b=batch: model(b), args.seconds / 2, size)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 bf16 = rate(lambda b=fast_batch: fast_model(b), args.seconds / 2, size)
         print(f"model only, batch {size}: fp32 {fp32:,.0f} images/s; bf16 + channels_last {bf16:,.0f} images/s")
 
@@ -103,12 +118,12 @@ def main() -> None:
     # 3. Integrated Gradients
     from mlcore import explain
 
-    explainer = explain.Explainer(predictor.model, meta, device="cuda", memory_budget_bytes=16 << 30)
+    explainer = explain.Explainer(predictor.model, meta, device=device, memory_budget_bytes=16 << 30)
     params = {"n_steps": 50, "baseline": "blurred"}
     images = [decode_image(p, max_side=1024).image for p in photos[:32]]
     single = rate(lambda: explainer.explain(images[0], "integrated_gradients", params, 1), args.seconds, 1)
     line = f"IG at 50 steps: {single:.1f} explanations/s one image per call"
-    for count in (8, 32):
+    for count in (2,) if args.dry_run_on_cpu else (8, 32):
         many = rate(lambda n=count: explainer.explain_batch(images[:n], "integrated_gradients", params, [1] * n),
                     args.seconds, count)  # fmt: skip
         line += f"; {many:.1f}/s with {count} images per call"
