@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Every metric here has labels: a labelled metric creates its value store at first use, in the process
 # that uses it, which is what lets a worker switch to multiprocess mode after these are defined.
+DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # seconds: a batch to a long IG
 TASKS = Counter(
     "celery_tasks", "Celery tasks by task name and outcome (succeeded, failed, retried).", ["task", "state"]
 )
@@ -29,7 +30,7 @@ TASK_DURATION = Histogram(
     "celery_task_duration_seconds",
     "How long a task ran in the worker (each attempt), by task name.",
     ["task"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    buckets=DURATION_BUCKETS,
 )
 PREDICTIONS = Counter(
     "triage_predictions", "Predictions recorded, by predicted label and model version.", ["label", "model_version"]
@@ -38,7 +39,7 @@ EXPLANATION_DURATION = Histogram(
     "triage_explanation_duration_seconds",
     "Time to compute an explanation (Grad-CAM: its share of the prediction pass plus drawing), by method.",
     ["method"],
-    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+    buckets=DURATION_BUCKETS,
 )
 
 

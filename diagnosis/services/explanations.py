@@ -316,19 +316,16 @@ def compute_explanations(*, explanation_ids: list[str], worker_id: str, gather: 
     that has no outcome yet and becomes a TransientError, for the task's bounded retry."""
     from django.db import InterfaceError, OperationalError
 
-    from .predictions import TransientError
+    from .predictions import TransientError, release_unfinished
 
     outcomes: dict[str, str] = {}
     explanation_ids = list(explanation_ids)  # grows with the gathered ones, so all of them can be given back
     try:
         _ExplainBatch(explanation_ids=explanation_ids, worker_id=worker_id, outcomes=outcomes, gather=gather).run()
     except (OperationalError, InterfaceError) as exc:
-        for explanation_id in explanation_ids:
-            if explanation_id not in outcomes:
-                try:
-                    release_explanation(explanation_id=explanation_id, worker_id=worker_id)
-                except Exception:  # still down: the sweeper recovers the claim later
-                    logger.warning("could not release explanation %s", explanation_id)
+        release_unfinished(explanation_ids, outcomes,
+                           lambda explanation_id: release_explanation(explanation_id=explanation_id,
+                                                                      worker_id=worker_id))  # fmt: skip
         raise TransientError(str(exc)) from exc
     return outcomes
 

@@ -237,13 +237,20 @@ def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> 
     except (OperationalError, InterfaceError) as exc:
         from .images import release_image
 
-        for image_id in image_ids:
-            if image_id not in outcomes:
-                try:
-                    release_image(image_id=image_id, worker_id=worker_id)
-                except Exception:  # still down: the sweeper recovers the claim later
-                    logger.warning("could not release image %s", image_id)
+        release_unfinished(image_ids, outcomes, lambda image_id: release_image(image_id=image_id, worker_id=worker_id))
         raise TransientError(str(exc)) from exc
+
+
+def release_unfinished(ids: list[str], outcomes: dict[str, str], release) -> None:
+    """After a database error: give back every claim of a batch that has no outcome yet (images or
+    explanations alike), so they wait for their own messages; if the database is still down, the
+    sweeper recovers the claims later."""
+    for item_id in ids:
+        if item_id not in outcomes:
+            try:
+                release(item_id)
+            except Exception:
+                logger.warning("could not release %s", item_id)
 
 
 def bucket_errors() -> tuple[type[Exception], ...]:
