@@ -11,12 +11,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from .model import CheckpointMeta, log_odds
@@ -37,14 +39,34 @@ class ExplanationError(ValueError):
 
 
 class LogOdds(nn.Module):
-    """Wraps a classifier: output[:, c] = z_c - logsumexp(z_others), the log-odds of class c."""
+    """Wraps a classifier: output[:, c] = z_c - logsumexp(z_others), the log-odds of class c.
 
-    def __init__(self, model: nn.Module) -> None:
+    With bf16=True the model runs under bf16 autocast on channels_last inputs (the tensor cores' fast
+    path); the input, its gradient and the log-odds stay fp32."""
+
+    def __init__(self, model: nn.Module, *, bf16: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.bf16 = bf16
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return log_odds(self.model(x).float())
+        if not self.bf16:
+            return log_odds(self.model(x).float())
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            logits = self.model(x.contiguous(memory_format=torch.channels_last))
+        return log_odds(logits.float())
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bf16 on CUDA and fp32 elsewhere (the CPU has no bf16 fast path for convolutions)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
 
 
 # --- parameters --------------------------------------------------------------------------------------
@@ -191,8 +213,11 @@ class Explainer:
         *,
         device: torch.device | str = "cpu",
         memory_budget_bytes: int = 512 << 20,
+        precision: str = "fp32",
+        executor: Executor | None = None,
     ) -> None:
         self.meta = meta
+        self.executor = executor
         self.memory_budget_bytes = memory_budget_bytes
         self.device = torch.device(device)
         self.spec = TransformSpec(meta.input_size, meta.mean, meta.std)
@@ -201,7 +226,8 @@ class Explainer:
         # large share of every backward pass.
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
-        self.forward = LogOdds(self.model)
+        self.precision = resolve_precision(precision, self.device)
+        self.forward = LogOdds(self.model, bf16=self.precision == "bf16")
         self._sample_bytes: int | None = None
 
     def target_for(self, probability_positive: float) -> int:
@@ -214,15 +240,32 @@ class Explainer:
     def input_tensor(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(image, self.spec).unsqueeze(0).to(self.device)
 
+    def input_tensors(self, images: list[Image.Image]) -> torch.Tensor:
+        """The model inputs of several images, N x 3 x S x S on the device; resized on the executor's
+        threads when the Explainer has one (Pillow releases the GIL while it resizes)."""
+        if self.executor is not None and len(images) > 1:
+            tensors = list(self.executor.map(lambda image: to_tensor(image, self.spec), images))
+        else:
+            tensors = [to_tensor(image, self.spec) for image in images]
+        return torch.stack(tensors).to(self.device)
+
     def baseline(self, kind: str, image: Image.Image) -> torch.Tensor:
-        if kind == "black":
-            return self.input_tensor(Image.new("RGB", (self.meta.input_size,) * 2, (0, 0, 0)))
+        return self.baseline_for(kind, self.input_tensor(image))
+
+    def baseline_for(self, kind: str, x: torch.Tensor) -> torch.Tensor:
+        """The baselines of model inputs x (N x 3 x S x S), computed where x is: black, the dataset mean
+        (zero after normalisation), or x blurred with a Gaussian of sigma S/12, which keeps the colours
+        and removes the shapes and borders. Blurring a normalised input equals normalising the blurred
+        photo, since the kernel sums to one."""
         if kind == "mean":
-            return torch.zeros(1, 3, self.meta.input_size, self.meta.input_size, device=self.device)
-        blurred = resize_for_model(image, self.meta.input_size).filter(
-            ImageFilter.GaussianBlur(radius=self.meta.input_size / 12)
-        )
-        return self.input_tensor(blurred)
+            return torch.zeros_like(x)
+        if kind == "black":
+            mean = torch.tensor(self.spec.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            std = torch.tensor(self.spec.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+            return (-mean / std).expand_as(x).clone()
+        if kind == "blurred":
+            return gaussian_blur(x, self.meta.input_size / 12)
+        raise ExplanationError("invalid_params", f"Unknown baseline {kind!r}.")
 
     def sample_bytes(self) -> int:
         """Memory one sample takes in a forward + backward pass (activations and their gradients),
@@ -236,7 +279,8 @@ class Explainer:
                     total += output.numel() * output.element_size()
 
             hooks = [m.register_forward_hook(count) for m in self.model.modules() if not list(m.children())]
-            with torch.no_grad():
+            bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+            with torch.no_grad(), bf16:  # bf16 activations take half the memory
                 self.model(torch.zeros(1, 3, self.meta.input_size, self.meta.input_size, device=self.device))
             for hook in hooks:
                 hook.remove()
@@ -259,7 +303,7 @@ class Explainer:
         x = self.input_tensor(image)
         delta: float | None = None
         if method == "integrated_gradients":
-            baseline = self.baseline(params["baseline"], image)
+            baseline = self.baseline_for(params["baseline"], x)
             ig = captum_attr.IntegratedGradients(self.forward)
             raw, deltas = ig.attribute(
                 x, baselines=baseline, target=target_index, n_steps=params["n_steps"],
@@ -279,11 +323,11 @@ class Explainer:
             window, stride = params["window"], params["stride"]
             raw = captum_attr.Occlusion(self.forward).attribute(
                 x, sliding_window_shapes=(3, window, window), strides=(3, stride, stride),
-                baselines=self.baseline(params["baseline"], image), target=target_index,
+                baselines=self.baseline_for(params["baseline"], x), target=target_index,
                 perturbations_per_eval=self.internal_batch_size(64),
             )  # fmt: skip
         elif method == "gradient_shap":
-            baselines = torch.cat([self.baseline(kind, image) for kind in BASELINES])
+            baselines = torch.cat([self.baseline_for(kind, x) for kind in BASELINES])
             raw, deltas = captum_attr.GradientShap(self.forward).attribute(
                 x, baselines=baselines, n_samples=params["n_samples"], stdevs=params["stdevs"], target=target_index,
                 return_convergence_delta=True,
@@ -293,14 +337,14 @@ class Explainer:
             tunnel = captum_attr.NoiseTunnel(captum_attr.IntegratedGradients(self.forward))
             raw = tunnel.attribute(
                 x, nt_type="smoothgrad", nt_samples=params["n_samples"], stdevs=params["stdevs"],
-                baselines=self.baseline(params["baseline"], image), target=target_index, n_steps=params["n_steps"],
+                baselines=self.baseline_for(params["baseline"], x), target=target_index, n_steps=params["n_steps"],
                 internal_batch_size=self.internal_batch_size(params["n_steps"]),
             )  # fmt: skip
         elif method == "lime":
             segments = superpixels(resize_for_model(image, self.meta.input_size), params["n_segments"])
             mask = torch.from_numpy(segments).to(self.device).long().unsqueeze(0).unsqueeze(0).expand(1, 3, -1, -1)
             raw = captum_attr.Lime(self.forward).attribute(
-                x, baselines=self.baseline(params["baseline"], image), target=target_index,
+                x, baselines=self.baseline_for(params["baseline"], x), target=target_index,
                 feature_mask=mask, n_samples=params["n_samples"],
                 perturbations_per_eval=self.internal_batch_size(32),
             )  # fmt: skip
@@ -368,8 +412,8 @@ class Explainer:
         from captum import attr as captum_attr
 
         started = time.perf_counter()
-        x = torch.cat([self.input_tensor(image) for image in images])
-        baselines = torch.cat([self.baseline(params["baseline"], image) for image in images])
+        x = self.input_tensors(images)
+        baselines = self.baseline_for(params["baseline"], x)
         raw, deltas = captum_attr.IntegratedGradients(self.forward).attribute(
             x, baselines=baselines, target=[int(t) for t in target_indices], n_steps=params["n_steps"],
             internal_batch_size=len(images) * steps_per_batch, return_convergence_delta=True,
@@ -383,6 +427,20 @@ class Explainer:
             )
             for index, target in enumerate(target_indices)
         ]
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """N x C x H x W blurred by a Gaussian of standard deviation sigma pixels (two 1-D passes, edges
+    extended), on x's device."""
+    radius = max(1, math.ceil(3 * sigma))
+    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-(offsets**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    channels = x.shape[1]
+    out = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+    out = F.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = F.pad(out, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
 
 
 def superpixels(image: Image.Image, n_segments: int, *, compactness: float = 10.0, iterations: int = 6) -> np.ndarray:

@@ -135,7 +135,7 @@ class Predictor:
         cams = (weights * features.detach()).sum(dim=1, keepdim=True)
         size = (self.meta.input_size, self.meta.input_size)
         cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
-        maps = [cam[0].cpu().numpy().astype(np.float32) for cam in cams]
+        maps = list(cams[:, 0].float().cpu().numpy())  # one copy to the host for the whole batch
         if embeddings:
             return results, maps, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
         return results, maps

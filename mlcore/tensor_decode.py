@@ -22,6 +22,8 @@ from PIL import Image
 
 from .preprocessing import ORIENTATION_TAG, TransformSpec
 
+GROUP_BYTES = 256 << 20  # float pixels resized in one call
+
 
 @dataclass(frozen=True)
 class TensorImage:
@@ -67,9 +69,8 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def _resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 or float C x H x W -> float 1 x C x size x size, squashed like resize_for_model, antialiased."""
-    batch = image.unsqueeze(0).float()
+def _resize_batch(batch: torch.Tensor, size: int) -> torch.Tensor:
+    """float N x C x H x W -> N x C x size x size, squashed like resize_for_model, antialiased."""
     if batch.shape[-2:] == (size, size):
         return batch
     return F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
@@ -94,21 +95,48 @@ def decode_batch(
                 decoded.append(exc)
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1) * 255
-    results: list[TensorImage | Exception] = []
-    for image, orientation in zip(decoded, orientations, strict=True):
+    results: list[TensorImage | Exception | None] = [None] * len(payloads)
+    # Photos of one shape (one camera, say) are resized together: a few kernels for the whole group
+    # instead of a few per photo, and one copy of all thumbnails to the host instead of one per photo.
+    groups: dict[tuple[int, ...], list[tuple[int, torch.Tensor]]] = {}
+    for index, (image, orientation) in enumerate(zip(decoded, orientations, strict=True)):
         if isinstance(image, Exception):
-            results.append(image)
+            results[index] = image
             continue
+        upright = orient(image, orientation)
+        groups.setdefault(tuple(upright.shape), []).append((index, upright))
+    chunks = []
+    for members in groups.values():  # at most GROUP_BYTES of float pixels at a time
+        _, height, width = members[0][1].shape
+        per_chunk = max(1, GROUP_BYTES // (3 * height * width * 4))
+        chunks += [members[start : start + per_chunk] for start in range(0, len(members), per_chunk)]
+    for members in chunks:
         try:
-            upright = orient(image, orientation)
-            model_input = ((_resize(upright, spec.input_size) - mean) / std)[0]
-            thumbnail = _resize(upright, feature_size)[0].round().clamp(0, 255).to(torch.uint8)
-            pixels = np.ascontiguousarray(thumbnail.permute(1, 2, 0).cpu().numpy())
-        except Exception as exc:  # out of memory on a huge photo, say: this one goes to Pillow
-            results.append(exc)
-            continue
-        results.append(TensorImage(tensor=model_input, thumbnail=Image.fromarray(pixels, mode="RGB")))
-    return results
+            prepared = _prepare_group([upright for _, upright in members], spec, feature_size, mean, std)
+        except Exception:  # out of memory on a huge group, say: each photo alone
+            prepared = []
+            for _, upright in members:
+                try:
+                    prepared += _prepare_group([upright], spec, feature_size, mean, std)
+                except Exception as exc:  # this one goes to Pillow
+                    prepared.append(exc)
+        for (index, _), item in zip(members, prepared, strict=True):
+            results[index] = item
+    return results  # type: ignore[return-value]
+
+
+def _prepare_group(
+    images: list[torch.Tensor], spec: TransformSpec, feature_size: int, mean: torch.Tensor, std: torch.Tensor
+) -> list[TensorImage | Exception]:
+    """Upright uint8 images of one shape -> model inputs (on their device) and RGB thumbnails."""
+    batch = torch.stack(images).float()
+    model_inputs = (_resize_batch(batch, spec.input_size) - mean) / std
+    thumbnails = _resize_batch(batch, feature_size).round().clamp(0, 255).to(torch.uint8)
+    pixels = thumbnails.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    return [
+        TensorImage(tensor=model_input, thumbnail=Image.fromarray(np.ascontiguousarray(rgb), mode="RGB"))
+        for model_input, rgb in zip(model_inputs, pixels, strict=True)
+    ]
 
 
 def available(device: torch.device) -> bool:

@@ -186,7 +186,7 @@ def test_compose_config_validates_with_the_example_env(tmp_path):
         ), name
 
     assert services["web"]["healthcheck"]["test"] == ["CMD", "/app/docker/entrypoint.sh", "web-health"]
-    for name, queues in (("worker-cpu", "explain,default"), ("worker-gpu", "inference")):
+    for name, queues in (("worker-cpu", "default"), ("worker-gpu", "inference,explain")):
         assert services[name]["environment"]["WORKER_QUEUES"] == queues
         assert services[name]["healthcheck"]["test"] == ["CMD", "/app/docker/entrypoint.sh", "worker-health"]
         # Its own model cache, where the image's MODEL_CACHE_DIR points.
@@ -199,7 +199,10 @@ def test_compose_config_validates_with_the_example_env(tmp_path):
         {"driver": "nvidia", "device_ids": ["0"], "capabilities": ["gpu"]}
     ]
     assert gpu["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
-    assert gpu["environment"]["WORKER_CONCURRENCY"] == "1"
+    assert gpu["environment"]["WORKER_CONCURRENCY"] == "2"
+    # Integrated Gradients on the GPU: bf16, batches of 32 explanations of 50 steps.
+    assert gpu["environment"]["EXPLAIN_PRECISION"] == "auto"
+    assert int(gpu["environment"]["EXPLAIN_BATCH_MAX_STEPS"]) == 50 * int(gpu["environment"]["EXPLAIN_BATCH_SIZE"])
     assert gpu["environment"]["WORKER_HOSTNAME"] != services["worker-cpu"]["environment"]["WORKER_HOSTNAME"]
 
 
@@ -338,7 +341,7 @@ def docker_build_collectstatic(folder: Path, static_root: str) -> subprocess.Com
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     """One set of processes for the module: migrate (run to the end), then web, worker-gpu (the inference
-    queue), worker-cpu (explain and default) and beat, each from docker/entrypoint.sh."""
+    and explain queues), worker-cpu (default) and beat, each from docker/entrypoint.sh."""
     from django.conf import settings
     from moto.server import ThreadedMotoServer
 
@@ -519,18 +522,22 @@ def test_worker_roles_process_an_upload_made_through_the_api(stack):
             30, "worker-gpu to log the task", "worker-gpu",
         )  # fmt: skip
 
-        # Integrated Gradients goes to the explain queue: worker-cpu.
+        # Integrated Gradients goes to the explain queue: worker-gpu; the pictures are drawn on worker-cpu.
         def integrated_gradients_finished():
             listing = client.get(f"{status_path}explanations/").json()
             entries = listing["results"] if isinstance(listing, dict) else listing
             states = {entry["method"]: entry["state"] for entry in entries}
             return states if states.get("integrated_gradients") in ("done", "failed") else None
 
-        states = stack.wait_for(integrated_gradients_finished, 90, "Integrated Gradients", "worker-cpu")
-        assert states["integrated_gradients"] == "done", tail(stack.log_path("worker-cpu"))
+        states = stack.wait_for(integrated_gradients_finished, 90, "Integrated Gradients", "worker-gpu")
+        assert states["integrated_gradients"] == "done", tail(stack.log_path("worker-gpu"))
         stack.wait_for(
-            lambda: re.search(r"explain_image_task\[[^\]]+\] succeeded", stack.log("worker-cpu")),
-            30, "worker-cpu to log the task", "worker-cpu",
+            lambda: re.search(r"explain_image_task\[[^\]]+\] succeeded", stack.log("worker-gpu")),
+            30, "worker-gpu to log the task", "worker-gpu",
+        )  # fmt: skip
+        stack.wait_for(
+            lambda: re.search(r"render_explanation_task\[[^\]]+\] succeeded", stack.log("worker-cpu")),
+            30, "worker-cpu to draw the Grad-CAM pictures", "worker-cpu",
         )  # fmt: skip
 
         downloaded = client.get(f"{status_path}file/")

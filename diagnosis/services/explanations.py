@@ -133,7 +133,8 @@ def _build_explainer(model_version: ModelVersion):
     predictor = predictor_for(model_version)  # share its model: no second copy in memory
     return Explainer(
         predictor.model, predictor.meta, device=predictor.device,
-        memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20,
+        memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20, precision=settings.EXPLAIN_PRECISION,
+        executor=_decoder_pool(),
     )  # fmt: skip
 
 
