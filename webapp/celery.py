@@ -3,7 +3,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init, worker_ready
+from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init, worker_ready
 
 from webapp import celery_signals  # noqa: F401 - request ids across the broker, JSON logs, task metrics
 
@@ -76,3 +76,13 @@ def _asynchronous_commit(sender, connection, **_: object) -> None:
     if connection.vendor == "postgresql":
         with connection.cursor() as cursor:
             cursor.execute("SET synchronous_commit TO off")
+
+
+@task_prerun.connect
+@task_postrun.connect
+def _close_old_database_connections(**_: object) -> None:
+    # With CELERY_DB_REUSE_MAX set, Celery leaves the connections open; this closes the broken ones and
+    # those older than CONN_MAX_AGE (0 closes every time, as SQLite and the tests have it).
+    from django.db import close_old_connections
+
+    close_old_connections()

@@ -64,28 +64,27 @@ def record_prediction(
     """Idempotent: one Prediction per (image, model version), and the image ends done. With a
     worker id, only while that worker still holds the claim (the row is locked while it checks): a
     worker whose claim was taken over writes nothing and gets None."""
+    fields = {
+        "probability_malignant": result.probability_malignant,
+        "label": result.label,
+        "threshold": result.threshold,
+        "probabilities": result.probabilities,
+        "inference_ms": inference_ms,
+    }
     with transaction.atomic():
-        if worker_id is not None and not (
-            LesionImage.objects.select_for_update()
-            .filter(pk=image.pk, state=ImageState.PROCESSING, claimed_by=worker_id)
-            .exists()
-        ):
-            return None
-        prediction, _ = Prediction.objects.update_or_create(
-            image=image,
-            model_version=model_version,
-            defaults={
-                "probability_malignant": result.probability_malignant,
-                "label": result.label,
-                "threshold": result.threshold,
-                "probabilities": result.probabilities,
-                "inference_ms": inference_ms,
-            },
-        )
+        # One statement checks the claim, locks the row and marks the image done; a worker whose claim
+        # was taken over changes nothing. Then one INSERT ... ON CONFLICT stores the prediction or
+        # replaces the earlier one of this model version. Two statements in one transaction.
         images = LesionImage.objects.filter(pk=image.pk).exclude(state=ImageState.DONE)
         if worker_id is not None:
-            images = images.filter(state=ImageState.PROCESSING, claimed_by=worker_id)
-        images.update(state=ImageState.DONE, error="", processed_at=timezone.now(), claimed_at=None)
+            images = LesionImage.objects.filter(pk=image.pk, state=ImageState.PROCESSING, claimed_by=worker_id)
+        marked = images.update(state=ImageState.DONE, error="", processed_at=timezone.now(), claimed_at=None)
+        if worker_id is not None and not marked:
+            return None
+        (prediction,) = Prediction.objects.bulk_create(
+            [Prediction(image=image, model_version=model_version, **fields)],
+            update_conflicts=True, unique_fields=["image", "model_version"], update_fields=list(fields),
+        )  # fmt: skip
     return prediction
 
 
