@@ -61,7 +61,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bf16 on CUDA and fp32 elsewhere (the CPU has no bf16 fast path for convolutions)."""
+    """'auto' is bf16 on CUDA (its tensor cores) and fp32, the reference, elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     if precision == "auto":

@@ -56,7 +56,7 @@ def _warm_up() -> None:
     try:
         warm_up_worker(app.amqp.queues.consume_from or {})
     finally:
-        connections.close_all()  # each task opens its own
+        connections.close_all()  # the first task opens a fresh one, which the next tasks reuse
 
 
 @worker_init.connect
