@@ -12,7 +12,7 @@ from django.db import transaction
 
 from diagnosis.models import ImageState, LesionImage, Prediction
 from diagnosis.services.images import submit_image
-from diagnosis.services.predictions import gather_queued, process_images
+from diagnosis.services.predictions import claim_queued, process_images
 from tests.conftest import lesion_jpeg, start_worker, stop_worker, token_client, upload_file, wait_for
 
 
@@ -22,12 +22,22 @@ def queued_images(clinic, clinician, count: int, seed: int = 0) -> list[str]:
                 for i in range(count)]  # fmt: skip
 
 
-def test_gather_takes_the_oldest_queued_images_but_not_its_own(clinic, clinician):
-    ids = queued_images(clinic, clinician, 5)
-    LesionImage.objects.filter(pk=ids[4]).update(state=ImageState.DONE)
-    assert gather_queued(exclude=ids[0], limit=2) == ids[1:3]
-    assert gather_queued(exclude=ids[0], limit=10) == ids[1:4]
-    assert gather_queued(exclude=ids[0], limit=0) == []
+def test_gather_claims_the_oldest_queued_images_but_not_its_own(clinic, clinician):
+    ids = queued_images(clinic, clinician, 7)
+    LesionImage.objects.filter(pk=ids[6]).update(state=ImageState.DONE)
+    LesionImage.objects.filter(pk=ids[5]).update(attempts=1)  # tried before: it goes alone
+    assert claim_queued(exclude=[ids[0]], limit=0, worker_id="w:0") == []
+
+    first = claim_queued(exclude=[ids[0]], limit=2, worker_id="w:1")
+    assert [str(image.pk) for image in first] == ids[1:3]
+    assert all(image.state == ImageState.PROCESSING and image.claimed_by == "w:1" and image.attempts == 1
+               for image in first)  # fmt: skip
+    assert first[0].clinic == clinic  # read with its clinic, in the same SELECT
+    # The next worker gets the rest; nothing is claimed twice.
+    assert [str(image.pk) for image in claim_queued(exclude=[ids[0]], limit=10, worker_id="w:2")] == ids[3:5]
+    assert claim_queued(exclude=[ids[0]], limit=10, worker_id="w:3") == []
+    states = dict(LesionImage.objects.filter(pk__in=ids).values_list("pk", "claimed_by"))
+    assert [states[uuid.UUID(i)] for i in ids] == ["", "w:1", "w:1", "w:2", "w:2", "", ""]
 
 
 def test_one_batch_records_every_image_and_a_damaged_one_fails_alone(clinic, clinician, active_model, settings):

@@ -4,6 +4,7 @@ attribution as float16 .npy, all in storage."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -189,15 +190,23 @@ def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, c
     class_names = list(model_version.class_names)
     target_index = class_names.index(result.label)
     key = canonical_key("gradcam", {}, target_index)
-    explanation, _ = Explanation.objects.get_or_create(
-        image=image, model_version=model_version, method="gradcam", params_key=key,
-        defaults={"params": {}, "target_index": target_index, "target_class": result.label,
-                  "state": Explanation.State.PROCESSING, "claimed_at": timezone.now()},
-    )  # fmt: skip
-    if explanation.state == Explanation.State.DONE:
-        return explanation
     name = default_storage.save(f"explanations/{uuid.uuid4().hex}/attribution.npy", ContentFile(attribution_npy(cam)))
-    Explanation.objects.filter(pk=explanation.pk).update(attribution=name, duration_ms=seconds * 1000)
+    try:
+        # A first prediction, the usual case: one INSERT (in a savepoint only inside a transaction).
+        inside = transaction.get_connection().in_atomic_block
+        with transaction.atomic() if inside else contextlib.nullcontext():
+            explanation = Explanation.objects.create(
+                image=image, model_version=model_version, method="gradcam", params_key=key, params={},
+                target_index=target_index, target_class=result.label, state=Explanation.State.PROCESSING,
+                claimed_at=timezone.now(), attribution=name, duration_ms=seconds * 1000,
+            )  # fmt: skip
+    except IntegrityError:  # predicted again (a redelivered message, say): the row exists
+        explanation = Explanation.objects.get(image=image, model_version=model_version, method="gradcam",
+                                              params_key=key)  # fmt: skip
+        if explanation.state == Explanation.State.DONE:
+            default_storage.delete(name)
+            return explanation
+        Explanation.objects.filter(pk=explanation.pk).update(attribution=name, duration_ms=seconds * 1000)
     explanation_id = str(explanation.pk)
     transaction.on_commit(lambda: enqueue_render(explanation_id), robust=True)
     return explanation

@@ -82,13 +82,14 @@ def record_upload_features(
     if projection is not None and embedding is not None and len(embedding) == len(projection.mean):
         values.update(projection.features(np.asarray(embedding)))
     placement = drift.outliers(reference_columns(model_version), values)
-    features, _ = UploadFeatures.objects.update_or_create(
-        image=image,
-        defaults={
-            "model_version": model_version, "values": values, "placement": placement,
-            "outlier_features": [row["feature"] for row in placement if row["outlier"]],
-            "computed_at": timezone.now(),
-        },
+    fields = {
+        "model_version": model_version, "values": values, "placement": placement,
+        "outlier_features": [row["feature"] for row in placement if row["outlier"]], "computed_at": timezone.now(),
+    }  # fmt: skip
+    # One INSERT ... ON CONFLICT: the features of a photo scored again replace the earlier ones.
+    (features,) = UploadFeatures.objects.bulk_create(
+        [UploadFeatures(image=image, **fields)], update_conflicts=True, unique_fields=["image"],
+        update_fields=list(fields),
     )  # fmt: skip
     return features
 

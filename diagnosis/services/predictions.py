@@ -8,6 +8,7 @@ from concurrent.futures import Future
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import F
 from django.utils import timezone
 
 from webapp.request_id import set_image_id
@@ -106,15 +107,24 @@ def process_image(*, image_id: str, worker_id: str) -> str:
     return process_images(image_ids=[image_id], worker_id=worker_id)[image_id]
 
 
-def gather_queued(*, exclude: str, limit: int) -> list[str]:
-    """Up to `limit` other queued images, oldest first: the batch a worker takes with its own image.
-    Their own messages arrive later and find them finished (a no-op claim)."""
+def claim_queued(*, exclude: list[str], limit: int, worker_id: str) -> list[LesionImage]:
+    """Up to `limit` other queued images, oldest first, claimed for this worker in one UPDATE and read
+    back in one SELECT: the batch a worker takes with its own image. Their own messages arrive later and
+    find them finished (a no-op claim). Two workers gathering at once cannot take the same image: the
+    UPDATE checks the state again on each row it locks."""
     if limit <= 0:
         return []
     # Only images never attempted: one that was in a batch when its worker died goes alone, so a
     # photo that kills workers cannot use up its batch-mates' attempts.
-    return [str(pk) for pk in LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk=exclude)
-            .order_by("enqueued_at").values_list("pk", flat=True)[:limit]]  # fmt: skip
+    oldest = (LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk__in=exclude)
+              .order_by("enqueued_at").values("pk")[:limit])  # fmt: skip
+    taken = LesionImage.objects.filter(pk__in=oldest, state=ImageState.QUEUED, attempts=0).update(
+        state=ImageState.PROCESSING, claimed_at=timezone.now(), claimed_by=worker_id, attempts=F("attempts") + 1
+    )
+    if not taken:
+        return []
+    return list(LesionImage.objects.select_related("clinic").filter(state=ImageState.PROCESSING, claimed_by=worker_id)
+                .exclude(pk__in=exclude).order_by("enqueued_at"))  # fmt: skip
 
 
 _decoders = None
@@ -223,7 +233,7 @@ def _prepare_all(claimed: list[LesionImage], predictor) -> list[Future]:
 
 def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> dict[str, str]:
     """See _process_images. With gather > 0, and only once the first image is claimed on its first
-    attempt, up to `gather` other never-attempted queued images join it (gather_queued): a message
+    attempt, up to `gather` other never-attempted queued images join it (claim_queued): a message
     that finds its image already finished does no more work. A database error anywhere gives back
     every claim of this call that has no outcome yet and becomes a TransientError, for the task's
     bounded retry."""
@@ -291,10 +301,16 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
         outcomes[image_id] = "released"
 
     claimed: list[LesionImage] = []
-    for image_id in image_ids:
+    candidates: list[tuple[str, LesionImage | None]] = []
+    requested = list(image_ids)
+    for image_id in requested:
         image = claim_image(image_id=image_id, worker_id=worker_id)
+        candidates.append((image_id, image))
         if image_id == own and gather > 0 and image is not None and image.attempts == 1:
-            image_ids += gather_queued(exclude=own, limit=gather)
+            gathered = claim_queued(exclude=requested, limit=gather, worker_id=worker_id)
+            image_ids += [str(other.pk) for other in gathered]
+            candidates += [(str(other.pk), other) for other in gathered]
+    for image_id, image in candidates:
         if image is None:
             outcomes[image_id] = "skipped"
         elif image.attempts > settings.MAX_PROCESSING_ATTEMPTS:
