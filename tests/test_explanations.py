@@ -52,7 +52,7 @@ def test_gradcam_files_are_valid_and_sized_for_display(done_image, api_client):
     from mlcore.heatmap import LEGEND_HEIGHT
 
     overlay = Image.open(gradcam.overlay.open("rb"))
-    assert overlay.format == "PNG" and overlay.size == (160, 160 + LEGEND_HEIGHT)
+    assert overlay.format == "JPEG" and overlay.size == (160, 160 + LEGEND_HEIGHT)
     heatmap = Image.open(gradcam.heatmap.open("rb"))
     assert heatmap.size == (160, 160) and heatmap.mode == "RGBA"
     raw = np.load(io.BytesIO(gradcam.attribution.open("rb").read()), allow_pickle=False)
@@ -69,8 +69,9 @@ def test_worker_computes_a_queued_integrated_gradients_explanation(done_image, a
     assert body["state"] == "done" and body["method"] == "integrated_gradients"
     assert body["target_class"] in ("benign", "malignant")
     overlay = api_client.get(body["overlay_url"])
-    assert overlay.status_code == 200 and overlay["Content-Type"] == "image/png"
-    assert Image.open(io.BytesIO(b"".join(overlay.streaming_content))).format == "PNG"
+    assert overlay.status_code == 200 and overlay["Content-Type"] == "image/jpeg"
+    assert overlay["Content-Disposition"].endswith('-overlay.jpg"')
+    assert Image.open(io.BytesIO(b"".join(overlay.streaming_content))).format == "JPEG"
     attribution = api_client.get(body["attribution_url"])
     raw = np.load(io.BytesIO(b"".join(attribution.streaming_content)), allow_pickle=False)
     assert raw.dtype == np.float16 and raw.shape == (3, 64, 64)

@@ -518,8 +518,8 @@ class BatchViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
 
 
 EXPLANATION_FILES = {
-    "overlay": ("overlay", "image/png", "png"),
-    "heatmap": ("heatmap", "image/png", "png"),
+    "overlay": ("overlay", None, None),  # JPEG (PNG if drawn by an older release): from the stored name
+    "heatmap": ("heatmap", None, None),
     "attribution": ("attribution", "application/octet-stream", "npy"),
 }
 
@@ -545,6 +545,8 @@ class ExplanationViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
         stored = getattr(explanation, field)
         if explanation.state != Explanation.State.DONE or not stored:
             raise NotFound("This explanation has no files yet.")
+        if content_type is None:
+            content_type, extension = explanation_services.picture_type(stored.name)
         try:
             handle = stored.open("rb")
         except FileNotFoundError:
@@ -564,9 +566,9 @@ class ExplanationViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):
         return response
 
     @extend_schema(
-        summary="The heatmap over the photo, with a legend (PNG)",
+        summary="The heatmap over the photo, with a legend (JPEG)",
         responses={
-            (200, "image/png"): OpenApiResponse(description="PNG"),
+            (200, "image/jpeg"): OpenApiResponse(description="JPEG; PNG for overlays drawn by earlier versions"),
             **PRESIGNED_REDIRECT,
             **error_responses(401, 403, 404),
         },

@@ -462,8 +462,9 @@ def explanation_file(request, pk, kind):
         handle = stored.open("rb")
     except FileNotFoundError:
         raise Http404("The stored file of this explanation is missing.") from None
+    content_type, extension = explanation_services.picture_type(stored.name)
     response = FileResponse(
-        handle, content_type="image/png", filename=f"{explanation.method}-{explanation.pk}-{kind}.png"
+        handle, content_type=content_type, filename=f"{explanation.method}-{explanation.pk}-{kind}.{extension}"
     )
     response["X-Content-Type-Options"] = "nosniff"
     response["Cache-Control"] = "private, no-store"

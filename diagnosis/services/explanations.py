@@ -161,7 +161,7 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw=None, 
     folder = f"explanations/{uuid.uuid4().hex}"
     names = []
     try:
-        names.append(default_storage.save(f"{folder}/overlay.png", ContentFile(overlay)))
+        names.append(default_storage.save(f"{folder}/overlay.jpg", ContentFile(overlay)))
         names.append(default_storage.save(f"{folder}/heatmap.png", ContentFile(heatmap)))
         fields = {"overlay": names[0], "heatmap": names[1]}
         if raw is not None:
@@ -210,6 +210,16 @@ def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, c
     explanation_id = str(explanation.pk)
     transaction.on_commit(lambda: enqueue_render(explanation_id), robust=True)
     return explanation
+
+
+PICTURE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png"}
+
+
+def picture_type(name: str) -> tuple[str, str]:
+    """(content type, extension) of a stored overlay or heatmap, from its name: overlays are JPEGs, and
+    PNGs where they were drawn before overlays became JPEGs; heatmaps are PNGs."""
+    extension = name.rsplit(".", 1)[-1].lower()
+    return PICTURE_TYPES.get(extension, "application/octet-stream"), extension
 
 
 def enqueue_render(explanation_id: str) -> None:
