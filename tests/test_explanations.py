@@ -54,7 +54,8 @@ def test_gradcam_files_are_valid_and_sized_for_display(done_image, api_client):
     overlay = Image.open(gradcam.overlay.open("rb"))
     assert overlay.format == "JPEG" and overlay.size == (160, 160 + LEGEND_HEIGHT)
     heatmap = Image.open(gradcam.heatmap.open("rb"))
-    assert heatmap.size == (160, 160) and heatmap.mode == "RGBA"
+    assert heatmap.size == (160, 160) and heatmap.mode == "P" and "transparency" in heatmap.info
+    assert heatmap.convert("RGBA").size == (160, 160)  # reads back with its transparency
     raw = np.load(io.BytesIO(gradcam.attribution.open("rb").read()), allow_pickle=False)
     assert raw.dtype == np.float16 and raw.shape == (64, 64)
 

@@ -193,7 +193,8 @@ def test_overlay_and_heatmap_have_the_display_size_and_a_legend(explainer, lesio
     heatmap_image = Image.open(io.BytesIO(heatmap))
     assert (overlay_image.format, heatmap_image.format) == ("JPEG", "PNG")
     assert overlay_image.size == (300, 200 + LEGEND_HEIGHT)
-    assert heatmap_image.size == (300, 200) and heatmap_image.mode == "RGBA"
+    assert heatmap_image.size == (300, 200) and heatmap_image.convert("RGBA").mode == "RGBA"
+    assert heatmap_image.mode == "P" and "transparency" in heatmap_image.info  # a palette with alpha
     legend = np.asarray(overlay_image.convert("RGB"))[200:]
     assert (legend < 100).any()  # the legend's text and colour bar are drawn
     big = Image.new("RGB", (6000, 4000), (180, 140, 120))

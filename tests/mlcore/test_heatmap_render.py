@@ -47,10 +47,11 @@ def test_the_overlay_is_a_jpeg_with_the_heat_and_the_legend_and_the_heatmap_a_tr
     overlay, heatmap = render(photo, attribution, signed=True, method_label="Grad-CAM", target_class="malignant")
     overlay_image, heatmap_image = Image.open(io.BytesIO(overlay)), Image.open(io.BytesIO(heatmap))
     assert (overlay_image.format, heatmap_image.format) == ("JPEG", "PNG")
-    assert overlay_image.size == (120, 80 + LEGEND_HEIGHT) and heatmap_image.mode == "RGBA"
+    assert overlay_image.size == (120, 80 + LEGEND_HEIGHT) and heatmap_image.mode == "P"
     pixels = np.asarray(overlay_image.convert("RGB")).astype(int)
     right, left = pixels[40, 110], pixels[40, 10]
     assert right[0] > right[2] + 40  # reddened where the evidence is
     assert abs(int(left[0]) - 128) < 12 and abs(int(left[2]) - 128) < 12  # the photo untouched elsewhere
     assert (pixels[80:] < 100).any()  # the legend's text
-    assert np.asarray(heatmap_image)[:, :40, 3].max() == 0
+    heat = np.asarray(heatmap_image.convert("RGBA"))
+    assert heat[:, :40, 3].max() == 0 and heat[:, -10:, 3].min() == 255  # transparent, then painted
