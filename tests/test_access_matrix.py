@@ -306,6 +306,7 @@ BASE_TABLE: dict[str, Entry] = {
     ),
     "api:image-file": Entry(API, image_kw, get=api_object()),
     "api:image-status": Entry(API, image_kw, get=api_object()),
+    "api:image-events": Entry(API, image_kw, get=api_object()),
     "api:explanation-detail": Entry(API, gradcam_kw, get=api_object()),
     "api:explanation-overlay": Entry(API, gradcam_kw, get=api_object()),
     "api:explanation-heatmap": Entry(API, gradcam_kw, get=api_object()),

@@ -1,11 +1,16 @@
 from __future__ import annotations
 
+import threading
+
+from django.conf import settings
 from django.db.models import Count, Prefetch
 from django.http import FileResponse
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.negotiation import BaseContentNegotiation
+from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
 from ..models import (
@@ -40,6 +45,42 @@ from .serializers import (
     PatientSerializer,
 )
 from .throttling import UploadRateThrottle
+
+# Status streams this process serves at once: each holds a gunicorn thread while it lasts.
+_STREAMS = threading.BoundedSemaphore(max(1, settings.STATUS_STREAM_MAX))
+
+
+class _Closing:
+    """An iterator over `items` whose close() also calls `on_close`."""
+
+    def __init__(self, items, on_close) -> None:
+        self.items, self.on_close = items, on_close
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self.items)
+
+    def close(self) -> None:
+        try:
+            self.items.close()
+        finally:
+            self.on_close()
+
+    def __del__(self) -> None:  # dropped without close(): the slot is still given back
+        self.on_close()
+
+
+class JSONRefusals(BaseContentNegotiation):
+    """For the events action, which streams its own text/event-stream: what DRF renders there (a
+    refusal: 400, 401, 404, 429) is JSON, whatever the request's Accept header or ?format= asks for."""
+
+    def select_parser(self, request, parsers):
+        return parsers[0] if parsers else None
+
+    def select_renderer(self, request, renderers, format_suffix=None):
+        return renderers[0], renderers[0].media_type
 
 
 def client_ip(request) -> str | None:
@@ -312,6 +353,80 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     )
     @action(detail=True, methods=["get"], url_path="status", url_name="status")
     def image_status(self, request, pk=None):
+        response = Response(ImageStatusSerializer(self._status(request, pk)).data)
+        response["Cache-Control"] = "no-store"
+        return response
+
+    @extend_schema(
+        summary="Follow an upload's state as server-sent events",
+        description=(
+            "A `text/event-stream` for clients that would rather be told than poll. `event: status` carries the "
+            "same JSON as `GET .../status/`: at once, then each time it changes. `event: end` follows the final "
+            "state (`done` or `failed`); `event: timeout` closes a stream that saw none within "
+            "`STATUS_STREAM_SECONDS` (reconnect, or poll). The server reads the state with the status endpoint's "
+            "single statement every `STATUS_STREAM_INTERVAL_MS`. Each web process serves at most "
+            "`STATUS_STREAM_MAX` streams at once; beyond that the answer is 429 with `Retry-After`."
+        ),
+        responses={
+            (200, "text/event-stream"): OpenApiResponse(description="`event: status`, then `end` or `timeout`"),
+            **error_responses(400, 401, 403, 404, 429),
+        },
+    )
+    @action(detail=True, methods=["get"], url_path="events", url_name="events",
+            renderer_classes=[JSONRenderer], content_negotiation_class=JSONRefusals)  # fmt: skip
+    def image_events(self, request, pk=None):
+        import json
+        import time
+
+        from django.core.serializers.json import DjangoJSONEncoder
+        from django.http import StreamingHttpResponse
+
+        first = self._status(request, pk)  # a 404 or 400 comes before any stream starts
+        if settings.STATUS_STREAM_MAX <= 0 or not _STREAMS.acquire(blocking=False):
+            from rest_framework.exceptions import Throttled
+
+            raise Throttled(wait=5, detail="Too many status streams are open on this server; poll GET .../status/ "
+                                           "or try again in a few seconds.")  # fmt: skip
+
+        def event(name: str, data: dict) -> str:
+            return f"event: {name}\ndata: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
+
+        released = threading.Event()
+
+        def release() -> None:  # once, whichever comes first: the stream's end or the client leaving
+            if not released.is_set():
+                released.set()
+                _STREAMS.release()
+
+        def stream():
+            try:
+                data, sent = first, None
+                deadline = time.monotonic() + settings.STATUS_STREAM_SECONDS
+                while True:
+                    if data != sent:
+                        yield event("status", ImageStatusSerializer(data).data)
+                        sent = data
+                    if data["state"] in (ImageState.DONE, ImageState.FAILED):
+                        yield event("end", {"state": data["state"]})
+                        return
+                    if time.monotonic() >= deadline:
+                        yield event("timeout", {"state": data["state"]})
+                        return
+                    time.sleep(settings.STATUS_STREAM_INTERVAL_MS / 1000)
+                    data = self._status(request, pk)
+            finally:
+                release()
+
+        # Django closes the content when the response is closed, also when the client left before the
+        # first event (a generator that never started would not run its finally).
+        response = StreamingHttpResponse(_Closing(stream(), release), content_type="text/event-stream")
+        response["Cache-Control"] = "no-store"
+        response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
+        return response
+
+    def _status(self, request, pk) -> dict:
+        """The status of one image of the requester's clinic, read with one indexed statement. Reading a
+        finished result is written to the audit log."""
         from django.db.models import OuterRef, Subquery
 
         from ..models import ClinicMembership
@@ -350,9 +465,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             } if done else None,
             "disclaimer": DISCLAIMER,
         }  # fmt: skip
-        response = Response(ImageStatusSerializer(data).data)
-        response["Cache-Control"] = "no-store"
-        return response
+        return data
 
     def retrieve(self, request, *args, **kwargs):
         image = self.get_object()

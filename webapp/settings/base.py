@@ -232,6 +232,12 @@ API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
 # Explanations: every prediction gets Grad-CAM at once and these methods on the explain queue.
 # "none" turns them off.
 AUTO_EXPLAIN_METHODS = [m for m in env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"]) if m.lower() != "none"]
+# GET /api/v1/images/{id}/events/ (server-sent events): how long one stream waits for a final state,
+# how often it reads the state, and how many streams one web process serves at once (each holds one
+# of its GUNICORN_THREADS; 0 turns streams off: 429).
+STATUS_STREAM_SECONDS = env_float("STATUS_STREAM_SECONDS", 55.0)
+STATUS_STREAM_INTERVAL_MS = env_int("STATUS_STREAM_INTERVAL_MS", 250)
+STATUS_STREAM_MAX = env_int("STATUS_STREAM_MAX", 2)
 EXPLAIN_MAX_STEPS = env_int("EXPLAIN_MAX_STEPS", 300)
 EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 # Memory one explanation may take for its batched passes (activations and gradients); the batch

@@ -1,0 +1,128 @@
+"""GET /api/v1/images/{id}/events/: an upload's state as server-sent events, the same JSON as the
+status endpoint, first at once and then on each change, ending with `end` (or `timeout`)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from diagnosis.models import AuditEvent
+from diagnosis.services.predictions import process_image
+from tests.conftest import lesion_jpeg, upload_file
+
+SSE = "text/event-stream"
+
+
+def post_image(client) -> str:
+    response = client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg())}, format="multipart")
+    assert response.status_code == 202, response.content
+    return response.json()["id"]
+
+
+def events(response) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a whole stream."""
+    text = b"".join(response.streaming_content).decode()
+    parsed = []
+    for block in text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        parsed.append((fields["event"], json.loads(fields["data"])))
+    return parsed
+
+
+def test_a_finished_upload_streams_its_status_then_end(api_client, active_model, settings):
+    settings.AUTO_EXPLAIN_METHODS = []
+    image_id = post_image(api_client)
+    assert process_image(image_id=image_id, worker_id="w") == "done"
+    response = api_client.get(f"/api/v1/images/{image_id}/events/", HTTP_ACCEPT=SSE)
+    assert response.status_code == 200 and response["Content-Type"].startswith(SSE)
+    assert response["Cache-Control"] == "no-store" and response["X-Accel-Buffering"] == "no"
+    stream = events(response)
+    assert [name for name, _ in stream] == ["status", "end"]
+    status = api_client.get(f"/api/v1/images/{image_id}/status/").json()
+    assert stream[0][1] == status  # the status endpoint's JSON, prediction included
+    assert stream[0][1]["prediction"]["model_version"] == active_model.version
+    assert stream[1][1] == {"state": "done"}
+    # The stream's read of the result is audited once, like a status read.
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).count() == 2
+
+
+def test_a_stream_without_a_final_state_times_out(api_client, settings):
+    settings.STATUS_STREAM_SECONDS = 0.2
+    image_id = post_image(api_client)  # no worker here: it stays queued
+    started = time.monotonic()
+    stream = events(api_client.get(f"/api/v1/images/{image_id}/events/"))
+    assert [name for name, _ in stream] == ["status", "timeout"]
+    assert stream[0][1]["state"] == "queued" and stream[0][1]["prediction"] is None
+    assert stream[1][1] == {"state": "queued"}
+    assert time.monotonic() - started >= 0.2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_stream_reports_the_change_when_a_worker_finishes(api_client, active_model, settings):
+    settings.AUTO_EXPLAIN_METHODS = []
+    settings.STATUS_STREAM_SECONDS = 30
+    image_id = post_image(api_client)
+    finished = []
+
+    def worker():
+        time.sleep(0.3)
+        finished.append(process_image(image_id=image_id, worker_id="w"))
+        from django.db import connection
+
+        connection.close()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    stream = events(api_client.get(f"/api/v1/images/{image_id}/events/", HTTP_ACCEPT=SSE))
+    thread.join()
+    assert finished == ["done"]
+    names = [name for name, _ in stream]
+    assert names[0] == "status" and names[-2:] == ["status", "end"]
+    states = [data["state"] for name, data in stream if name == "status"]
+    assert states[0] == "queued" and states[-1] == "done"
+    assert len(states) == len(set(states))  # one event per change, none repeated
+    assert stream[-2][1]["prediction"]["label"] in ("benign", "malignant")
+
+
+def test_another_clinics_image_and_a_bad_id_are_refused_before_any_stream(api_client, other_api_client):
+    image_id = post_image(api_client)
+    refused = other_api_client.get(f"/api/v1/images/{image_id}/events/")
+    assert refused.status_code == 404 and refused["Content-Type"] == "application/json"
+    assert "detail" in refused.json()
+    # Whatever the client asked for, a refusal is the API's usual JSON (an EventSource sees an error).
+    for asked in ({"HTTP_ACCEPT": SSE}, {"data": {"format": "event-stream"}}):
+        again = other_api_client.get(f"/api/v1/images/{image_id}/events/", **asked)
+        assert again.status_code == 404 and again["Content-Type"] == "application/json"
+        assert again.json()["code"] == "not_found"
+    assert api_client.get("/api/v1/images/not-a-uuid/events/").status_code in (400, 404)
+
+
+@pytest.mark.django_db(transaction=True)  # closing a response closes the connection, as a server does
+def test_streams_per_process_are_capped_and_given_back(api_client, settings):
+    from diagnosis.api import views
+
+    settings.STATUS_STREAM_SECONDS = 5
+    image_id = post_image(api_client)
+    url = f"/api/v1/images/{image_id}/events/"
+    held = []
+    while views._STREAMS.acquire(blocking=False):  # every slot but the one the test uses
+        held.append(True)
+    views._STREAMS.release()
+    held.pop()
+    try:
+        first = api_client.get(url)  # holds the last slot until it is closed
+        refused = api_client.get(url)
+        assert refused.status_code == 429 and refused["Retry-After"] == "5"
+        assert "status" in refused.json()["detail"]
+        first.close()  # the client went away: the slot is free again
+        second = api_client.get(url)
+        assert second.status_code == 200, second.content
+        second.close()
+    finally:
+        for _ in held:
+            views._STREAMS.release()
+    settings.STATUS_STREAM_MAX = 0  # streams turned off
+    assert api_client.get(url).status_code == 429
