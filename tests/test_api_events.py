@@ -61,9 +61,12 @@ def test_a_stream_without_a_final_state_times_out(api_client, settings):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_the_stream_reports_the_change_when_a_worker_finishes(api_client, active_model, settings):
+def test_the_stream_reports_the_change_when_a_worker_finishes(api_client, active_model, settings, monkeypatch):
     settings.AUTO_EXPLAIN_METHODS = []
     settings.STATUS_STREAM_SECONDS = 30
+    # The upload commits here: no message may reach a worker the session started, so that this test's
+    # thread is the one that processes it, once the stream has seen it queued.
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)
     image_id = post_image(api_client)
     finished = []
 
@@ -101,10 +104,11 @@ def test_another_clinics_image_and_a_bad_id_are_refused_before_any_stream(api_cl
 
 
 @pytest.mark.django_db(transaction=True)  # closing a response closes the connection, as a server does
-def test_streams_per_process_are_capped_and_given_back(api_client, settings):
+def test_streams_per_process_are_capped_and_given_back(api_client, settings, monkeypatch):
     from diagnosis.api import views
 
     settings.STATUS_STREAM_SECONDS = 5
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)  # stays queued
     image_id = post_image(api_client)
     url = f"/api/v1/images/{image_id}/events/"
     held = []
