@@ -227,8 +227,12 @@ class Explainer:
         for parameter in self.model.parameters():
             parameter.requires_grad_(False)
         self.precision = resolve_precision(precision, self.device)
-        self.forward = LogOdds(self.model, bf16=self.precision == "bf16")
-        self._sample_bytes: int | None = None
+        self.forward = LogOdds(self.model)
+        # Only Integrated Gradients runs in bf16: it sums gradients along a path, and its maps agree with
+        # fp32's (bench/README.md). The perturbation methods (occlusion, LIME, GradientShap) read small
+        # differences between outputs, which bf16 would round away.
+        self.ig_forward = LogOdds(self.model, bf16=True) if self.precision == "bf16" else self.forward
+        self._sample_bytes: dict[bool, int] = {}
 
     def target_for(self, probability_positive: float) -> int:
         """The predicted class at the model's operating threshold, as the default target."""
@@ -267,10 +271,10 @@ class Explainer:
             return gaussian_blur(x, self.meta.input_size / 12)
         raise ExplanationError("invalid_params", f"Unknown baseline {kind!r}.")
 
-    def sample_bytes(self) -> int:
+    def sample_bytes(self, *, bf16: bool = False) -> int:
         """Memory one sample takes in a forward + backward pass (activations and their gradients),
-        measured once with forward hooks."""
-        if self._sample_bytes is None:
+        measured once per precision with forward hooks (bf16 activations take about half)."""
+        if bf16 not in self._sample_bytes:
             total = 0
 
             def count(_module, _inputs, output):
@@ -279,19 +283,20 @@ class Explainer:
                     total += output.numel() * output.element_size()
 
             hooks = [m.register_forward_hook(count) for m in self.model.modules() if not list(m.children())]
-            bf16 = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-            with torch.no_grad(), bf16:  # bf16 activations take half the memory
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 self.model(torch.zeros(1, 3, self.meta.input_size, self.meta.input_size, device=self.device))
             for hook in hooks:
                 hook.remove()
-            self._sample_bytes = max(total * 3, 1)
-        return self._sample_bytes
+            self._sample_bytes[bf16] = max(total * 3, 1)
+        return self._sample_bytes[bf16]
 
-    def internal_batch_size(self, steps: int) -> int:
+    def internal_batch_size(self, steps: int, *, ig: bool = False) -> int:
         """Steps per Captum call: as many as fit in the memory budget and in a quarter of the memory
-        free now. On the CPU, batches beyond 16 bring no speed, only memory."""
+        free now (Integrated Gradients' samples in its own precision). On the CPU, batches beyond 16
+        bring no speed, only memory."""
         budget = min(available_memory_bytes(self.device) // 4, self.memory_budget_bytes)
-        size = max(1, min(steps, budget // self.sample_bytes()))
+        per_sample = self.sample_bytes(bf16=ig and self.ig_forward.bf16)
+        size = max(1, min(steps, budget // per_sample))
         if self.device.type == "cpu":
             size = min(size, int(os.environ.get("EXPLAIN_CPU_BATCH", "16")))
         return size
@@ -304,10 +309,10 @@ class Explainer:
         delta: float | None = None
         if method == "integrated_gradients":
             baseline = self.baseline_for(params["baseline"], x)
-            ig = captum_attr.IntegratedGradients(self.forward)
+            ig = captum_attr.IntegratedGradients(self.ig_forward)
             raw, deltas = ig.attribute(
                 x, baselines=baseline, target=target_index, n_steps=params["n_steps"],
-                internal_batch_size=self.internal_batch_size(params["n_steps"]), return_convergence_delta=True,
+                internal_batch_size=self.internal_batch_size(params["n_steps"], ig=True), return_convergence_delta=True,
             )  # fmt: skip
             delta = float(deltas.abs().max())
         elif method == "gradcam":
@@ -379,7 +384,7 @@ class Explainer:
         images: one forward + backward pass holds images x steps samples, and that product stays within
         what internal_batch_size allows one explanation (the memory budget, a quarter of the free
         memory, the CPU cap). Images that do not fit even at one step each are split over several calls."""
-        samples = self.internal_batch_size(max(1, n_images) * steps)
+        samples = self.internal_batch_size(max(1, n_images) * steps, ig=True)
         per_call = max(1, min(n_images, samples))
         return per_call, max(1, min(steps, samples // per_call))
 
@@ -414,7 +419,7 @@ class Explainer:
         started = time.perf_counter()
         x = self.input_tensors(images)
         baselines = self.baseline_for(params["baseline"], x)
-        raw, deltas = captum_attr.IntegratedGradients(self.forward).attribute(
+        raw, deltas = captum_attr.IntegratedGradients(self.ig_forward).attribute(
             x, baselines=baselines, target=[int(t) for t in target_indices], n_steps=params["n_steps"],
             internal_batch_size=len(images) * steps_per_batch, return_convergence_delta=True,
         )  # fmt: skip

@@ -22,13 +22,17 @@ def post_image(client) -> str:
     return response.json()["id"]
 
 
-def events(response) -> list[tuple[str, dict]]:
-    """The (event, data) pairs of a whole stream."""
+def events(response, *, ids: dict | None = None) -> list[tuple[str, dict]]:
+    """The (event, data) pairs of a whole stream, comments (`: ping`) left out; `ids` collects each
+    event's id, where it has one."""
     text = b"".join(response.streaming_content).decode()
     parsed = []
     for block in text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        parsed.append((fields["event"], json.loads(fields["data"])))
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if not line.startswith(":"))
+        if fields:
+            parsed.append((fields["event"], json.loads(fields["data"])))
+            if ids is not None and "id" in fields:
+                ids[fields["event"]] = fields["id"]
     return parsed
 
 
@@ -39,13 +43,18 @@ def test_a_finished_upload_streams_its_status_then_end(api_client, active_model,
     response = api_client.get(f"/api/v1/images/{image_id}/events/", HTTP_ACCEPT=SSE)
     assert response.status_code == 200 and response["Content-Type"].startswith(SSE)
     assert response["Cache-Control"] == "no-store" and response["X-Accel-Buffering"] == "no"
-    stream = events(response)
-    assert [name for name, _ in stream] == ["status", "end"]
+    ids = {}
+    stream = events(response, ids=ids)
+    assert [name for name, _ in stream] == ["status", "end"] and ids == {"end": "end"}
     status = api_client.get(f"/api/v1/images/{image_id}/status/").json()
     assert stream[0][1] == status  # the status endpoint's JSON, prediction included
     assert stream[0][1]["prediction"]["model_version"] == active_model.version
     assert stream[1][1] == {"state": "done"}
     # The stream's read of the result is audited once, like a status read.
+    assert AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).count() == 2
+    # EventSource reconnects after the stream closes, sending the last id: 204 stops it, unaudited.
+    again = api_client.get(f"/api/v1/images/{image_id}/events/", HTTP_ACCEPT=SSE, HTTP_LAST_EVENT_ID="end")
+    assert again.status_code == 204 and again.content == b""
     assert AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).count() == 2
 
 
@@ -130,3 +139,47 @@ def test_streams_per_process_are_capped_and_given_back(api_client, settings, mon
             views._STREAMS.release()
     settings.STATUS_STREAM_MAX = 0  # streams turned off
     assert api_client.get(url).status_code == 429
+
+
+def test_a_quiet_stream_sends_keep_alive_comments(api_client, settings, monkeypatch):
+    from diagnosis.api import views
+
+    monkeypatch.setattr(views, "STREAM_PING_SECONDS", 0.1)
+    settings.STATUS_STREAM_SECONDS = 0.5
+    image_id = post_image(api_client)
+    text = b"".join(api_client.get(f"/api/v1/images/{image_id}/events/").streaming_content).decode()
+    assert text.count(": ping\n\n") >= 2 and text.rstrip().endswith('data: {"state": "queued"}')
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_image_deleted_during_the_stream_ends_it_with_an_error_event(api_client, settings, monkeypatch):
+    from diagnosis.models import LesionImage
+
+    settings.STATUS_STREAM_SECONDS = 30
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)  # stays queued
+    image_id = post_image(api_client)
+
+    def purge():
+        time.sleep(0.3)
+        LesionImage.objects.filter(pk=image_id).delete()  # retention, or a patient's erasure
+        from django.db import connection
+
+        connection.close()
+
+    thread = threading.Thread(target=purge)
+    thread.start()
+    stream = events(api_client.get(f"/api/v1/images/{image_id}/events/"))
+    thread.join()
+    assert [name for name, _ in stream] == ["status", "error"]
+    assert stream[1][1]["code"] == "not_found"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_refused_stream_reads_and_audits_nothing(api_client, active_model, settings, monkeypatch):
+    settings.AUTO_EXPLAIN_METHODS = []
+    settings.STATUS_STREAM_MAX = 0
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)
+    image_id = post_image(api_client)
+    assert process_image(image_id=image_id, worker_id="w") == "done"
+    assert api_client.get(f"/api/v1/images/{image_id}/events/").status_code == 429
+    assert not AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).exists()

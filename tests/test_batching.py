@@ -12,7 +12,7 @@ from django.db import transaction
 
 from diagnosis.models import ImageState, LesionImage, Prediction
 from diagnosis.services.images import submit_image
-from diagnosis.services.predictions import claim_queued, process_images
+from diagnosis.services.predictions import claim_queued, process_images, queued_candidates
 from tests.conftest import lesion_jpeg, start_worker, stop_worker, token_client, upload_file, wait_for
 
 
@@ -26,18 +26,40 @@ def test_gather_claims_the_oldest_queued_images_but_not_its_own(clinic, clinicia
     ids = queued_images(clinic, clinician, 7)
     LesionImage.objects.filter(pk=ids[6]).update(state=ImageState.DONE)
     LesionImage.objects.filter(pk=ids[5]).update(attempts=1)  # tried before: it goes alone
-    assert claim_queued(exclude=[ids[0]], limit=0, worker_id="w:0") == []
+    assert queued_candidates(exclude=[ids[0]], limit=0) == []
+    assert queued_candidates(exclude=[ids[0]], limit=10) == ids[1:5]
 
-    first = claim_queued(exclude=[ids[0]], limit=2, worker_id="w:1")
+    first = claim_queued(image_ids=queued_candidates(exclude=[ids[0]], limit=2), worker_id="w:1")
     assert [str(image.pk) for image in first] == ids[1:3]
     assert all(image.state == ImageState.PROCESSING and image.claimed_by == "w:1" and image.attempts == 1
                for image in first)  # fmt: skip
     assert first[0].clinic == clinic  # read with its clinic, in the same SELECT
-    # The next worker gets the rest; nothing is claimed twice.
-    assert [str(image.pk) for image in claim_queued(exclude=[ids[0]], limit=10, worker_id="w:2")] == ids[3:5]
-    assert claim_queued(exclude=[ids[0]], limit=10, worker_id="w:3") == []
+    # A second worker that saw the same candidates gets only those still queued: nothing is claimed twice.
+    assert [str(image.pk) for image in claim_queued(image_ids=ids[1:5], worker_id="w:2")] == ids[3:5]
+    assert claim_queued(image_ids=ids[1:5], worker_id="w:3") == []
+    assert claim_queued(image_ids=[], worker_id="w:4") == []
     states = dict(LesionImage.objects.filter(pk__in=ids).values_list("pk", "claimed_by"))
     assert [states[uuid.UUID(i)] for i in ids] == ["", "w:1", "w:1", "w:2", "w:2", "", ""]
+
+
+def test_a_database_error_after_gathering_gives_every_claim_back(clinic, clinician, active_model, monkeypatch):
+    from django.db import OperationalError
+
+    from diagnosis.services import predictions
+
+    ids = queued_images(clinic, clinician, 4, seed=30)
+    original = predictions.claim_queued
+
+    def claims_then_fails(**kwargs):
+        original(**kwargs)  # the UPDATE went through
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(predictions, "claim_queued", claims_then_fails)
+    with pytest.raises(predictions.TransientError):
+        process_images(image_ids=[ids[0]], worker_id="w:9", gather=3)
+    rows = LesionImage.objects.filter(pk__in=ids)
+    assert {row.state for row in rows} == {ImageState.QUEUED}  # nobody waits for the sweeper
+    assert {row.claimed_by for row in rows} == {""} and {row.attempts for row in rows} == {0}
 
 
 def test_one_batch_records_every_image_and_a_damaged_one_fails_alone(clinic, clinician, active_model, settings):

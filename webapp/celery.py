@@ -80,9 +80,12 @@ def _asynchronous_commit(sender, connection, **_: object) -> None:
 
 @task_prerun.connect
 @task_postrun.connect
-def _close_old_database_connections(**_: object) -> None:
+def _close_old_database_connections(task=None, **_: object) -> None:
     # With CELERY_DB_REUSE_MAX set, Celery leaves the connections open; this closes the broken ones and
-    # those older than CONN_MAX_AGE (0 closes every time, as SQLite and the tests have it).
+    # those older than CONN_MAX_AGE (0 closes every time, as SQLite and the tests have it). Not for an
+    # eager task: it runs inside its caller, whose connection (and transaction) is not the task's.
     from django.db import close_old_connections
 
+    if task is not None and getattr(task.request, "is_eager", False):
+        return
     close_old_connections()

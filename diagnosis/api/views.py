@@ -4,7 +4,7 @@ import threading
 
 from django.conf import settings
 from django.db.models import Count, Prefetch
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponse
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import mixins, status, viewsets
@@ -48,6 +48,7 @@ from .throttling import UploadRateThrottle
 
 # Status streams this process serves at once: each holds a gunicorn thread while it lasts.
 _STREAMS = threading.BoundedSemaphore(max(1, settings.STATUS_STREAM_MAX))
+STREAM_PING_SECONDS = 5.0  # a comment line when nothing else was sent for this long
 
 
 class _Closing:
@@ -365,10 +366,13 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "state (`done` or `failed`); `event: timeout` closes a stream that saw none within "
             "`STATUS_STREAM_SECONDS` (reconnect, or poll). The server reads the state with the status endpoint's "
             "single statement every `STATUS_STREAM_INTERVAL_MS`. Each web process serves at most "
-            "`STATUS_STREAM_MAX` streams at once; beyond that the answer is 429 with `Retry-After`."
+            "`STATUS_STREAM_MAX` streams at once; beyond that the answer is 429 with `Retry-After`. A comment "
+            "line (`: ping`) keeps a quiet stream alive. The `end` event has the id `end`: a browser's EventSource "
+            "reconnecting with `Last-Event-ID: end` gets 204 and stops."
         ),
         responses={
             (200, "text/event-stream"): OpenApiResponse(description="`event: status`, then `end` or `timeout`"),
+            204: OpenApiResponse(description="Sent `Last-Event-ID: end`: the stream had ended (stops EventSource)"),
             **error_responses(400, 401, 403, 404, 429),
         },
     )
@@ -381,16 +385,15 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         from django.core.serializers.json import DjangoJSONEncoder
         from django.http import StreamingHttpResponse
 
-        first = self._status(request, pk)  # a 404 or 400 comes before any stream starts
+        if request.headers.get("Last-Event-ID") == "end":
+            # A browser's EventSource reconnects by itself after a stream closes; the `end` event's id
+            # comes back with it, and 204 is what tells it to stop.
+            return HttpResponse(status=204)
         if settings.STATUS_STREAM_MAX <= 0 or not _STREAMS.acquire(blocking=False):
             from rest_framework.exceptions import Throttled
 
             raise Throttled(wait=5, detail="Too many status streams are open on this server; poll GET .../status/ "
                                            "or try again in a few seconds.")  # fmt: skip
-
-        def event(name: str, data: dict) -> str:
-            return f"event: {name}\ndata: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
-
         released = threading.Event()
 
         def release() -> None:  # once, whichever comes first: the stream's end or the client leaving
@@ -398,22 +401,51 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 released.set()
                 _STREAMS.release()
 
+        try:
+            first = self._status(request, pk)  # a 404 or 400 comes before any stream starts
+        except BaseException:
+            release()
+            raise
+
+        def event(name: str, data: dict, *, event_id: str = "") -> str:
+            ident = f"id: {event_id}\n" if event_id else ""
+            return f"event: {name}\n{ident}data: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
+
         def stream():
+            from django.db import DatabaseError
+            from rest_framework.exceptions import APIException
+
             try:
-                data, sent = first, None
+                data, sent, last_write = first, None, time.monotonic()
                 deadline = time.monotonic() + settings.STATUS_STREAM_SECONDS
                 while True:
                     if data != sent:
                         yield event("status", ImageStatusSerializer(data).data)
-                        sent = data
+                        sent, last_write = data, time.monotonic()
                     if data["state"] in (ImageState.DONE, ImageState.FAILED):
-                        yield event("end", {"state": data["state"]})
+                        yield event("end", {"state": data["state"]}, event_id="end")
                         return
                     if time.monotonic() >= deadline:
                         yield event("timeout", {"state": data["state"]})
                         return
+                    if time.monotonic() - last_write >= STREAM_PING_SECONDS:
+                        yield ": ping\n\n"  # a client that went away is noticed here, not at the deadline
+                        last_write = time.monotonic()
                     time.sleep(settings.STATUS_STREAM_INTERVAL_MS / 1000)
-                    data = self._status(request, pk)
+                    try:
+                        data = self._status(request, pk)
+                    except APIException as exc:  # deleted meanwhile (retention), or access withdrawn
+                        yield event("error", {"detail": str(exc.detail), "code": exc.get_codes()})
+                        return
+                    except DatabaseError:
+                        yield event(
+                            "error",
+                            {
+                                "detail": "The database is temporarily unavailable; reconnect or poll GET .../status/.",
+                                "code": "service_unavailable",
+                            },
+                        )
+                        return
             finally:
                 release()
 

@@ -192,21 +192,25 @@ def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, c
     key = canonical_key("gradcam", {}, target_index)
     name = default_storage.save(f"explanations/{uuid.uuid4().hex}/attribution.npy", ContentFile(attribution_npy(cam)))
     try:
-        # A first prediction, the usual case: one INSERT (in a savepoint only inside a transaction).
-        inside = transaction.get_connection().in_atomic_block
-        with transaction.atomic() if inside else contextlib.nullcontext():
-            explanation = Explanation.objects.create(
-                image=image, model_version=model_version, method="gradcam", params_key=key, params={},
-                target_index=target_index, target_class=result.label, state=Explanation.State.PROCESSING,
-                claimed_at=timezone.now(), attribution=name, duration_ms=seconds * 1000,
-            )  # fmt: skip
-    except IntegrityError:  # predicted again (a redelivered message, say): the row exists
-        explanation = Explanation.objects.get(image=image, model_version=model_version, method="gradcam",
-                                              params_key=key)  # fmt: skip
-        if explanation.state == Explanation.State.DONE:
-            default_storage.delete(name)
-            return explanation
-        Explanation.objects.filter(pk=explanation.pk).update(attribution=name, duration_ms=seconds * 1000)
+        try:
+            # A first prediction, the usual case: one INSERT (in a savepoint only inside a transaction).
+            inside = transaction.get_connection().in_atomic_block
+            with transaction.atomic() if inside else contextlib.nullcontext():
+                explanation = Explanation.objects.create(
+                    image=image, model_version=model_version, method="gradcam", params_key=key, params={},
+                    target_index=target_index, target_class=result.label, state=Explanation.State.PROCESSING,
+                    claimed_at=timezone.now(), attribution=name, duration_ms=seconds * 1000,
+                )  # fmt: skip
+        except IntegrityError:  # predicted again (a redelivered message, say): the row exists
+            explanation = Explanation.objects.get(image=image, model_version=model_version, method="gradcam",
+                                                  params_key=key)  # fmt: skip
+            if explanation.state == Explanation.State.DONE:
+                default_storage.delete(name)
+                return explanation
+            Explanation.objects.filter(pk=explanation.pk).update(attribution=name, duration_ms=seconds * 1000)
+    except BaseException:
+        default_storage.delete(name)  # no row refers to it
+        raise
     explanation_id = str(explanation.pk)
     transaction.on_commit(lambda: enqueue_render(explanation_id), robust=True)
     return explanation

@@ -107,24 +107,30 @@ def process_image(*, image_id: str, worker_id: str) -> str:
     return process_images(image_ids=[image_id], worker_id=worker_id)[image_id]
 
 
-def claim_queued(*, exclude: list[str], limit: int, worker_id: str) -> list[LesionImage]:
-    """Up to `limit` other queued images, oldest first, claimed for this worker in one UPDATE and read
-    back in one SELECT: the batch a worker takes with its own image. Their own messages arrive later and
-    find them finished (a no-op claim). Two workers gathering at once cannot take the same image: the
-    UPDATE checks the state again on each row it locks."""
+def queued_candidates(*, exclude: list[str], limit: int) -> list[str]:
+    """Up to `limit` other queued images, oldest first: the batch a worker takes with its own image.
+    Only images never attempted: one that was in a batch when its worker died goes alone, so a photo
+    that kills workers cannot use up its batch-mates' attempts."""
     if limit <= 0:
         return []
-    # Only images never attempted: one that was in a batch when its worker died goes alone, so a
-    # photo that kills workers cannot use up its batch-mates' attempts.
-    oldest = (LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk__in=exclude)
-              .order_by("enqueued_at").values("pk")[:limit])  # fmt: skip
-    taken = LesionImage.objects.filter(pk__in=oldest, state=ImageState.QUEUED, attempts=0).update(
+    return [str(pk) for pk in LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk__in=exclude)
+            .order_by("enqueued_at").values_list("pk", flat=True)[:limit]]  # fmt: skip
+
+
+def claim_queued(*, image_ids: list[str], worker_id: str) -> list[LesionImage]:
+    """Claim those of `image_ids` still queued and never attempted for this worker, in one UPDATE, and
+    read them back in one SELECT, oldest first. Their own messages arrive later and find them finished
+    (a no-op claim). Two workers gathering at once cannot take the same image: the UPDATE checks the
+    state again on each row it locks."""
+    if not image_ids:
+        return []
+    taken = LesionImage.objects.filter(pk__in=image_ids, state=ImageState.QUEUED, attempts=0).update(
         state=ImageState.PROCESSING, claimed_at=timezone.now(), claimed_by=worker_id, attempts=F("attempts") + 1
     )
     if not taken:
         return []
-    return list(LesionImage.objects.select_related("clinic").filter(state=ImageState.PROCESSING, claimed_by=worker_id)
-                .exclude(pk__in=exclude).order_by("enqueued_at"))  # fmt: skip
+    claimed = LesionImage.objects.filter(pk__in=image_ids, state=ImageState.PROCESSING, claimed_by=worker_id)
+    return list(claimed.select_related("clinic").order_by("enqueued_at"))
 
 
 _decoders = None
@@ -307,8 +313,11 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
         image = claim_image(image_id=image_id, worker_id=worker_id)
         candidates.append((image_id, image))
         if image_id == own and gather > 0 and image is not None and image.attempts == 1:
-            gathered = claim_queued(exclude=requested, limit=gather, worker_id=worker_id)
-            image_ids += [str(other.pk) for other in gathered]
+            # Their ids join image_ids before they are claimed, so that a database error from here on
+            # gives their claims back too (process_images).
+            others = queued_candidates(exclude=requested, limit=gather)
+            image_ids += others
+            gathered = claim_queued(image_ids=others, worker_id=worker_id)
             candidates += [(str(other.pk), other) for other in gathered]
     for image_id, image in candidates:
         if image is None:

@@ -141,7 +141,8 @@ def test_bf16_integrated_gradients_agree_with_fp32():
     model, meta = tiny_model(seed=3), tiny_meta()
     exact = Explainer(model, meta, precision="fp32")
     fast = Explainer(model, meta, precision="bf16")
-    assert fast.forward.bf16 and not exact.forward.bf16
+    assert fast.ig_forward.bf16 and not exact.ig_forward.bf16
+    assert not fast.forward.bf16  # the other methods stay in fp32
     images = lesion_batch(3, size=48, seed=21)
     params = {"n_steps": 16, "baseline": "blurred"}
     reference = exact.explain_batch(images, "integrated_gradients", params, [1, 0, 1])

@@ -249,9 +249,9 @@ EXPLAIN_BATCH_SIZE = env_int("EXPLAIN_BATCH_SIZE", 4)
 # ... and at most this many Integrated Gradients steps in all (4 explanations at 50 steps): the batch shares
 # one task's time limit.
 EXPLAIN_BATCH_MAX_STEPS = env_int("EXPLAIN_BATCH_MAX_STEPS", 200)
-# The explanations' arithmetic (Integrated Gradients and the other Captum methods): "auto" is bf16
-# autocast on CUDA (tensor cores; IG maps correlate with fp32's at r >= 0.98, see bench/README.md) and
-# fp32 on the CPU; "fp32" or "bf16" force one.
+# Integrated Gradients' arithmetic: "auto" is bf16 autocast on CUDA (tensor cores; IG maps correlate with
+# fp32's at r >= 0.98, see bench/README.md) and fp32 on the CPU; "fp32" or "bf16" force one. The other
+# methods always run in fp32.
 EXPLAIN_PRECISION = env_str("EXPLAIN_PRECISION", "auto").strip().lower()
 if EXPLAIN_PRECISION not in ("auto", "fp32", "bf16"):
     from django.core.exceptions import ImproperlyConfigured
