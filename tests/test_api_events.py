@@ -36,6 +36,27 @@ def events(response, *, ids: dict | None = None) -> list[tuple[str, dict]]:
     return parsed
 
 
+def stream_while(client, image_id: str, action, *, delay: float = 0.3, **headers) -> tuple[list, object]:
+    """The events of one stream, while another thread (its own database connection, as a worker has)
+    runs `action` after `delay` seconds; and what the action returned."""
+    outcome = []
+
+    def run():
+        from django.db import connection
+
+        time.sleep(delay)
+        try:
+            outcome.append(action())
+        finally:
+            connection.close()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    stream = events(client.get(f"/api/v1/images/{image_id}/events/", **headers))
+    thread.join()
+    return stream, outcome[0] if outcome else None
+
+
 def test_a_finished_upload_streams_its_status_then_end(api_client, active_model, settings):
     settings.AUTO_EXPLAIN_METHODS = []
     image_id = post_image(api_client)
@@ -77,20 +98,9 @@ def test_the_stream_reports_the_change_when_a_worker_finishes(api_client, active
     # thread is the one that processes it, once the stream has seen it queued.
     monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)
     image_id = post_image(api_client)
-    finished = []
-
-    def worker():
-        time.sleep(0.3)
-        finished.append(process_image(image_id=image_id, worker_id="w"))
-        from django.db import connection
-
-        connection.close()
-
-    thread = threading.Thread(target=worker)
-    thread.start()
-    stream = events(api_client.get(f"/api/v1/images/{image_id}/events/", HTTP_ACCEPT=SSE))
-    thread.join()
-    assert finished == ["done"]
+    stream, outcome = stream_while(api_client, image_id, lambda: process_image(image_id=image_id, worker_id="w"),
+                                   HTTP_ACCEPT=SSE)  # fmt: skip
+    assert outcome == "done"
     names = [name for name, _ in stream]
     assert names[0] == "status" and names[-2:] == ["status", "end"]
     states = [data["state"] for name, data in stream if name == "status"]
@@ -159,17 +169,9 @@ def test_an_image_deleted_during_the_stream_ends_it_with_an_error_event(api_clie
     monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", lambda image_id: None)  # stays queued
     image_id = post_image(api_client)
 
-    def purge():
-        time.sleep(0.3)
-        LesionImage.objects.filter(pk=image_id).delete()  # retention, or a patient's erasure
-        from django.db import connection
-
-        connection.close()
-
-    thread = threading.Thread(target=purge)
-    thread.start()
-    stream = events(api_client.get(f"/api/v1/images/{image_id}/events/"))
-    thread.join()
+    # Retention, or a patient's erasure, deletes the image while a client follows it.
+    stream, deleted = stream_while(api_client, image_id, lambda: LesionImage.objects.filter(pk=image_id).delete())
+    assert deleted[0] >= 1
     assert [name for name, _ in stream] == ["status", "error"]
     assert stream[1][1]["code"] == "not_found"
 
