@@ -149,3 +149,82 @@ def test_a_task_gathers_only_when_its_own_image_is_fresh(clinic, clinician, acti
     LesionImage.objects.filter(pk=waiting[0]).update(attempts=1)
     assert process_images(image_ids=[waiting[0]], worker_id="t:3", gather=5) == {waiting[0]: "done"}
     assert LesionImage.objects.get(pk=waiting[1]).state == ImageState.QUEUED
+
+
+def test_a_batch_is_recorded_with_one_insert_per_table(clinic, clinician, active_model, settings):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from diagnosis.models import Explanation, UploadFeatures
+
+    settings.AUTO_EXPLAIN_METHODS = []
+    ids = queued_images(clinic, clinician, 6, seed=50)
+    with CaptureQueriesContext(connection) as queries:
+        assert process_images(image_ids=ids, worker_id="bulk:1") == dict.fromkeys(ids, "done")
+    inserts = [q["sql"].split('"')[1] for q in queries.captured_queries if q["sql"].startswith("INSERT INTO")]
+    assert sorted(inserts) == ["diagnosis_explanation", "diagnosis_prediction", "diagnosis_uploadfeatures"]
+    assert Prediction.objects.filter(image_id__in=ids).count() == 6
+    gradcams = Explanation.objects.filter(image_id__in=ids, method="gradcam")
+    assert gradcams.count() == 6 and all(default_storage.exists(row.attribution.name) for row in gradcams)
+    assert UploadFeatures.objects.filter(image_id__in=ids).count() == 6
+    assert len({tuple(row.values.items()) for row in UploadFeatures.objects.filter(image_id__in=ids)}) == 6
+
+
+def test_a_claim_taken_over_during_the_forward_pass_is_left_to_its_new_owner(clinic, clinician, active_model):
+    from diagnosis.services.predictions import record_predictions
+    from mlcore.inference import PredictionResult
+
+    ids = queued_images(clinic, clinician, 3, seed=60)
+    images = claim_queued(image_ids=ids, worker_id="slow:1")
+    # Another worker took the middle one over (its claim looked stale) while this one was predicting.
+    LesionImage.objects.filter(pk=ids[1]).update(claimed_by="new:2")
+    results = [PredictionResult(probability_malignant=p, label="malignant" if p >= 0.5 else "benign", threshold=0.5,
+                                probabilities={"benign": 1 - p, "malignant": p}) for p in (0.9, 0.8, 0.1)]  # fmt: skip
+    stored = record_predictions(images=images, model_version=active_model, results=results, inference_ms=3.0,
+                                worker_id="slow:1")  # fmt: skip
+    assert [row is not None for row in stored] == [True, False, True]
+    assert [row.probability_malignant for row in stored if row is not None] == [0.9, 0.1]
+    rows = {str(row.pk): row for row in LesionImage.objects.filter(pk__in=ids)}
+    assert rows[ids[0]].state == rows[ids[2]].state == ImageState.DONE
+    assert rows[ids[1]].state == ImageState.PROCESSING and rows[ids[1]].claimed_by == "new:2"
+    assert not Prediction.objects.filter(image_id=ids[1]).exists()
+    # Recording the same batch again (a redelivered message) replaces, never duplicates.
+    again = record_predictions(images=[images[0]], model_version=active_model, results=[results[2]], inference_ms=1.0)
+    assert again[0].probability_malignant == 0.1
+    assert Prediction.objects.filter(image_id=ids[0]).count() == 1
+
+
+def test_a_batch_of_grad_cams_with_one_already_stored_keeps_one_row_each_and_no_stray_file(
+    clinic, clinician, active_model, settings
+):
+    import numpy as np
+
+    from diagnosis.models import Explanation
+    from diagnosis.services.explanations import record_gradcams
+    from mlcore.inference import PredictionResult
+
+    settings.AUTO_EXPLAIN_METHODS = []
+    ids = queued_images(clinic, clinician, 3, seed=70)
+    assert process_images(image_ids=[ids[0]], worker_id="first:1") == {ids[0]: "done"}
+    existing = Explanation.objects.get(image_id=ids[0], method="gradcam")
+    Explanation.objects.filter(pk=existing.pk).update(state=Explanation.State.DONE)
+    images = list(LesionImage.objects.filter(pk__in=ids).order_by("created_at"))
+    label = existing.target_class
+    result = PredictionResult(probability_malignant=0.7, label=label, threshold=0.5,
+                              probabilities={"benign": 0.3, "malignant": 0.7})  # fmt: skip
+    cam = np.linspace(0, 1, 49, dtype=np.float32).reshape(7, 7)
+    before = stored_files("explanations")
+    record_gradcams([(image, result, cam) for image in images], model_version=active_model, seconds=0.01)
+    rows = Explanation.objects.filter(image_id__in=ids, method="gradcam")
+    assert rows.count() == 3 and rows.values("image_id").distinct().count() == 3
+    assert Explanation.objects.get(pk=existing.pk).attribution.name == existing.attribution.name  # untouched
+    # The batch's INSERT failed on the stored one; its files were removed and each image went alone.
+    added = stored_files("explanations") - before
+    assert set(rows.exclude(pk=existing.pk).values_list("attribution", flat=True)) == added
+
+
+def stored_files(folder: str) -> set[str]:
+    folders, files = default_storage.listdir(folder)
+    return {f"{folder}/{name}" for name in files} | {
+        path for sub in folders for path in stored_files(f"{folder}/{sub}")
+    }

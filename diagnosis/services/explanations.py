@@ -216,6 +216,55 @@ def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, c
     return explanation
 
 
+def record_gradcams(items, *, model_version: ModelVersion, seconds: float) -> None:
+    """record_gradcam for a batch of (image, result, cam): the raw maps are written, then the rows are
+    stored with one INSERT. When that INSERT fails (an image predicted again already has its row, say),
+    each is recorded on its own. Never raises: a heatmap problem must not undo stored predictions."""
+    from mlcore.heatmap import attribution_npy
+
+    if not items:
+        return
+    names: list[str] = []
+    try:
+        class_names = list(model_version.class_names)
+        rows = []
+        for image, result, cam in items:
+            target_index = class_names.index(result.label)
+            names.append(default_storage.save(f"explanations/{uuid.uuid4().hex}/attribution.npy",
+                                              ContentFile(attribution_npy(cam))))  # fmt: skip
+            rows.append(Explanation(
+                image=image, model_version=model_version, method="gradcam", params_key=canonical_key("gradcam", {},
+                target_index), params={}, target_index=target_index, target_class=result.label,
+                state=Explanation.State.PROCESSING, claimed_at=timezone.now(), attribution=names[-1],
+                duration_ms=seconds * 1000,
+            ))  # fmt: skip
+        inside = transaction.get_connection().in_atomic_block
+        with transaction.atomic() if inside else contextlib.nullcontext():
+            Explanation.objects.bulk_create(rows)
+    except Exception as exc:
+        for name in names:  # no row refers to them
+            _delete_quietly(name)
+        if not isinstance(exc, IntegrityError):
+            logger.warning("Grad-CAM maps of a batch of %d could not be stored together (%s); one by one",
+                           len(items), type(exc).__name__)  # fmt: skip
+        for image, result, cam in items:
+            try:
+                record_gradcam(image=image, model_version=model_version, result=result, cam=cam, seconds=seconds)
+            except Exception:
+                logger.exception("Grad-CAM could not be stored for image %s", image.pk)
+        return
+    for row in rows:
+        explanation_id = str(row.pk)
+        transaction.on_commit(lambda explanation_id=explanation_id: enqueue_render(explanation_id), robust=True)
+
+
+def _delete_quietly(name: str) -> None:
+    try:
+        default_storage.delete(name)
+    except Exception:
+        logger.warning("could not delete %s", name)
+
+
 PICTURE_TYPES = {"jpg": "image/jpeg", "jpeg": "image/jpeg", "png": "image/png"}
 
 

@@ -74,6 +74,33 @@ def record_upload_features(
     *, image: LesionImage, model_version: ModelVersion, decoded_image, probability: float, embedding=None
 ) -> UploadFeatures:
     """Store an upload's drift features and where each lies in the reference set."""
+    (features,) = _store_features([_upload_features(image, model_version, decoded_image, probability, embedding)])
+    return features
+
+
+def record_upload_features_many(items, *, model_version: ModelVersion) -> None:
+    """record_upload_features for a batch of (image, decoded image, probability, embedding), with one
+    INSERT for the batch. Never raises: monitoring must not undo stored predictions. When the batch
+    cannot be stored together, each image is tried on its own."""
+    if not items:
+        return
+    try:
+        _store_features([_upload_features(image, model_version, *rest) for image, *rest in items])
+        return
+    except Exception:
+        logger.warning("drift features of a batch of %d could not be stored together; one by one", len(items))
+    for image, decoded_image, probability, embedding in items:
+        try:
+            record_upload_features(image=image, model_version=model_version, decoded_image=decoded_image,
+                                   probability=probability, embedding=embedding)  # fmt: skip
+        except Exception:
+            logger.exception("drift features could not be stored for image %s", image.pk)
+
+
+UPLOAD_FEATURE_FIELDS = ["model_version", "values", "placement", "outlier_features", "computed_at"]
+
+
+def _upload_features(image, model_version, decoded_image, probability, embedding) -> UploadFeatures:
     # The photo's own size, not the decoded copy's: the worker may decode a large JPEG at a reduced scale.
     values = {**drift.image_features(decoded_image),
               **drift.file_features(width=image.width, height=image.height, file_size=image.upload_bytes)}  # fmt: skip
@@ -82,16 +109,17 @@ def record_upload_features(
     if projection is not None and embedding is not None and len(embedding) == len(projection.mean):
         values.update(projection.features(np.asarray(embedding)))
     placement = drift.outliers(reference_columns(model_version), values)
-    fields = {
-        "model_version": model_version, "values": values, "placement": placement,
-        "outlier_features": [row["feature"] for row in placement if row["outlier"]], "computed_at": timezone.now(),
-    }  # fmt: skip
-    # One INSERT ... ON CONFLICT: the features of a photo scored again replace the earlier ones.
-    (features,) = UploadFeatures.objects.bulk_create(
-        [UploadFeatures(image=image, **fields)], update_conflicts=True, unique_fields=["image"],
-        update_fields=list(fields),
+    return UploadFeatures(
+        image=image, model_version=model_version, values=values, placement=placement,
+        outlier_features=[row["feature"] for row in placement if row["outlier"]], computed_at=timezone.now(),
     )  # fmt: skip
-    return features
+
+
+def _store_features(rows: list[UploadFeatures]) -> list[UploadFeatures]:
+    # One INSERT ... ON CONFLICT: the features of a photo scored again replace the earlier ones.
+    return UploadFeatures.objects.bulk_create(
+        rows, update_conflicts=True, unique_fields=["image"], update_fields=UPLOAD_FEATURE_FIELDS
+    )
 
 
 # --- reports ------------------------------------------------------------------------------------------

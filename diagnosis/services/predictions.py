@@ -65,28 +65,49 @@ def record_prediction(
     """Idempotent: one Prediction per (image, model version), and the image ends done. With a
     worker id, only while that worker still holds the claim (the row is locked while it checks): a
     worker whose claim was taken over writes nothing and gets None."""
-    fields = {
-        "probability_malignant": result.probability_malignant,
-        "label": result.label,
-        "threshold": result.threshold,
-        "probabilities": result.probabilities,
-        "inference_ms": inference_ms,
-    }
+    return record_predictions(images=[image], model_version=model_version, results=[result],
+                              inference_ms=inference_ms, worker_id=worker_id)[0]  # fmt: skip
+
+
+def record_predictions(
+    *, images: list[LesionImage], model_version: ModelVersion, results: list, inference_ms: float,
+    worker_id: str | None = None,
+) -> list[Prediction | None]:  # fmt: skip
+    """record_prediction for a batch, in one transaction of two statements whatever its size (three
+    when some claims were taken over). Returns, per image, its Prediction or None where the claim is
+    no longer this worker's."""
+    now = timezone.now()
+    ids = [image.pk for image in images]
     with transaction.atomic():
-        # One statement checks the claim, locks the row and marks the image done; a worker whose claim
-        # was taken over changes nothing. Then one INSERT ... ON CONFLICT stores the prediction or
-        # replaces the earlier one of this model version. Two statements in one transaction.
-        images = LesionImage.objects.filter(pk=image.pk).exclude(state=ImageState.DONE)
-        if worker_id is not None:
-            images = LesionImage.objects.filter(pk=image.pk, state=ImageState.PROCESSING, claimed_by=worker_id)
-        marked = images.update(state=ImageState.DONE, error="", processed_at=timezone.now(), claimed_at=None)
-        if worker_id is not None and not marked:
-            return None
-        (prediction,) = Prediction.objects.bulk_create(
-            [Prediction(image=image, model_version=model_version, **fields)],
-            update_conflicts=True, unique_fields=["image", "model_version"], update_fields=list(fields),
-        )  # fmt: skip
-    return prediction
+        # One statement checks the claims, locks the rows and marks the images done; an image whose
+        # claim was taken over is left alone. Then one INSERT ... ON CONFLICT stores the predictions
+        # (or replaces earlier ones of this model version).
+        if worker_id is None:
+            LesionImage.objects.filter(pk__in=ids).exclude(state=ImageState.DONE).update(
+                state=ImageState.DONE, error="", processed_at=now, claimed_at=None
+            )
+            ours = set(ids)
+        else:
+            marked = LesionImage.objects.filter(pk__in=ids, state=ImageState.PROCESSING, claimed_by=worker_id).update(
+                state=ImageState.DONE, error="", processed_at=now, claimed_at=None
+            )
+            ours = set(ids)
+            if marked != len(set(ids)):  # rare: tell ours (marked by this very statement) from the others
+                ours = set(LesionImage.objects.filter(pk__in=ids, state=ImageState.DONE, claimed_by=worker_id,
+                                                      processed_at=now).values_list("pk", flat=True))  # fmt: skip
+        rows = [
+            Prediction(image=image, model_version=model_version, probability_malignant=result.probability_malignant,
+                       label=result.label, threshold=result.threshold, probabilities=result.probabilities,
+                       inference_ms=inference_ms)
+            for image, result in zip(images, results, strict=True) if image.pk in ours
+        ]  # fmt: skip
+        stored = iter(Prediction.objects.bulk_create(
+            rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=PREDICTION_FIELDS,
+        ) if rows else [])  # fmt: skip
+    return [next(stored) if image.pk in ours else None for image in images]
+
+
+PREDICTION_FIELDS = ["probability_malignant", "label", "threshold", "probabilities", "inference_ms"]
 
 
 class TransientError(Exception):
@@ -411,36 +432,35 @@ def _predict_and_record(ready, *, model_version, predictor, worker_id, outcomes,
                                       f"{type(output).__name__}). The team has been notified in the logs.")  # fmt: skip
             continue
         results, cams, embeddings, per_image_ms = output
-        for index, (image, decoded) in enumerate(group):
-            recorded = _record_one(image=image, decoded=decoded, result=results[index], cam=cams[index],
-                                   embedding=embeddings[index], inference_ms=per_image_ms,
-                                   model_version=model_version, worker_id=worker_id)  # fmt: skip
-            outcomes[str(image.pk)] = "done" if recorded else "skipped"
+        recorded = _record_group(group, results=results, cams=cams, embeddings=embeddings, inference_ms=per_image_ms,
+                                 model_version=model_version, worker_id=worker_id)  # fmt: skip
+        for (image, _), done in zip(group, recorded, strict=True):
+            outcomes[str(image.pk)] = "done" if done else "skipped"
 
 
-def _record_one(*, image, decoded, result, cam, embedding, inference_ms, model_version, worker_id) -> bool:
-    """False when this worker's claim was taken over meanwhile: the new owner records it."""
-    # The prediction is stored first: a clinician sees the risk before any heatmap is drawn.
-    if (
-        record_prediction(
-            image=image, model_version=model_version, result=result, inference_ms=inference_ms, worker_id=worker_id
-        )
-        is None
-    ):
-        return False
-    metrics.record_prediction(label=result.label, model_version=model_version.version)
-    from .explanations import record_gradcam, request_automatic_explanations
-    from .monitoring import record_upload_features
+def _record_group(group, *, results, cams, embeddings, inference_ms, model_version, worker_id) -> list[bool]:
+    """Store a batch's predictions (one transaction), then its Grad-CAM maps and drift features (one
+    INSERT each for the batch). Per image, False when this worker's claim was taken over meanwhile:
+    the new owner records it."""
+    from .explanations import record_gradcams, request_automatic_explanations
+    from .monitoring import record_upload_features_many
 
-    try:
-        record_gradcam(image=image, model_version=model_version, result=result, cam=cam, seconds=inference_ms / 1000)
-    except Exception:  # a heatmap problem must never undo a stored prediction
-        logger.exception("Grad-CAM could not be stored for image %s", image.pk)
-    try:
-        record_upload_features(image=image, model_version=model_version, decoded_image=decoded.image,
-                               probability=result.probability_malignant, embedding=embedding)  # fmt: skip
-    except Exception:  # monitoring must never undo a stored prediction
-        logger.exception("drift features could not be stored for image %s", image.pk)
-    image.state = ImageState.DONE
-    request_automatic_explanations(image=image)
-    return True
+    images = [image for image, _ in group]
+    # The predictions are stored first: a clinician sees the risk before any heatmap is drawn.
+    predictions = record_predictions(images=images, model_version=model_version, results=list(results),
+                                     inference_ms=inference_ms, worker_id=worker_id)  # fmt: skip
+    kept = [index for index, prediction in enumerate(predictions) if prediction is not None]
+    for index in kept:
+        metrics.record_prediction(label=results[index].label, model_version=model_version.version)
+    # A heatmap or monitoring problem must never undo a stored prediction: each logs and moves on.
+    record_gradcams(
+        [(images[i], results[i], cams[i]) for i in kept], model_version=model_version, seconds=inference_ms / 1000
+    )
+    record_upload_features_many(
+        [(images[i], group[i][1].image, results[i].probability_malignant, embeddings[i]) for i in kept],
+        model_version=model_version,
+    )
+    for index in kept:
+        images[index].state = ImageState.DONE
+        request_automatic_explanations(image=images[index])
+    return [prediction is not None for prediction in predictions]
