@@ -66,3 +66,10 @@ def purge_expired_images_task() -> dict[str, int]:
     from .services.retention import purge_expired_images
 
     return purge_expired_images()
+
+
+@shared_task
+def delete_expired_tokens_task() -> int:
+    from .services.tokens import delete_expired_tokens
+
+    return delete_expired_tokens()

@@ -55,6 +55,33 @@ def test_expired_token_gets_401(clinician):
     client = token_client(clinician)
     ApiToken.objects.filter(user=clinician).update(expiry=timezone.now() - timedelta(seconds=1))
     assert client.get("/api/v1/images/").status_code == 401
+    assert not ApiToken.objects.filter(user=clinician).exists()  # deleted when presented, as knox does
+
+
+def test_a_request_reads_token_user_and_clinic_in_one_statement(clinician, clinic):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from diagnosis.services.tokens import delete_expired_tokens
+
+    client = token_client(clinician)
+    _, stale = create_api_token(user=clinician, name="old pacs")
+    create_api_token(user=clinician, name="current pacs")
+    ApiToken.objects.filter(name="old pacs").update(expiry=timezone.now() - timedelta(days=1))
+    with CaptureQueriesContext(connection) as queries:
+        response = client.get("/api/v1/patients/")
+    assert response.status_code == 200
+    assert '"diagnosis_apitoken"' in queries.captured_queries[0]["sql"]
+    assert '"diagnosis_clinic"' in queries.captured_queries[0]["sql"]  # the clinic came with the token
+    assert not any('"diagnosis_clinicmembership"' in q["sql"] for q in queries.captured_queries[1:])
+    assert sum('"diagnosis_apitoken"' in q["sql"] for q in queries.captured_queries) == 1
+    # The other expired token is left to the daily sweep, which deletes only expired ones.
+    assert ApiToken.objects.filter(user=clinician).count() == 3
+    expired = APIClient()
+    expired.credentials(HTTP_AUTHORIZATION=f"Token {stale}")
+    assert delete_expired_tokens() == 1
+    assert set(ApiToken.objects.filter(user=clinician).values_list("name", flat=True)) == {"current pacs", "tests"}
+    assert expired.get("/api/v1/patients/").status_code == 401
 
 
 def test_default_token_lifetime_comes_from_settings(clinician, settings):

@@ -49,3 +49,12 @@ def revoke_api_token(*, token: ApiToken, actor=None, via: str = "cli") -> None:
             via=via,
         )
         token.delete()
+
+
+def delete_expired_tokens(*, now=None) -> int:
+    """Delete every expired API token (daily, from the beat schedule). An expired token is refused
+    anyway, and deleted when it is presented; this removes those nobody presents any more."""
+    from django.utils import timezone
+
+    deleted, _ = ApiToken.objects.filter(expiry__lt=now or timezone.now()).delete()
+    return deleted

@@ -393,6 +393,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": DRIFT_REPORT_INTERVAL_SECONDS,
     },
     "purge-expired-images": {"task": "diagnosis.tasks.purge_expired_images_task", "schedule": 24 * 3600.0},
+    "delete-expired-tokens": {"task": "diagnosis.tasks.delete_expired_tokens_task", "schedule": 24 * 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 
