@@ -33,7 +33,17 @@ def predict_image_task(self, image_id: str) -> str:
     empty queue the image goes through alone at once: no waiting for a batch to fill."""
     from django.conf import settings
 
-    outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self), gather=settings.INFERENCE_BATCH_SIZE - 1)
+    from .services import wakeups
+
+    coalescing = wakeups.enabled()
+    if coalescing:
+        wakeups.answer()  # before gathering: an upload whose ring was refused is gathered by this task
+    try:
+        outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self),
+                                  gather=settings.INFERENCE_BATCH_SIZE - 1, gather_if_finished=coalescing)  # fmt: skip
+    finally:
+        if coalescing:
+            wakeups.ring_for_waiting()
     return outcomes[image_id]
 
 

@@ -254,11 +254,13 @@ def worker_env(django_db_setup, redis_service, tmp_path_factory):
         "CELERY_WORKER_CONCURRENCY": "1",
         "PYTHONUNBUFFERED": "1",
     }
+    from diagnosis.services import wakeups
     from webapp.celery import app
 
     with app.connection_for_write() as connection:  # start from empty queues
         for queue in ("inference", "explain", "default"):
             connection.default_channel.queue_purge(queue)
+    wakeups.reset()  # and no wake-up counted for a purged message
     return env
 
 

@@ -118,12 +118,14 @@ def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
                  message="all 200 uploads to be done")  # fmt: skip
     finally:
         stop_worker(second)
+        from diagnosis.services import wakeups
         from webapp.celery import app
 
-        # The images taken in batches left their own messages behind (each a no-op claim): drop them,
-        # so the session's worker is not busy with them during later tests.
+        # Messages still waiting (each a no-op claim by now): drop them, so the session's worker is not
+        # busy with them during later tests.
         with app.connection_for_write() as connection:
             connection.default_channel.queue_purge("inference")
+        wakeups.reset()
     predictions = Prediction.objects.filter(image_id__in=ids, model_version=model_version)
     assert predictions.count() == 200
     assert predictions.values("image_id").distinct().count() == 200
@@ -228,3 +230,59 @@ def stored_files(folder: str) -> set[str]:
     return {f"{folder}/{name}" for name in files} | {
         path for sub in folders for path in stored_files(f"{folder}/{sub}")
     }
+
+
+def test_the_wake_up_counter_allows_a_bounded_number_of_waiting_messages(db, settings):
+    from diagnosis.services import wakeups
+
+    settings.INFERENCE_COALESCE_MESSAGES = 3
+    client = wakeups._scripts()[1]
+    wakeups.reset()
+    try:
+        assert [wakeups.ring() for _ in range(5)] == [True, True, True, False, False]
+        assert 0 < client.ttl(wakeups.KEY) <= settings.INFERENCE_COALESCE_SECONDS  # a lost message is forgotten
+        wakeups.answer()
+        assert [wakeups.ring(), wakeups.ring()] == [True, False]
+        for _ in range(6):
+            wakeups.answer()
+        assert not client.exists(wakeups.KEY)  # never below zero: extra answers (sweeper messages) are harmless
+        settings.INFERENCE_COALESCE_MESSAGES = 0
+        assert not wakeups.enabled() and all(wakeups.ring() for _ in range(5))  # off: every upload publishes
+        assert not client.exists(wakeups.KEY)
+    finally:
+        wakeups.reset()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_burst_of_uploads_wakes_few_workers_and_every_photo_is_predicted(
+    celery_worker, tiny_checkpoint, settings, monkeypatch
+):
+    from diagnosis.services import images as image_services
+    from diagnosis.services import wakeups
+    from diagnosis.services.registry import register_model
+    from tests.factories import ClinicFactory, ClinicianFactory
+
+    settings.INFERENCE_COALESCE_MESSAGES = 1
+    wakeups.reset()
+    clinic = ClinicFactory(name="Burst clinic")
+    clinician = ClinicianFactory(membership__clinic=clinic)
+    model_version = register_model(checkpoint=tiny_checkpoint, version="burst-tiny", activate=True)
+    published = []
+    publish = image_services.enqueue_prediction
+
+    def counted(image_id: str) -> None:  # the real publish, counted
+        published.append(image_id)
+        publish(image_id)
+
+    monkeypatch.setattr(image_services, "enqueue_prediction", counted)
+    photos = [lesion_jpeg(seed=seed, size=64) for seed in range(6)]
+    with transaction.atomic():  # 40 commits' worth of wake-ups in a few milliseconds
+        ids = [str(submit_image(uploader=clinician, clinic=clinic, upload=upload_file(photos[i % 6])).pk)
+               for i in range(40)]  # fmt: skip
+    images = LesionImage.objects.filter(pk__in=ids)
+    # 40 photos, batches of at most 16: the tasks ring again for the photos they leave queued.
+    wait_for(lambda: images.filter(state=ImageState.DONE).count() == 40, 120, interval=0.25,
+             message="all 40 uploads to be done")  # fmt: skip
+    assert Prediction.objects.filter(image_id__in=ids, model_version=model_version).count() == 40
+    assert set(images.values_list("attempts", flat=True)) == {1}
+    assert len(set(published)) < 10, published  # the uploads published only a few messages, not 40

@@ -109,7 +109,7 @@ def submit_image(
             set_image_id(image_id)
             # robust: a broker outage must not turn a committed upload into a 500. The image stays
             # queued and the sweeper enqueues it again once the broker is back.
-            transaction.on_commit(lambda: enqueue_prediction(image_id), robust=True)
+            transaction.on_commit(lambda: announce_upload(image_id), robust=True)
     except IntegrityError:
         default_storage.delete(stored_name)
         earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data) if idempotency_key else None
@@ -135,7 +135,22 @@ def _replay(*, uploader, clinic: Clinic, key: str, data: bytes) -> LesionImage |
     return earlier
 
 
+def announce_upload(image_id: str) -> None:
+    """Wake an inference worker for a new upload, unless enough messages are already waiting for one
+    (services.wakeups): the worker that takes one of them gathers this photo into its batch."""
+    from . import wakeups
+
+    if not wakeups.ring():
+        return
+    try:
+        enqueue_prediction(image_id)
+    except Exception:
+        wakeups.unring()
+        raise
+
+
 def enqueue_prediction(image_id: str) -> None:
+    """Publish one message for this image (the sweeper, and a rung upload)."""
     from ..tasks import predict_image_task
 
     predict_image_task.apply_async(args=[image_id])

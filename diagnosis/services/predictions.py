@@ -258,10 +258,13 @@ def _prepare_all(claimed: list[LesionImage], predictor) -> list[Future]:
     return futures  # type: ignore[return-value]
 
 
-def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> dict[str, str]:
+def process_images(
+    *, image_ids: list[str], worker_id: str, gather: int = 0, gather_if_finished: bool = False
+) -> dict[str, str]:
     """See _process_images. With gather > 0, and only once the first image is claimed on its first
     attempt, up to `gather` other never-attempted queued images join it (claim_queued): a message
-    that finds its image already finished does no more work. A database error anywhere gives back
+    that finds its image already finished does no more work, unless gather_if_finished (coalesced
+    wake-ups, services.wakeups: the message may stand for other uploads too). A database error anywhere gives back
     every claim of this call that has no outcome yet and becomes a TransientError, for the task's
     bounded retry."""
     from django.db import InterfaceError, OperationalError
@@ -269,7 +272,8 @@ def process_images(*, image_ids: list[str], worker_id: str, gather: int = 0) -> 
     outcomes: dict[str, str] = {}
     image_ids = list(image_ids)  # grows with the gathered images, so all of them can be given back
     try:
-        return _process_images(image_ids=image_ids, worker_id=worker_id, outcomes=outcomes, gather=gather)
+        return _process_images(image_ids=image_ids, worker_id=worker_id, outcomes=outcomes, gather=gather,
+                               gather_if_finished=gather_if_finished)  # fmt: skip
     except (OperationalError, InterfaceError) as exc:
         from .images import release_image
 
@@ -299,7 +303,9 @@ def bucket_errors() -> tuple[type[Exception], ...]:
     return (BotoCoreError, ClientError)
 
 
-def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int) -> dict[str, str]:
+def _process_images(
+    *, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int, gather_if_finished: bool = False
+) -> dict[str, str]:
     """Claim each image, decode them in parallel, predict them as one batch, record each.
 
     The first image is the one this task was sent for: a temporary error on it raises (TransientError,
@@ -333,7 +339,8 @@ def _process_images(*, image_ids: list[str], worker_id: str, outcomes: dict[str,
     for image_id in requested:
         image = claim_image(image_id=image_id, worker_id=worker_id)
         candidates.append((image_id, image))
-        if image_id == own and gather > 0 and image is not None and image.attempts == 1:
+        fresh = image.attempts == 1 if image is not None else gather_if_finished
+        if image_id == own and gather > 0 and fresh:
             # Their ids join image_ids before they are claimed, so that a database error from here on
             # gives their claims back too (process_images).
             others = queued_candidates(exclude=requested, limit=gather)

@@ -223,6 +223,11 @@ INFERENCE_WARMUP = env_bool("INFERENCE_WARMUP", True)
 # batch (never waiting for more); DECODE_THREADS read and decode a batch's photos in parallel.
 INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 16)
 DECODE_THREADS = env_int("DECODE_THREADS", 2)
+# Coalesced wake-ups (diagnosis/services/wakeups.py, Redis broker only): at most this many prediction
+# messages wait for a worker at a time; the others' photos are gathered into their batches. 0 publishes
+# one message per upload. The count expires after INFERENCE_COALESCE_SECONDS (bounds a lost message).
+INFERENCE_COALESCE_MESSAGES = env_int("INFERENCE_COALESCE_MESSAGES", 4)
+INFERENCE_COALESCE_SECONDS = env_float("INFERENCE_COALESCE_SECONDS", 20.0)
 # A claim older than this is presumed dead (its worker was killed) and may be taken again.
 CLAIM_TIMEOUT_SECONDS = env_int("CLAIM_TIMEOUT_SECONDS", 300)
 # A queued image whose message has not been consumed for this long is enqueued again.

@@ -13,6 +13,9 @@ SECRET_KEY = env_str("SECRET_KEY", "test-only-key")
 DATABASES = {"default": database_from_env("postgres://postgres@127.0.0.1:5432/melanoma")}
 DATABASES["default"]["CONN_MAX_AGE"] = 0
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "redis://127.0.0.1:6379/14")
+# A test that purges the inference queue loses the messages counted for coalesced wake-ups: the count
+# lasts 5 s here instead of 20 (tests also reset it when they purge).
+INFERENCE_COALESCE_SECONDS = 5.0
 # Each process gets its own media folder unless one is given; the test suite passes its folder
 # on to the worker processes it starts.
 MEDIA_ROOT = env_str("MEDIA_ROOT", tempfile.mkdtemp(prefix="melanoma-test-media-"))
