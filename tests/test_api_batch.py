@@ -34,13 +34,41 @@ def test_valid_files_are_accepted_and_each_invalid_one_is_listed(api_client, dja
     assert all(item["detail"] for item in body["rejected"])
     assert response["Location"] == body["status_url"]
     assert LesionImage.objects.count() == 3 == len(stored_image_files())
-    assert len(callbacks) == 3  # each accepted image is queued like a single upload
+    assert len(callbacks) == 1  # recorded in one transaction, announced once (one message per 16 photos)
     assert AuditEvent.objects.filter(action=AuditEvent.Action.UPLOAD_IMAGE).count() == 3
     batch = UploadBatch.objects.get()
     assert set(batch.images.values_list("pk", flat=True)) == {LesionImage.objects.get(pk=i["id"]).pk
                                                              for i in body["accepted"]}  # fmt: skip
     # The client's file names are not kept.
     assert "notes.jpg" not in str(batch.rejected)
+
+
+def test_a_database_error_while_recording_a_batch_accepts_nothing_and_keeps_no_file(api_client, monkeypatch):
+    from django.db import OperationalError
+
+    def fails(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr("diagnosis.services.images.record_events", fails)  # the database fails mid-way
+    response = send(api_client, [upload_file(lesion_jpeg(seed=s)) for s in (11, 12, 13)])
+    assert response.status_code == 503 and response.json()["detail"]
+    assert not LesionImage.objects.exists() and not UploadBatch.objects.exists()
+    assert stored_image_files() == []  # the three stored files were removed with the transaction
+
+
+def test_a_large_batch_wakes_one_worker_per_sixteen_photos(
+    api_client, monkeypatch, settings, django_capture_on_commit_callbacks
+):
+    from diagnosis.services import wakeups
+
+    settings.INFERENCE_BATCH_SIZE = 16
+    announced = []
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", announced.append)  # the broker is outside
+    with django_capture_on_commit_callbacks(execute=True):
+        body = send(api_client, [upload_file(lesion_jpeg(seed=s, size=32)) for s in range(40)]).json()
+    ids = [item["id"] for item in body["accepted"]]
+    assert len(ids) == 40
+    assert announced == ([ids[0], ids[16], ids[32]] if wakeups.enabled() else ids)
 
 
 def test_batch_status_follows_its_images(api_client, active_model, django_capture_on_commit_callbacks, settings):

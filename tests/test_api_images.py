@@ -189,7 +189,7 @@ def test_database_failure_after_storing_leaves_no_orphan_file(api_client, monkey
     def refuse(*args, **kwargs):
         raise IntegrityError("simulated")
 
-    monkeypatch.setattr(LesionImage.objects, "create", refuse)
+    monkeypatch.setattr(LesionImage, "save", refuse)
     with pytest.raises(IntegrityError):
         post_image(api_client, lesion_jpeg())
     assert stored_image_files() == []

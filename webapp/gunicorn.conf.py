@@ -14,6 +14,9 @@ timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 # server close a connection just as a client reuses it (a reset on a non-idempotent POST); keep them
 # longer than clients and proxies do (nginx and most load balancers: 60 s).
 keepalive = int(os.environ.get("GUNICORN_KEEPALIVE", "75"))
+# The heartbeat file each worker touches on every loop: in memory, not on the container's overlay disk
+# (gunicorn's advice for Docker).
+worker_tmp_dir = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
 accesslog = os.environ.get("GUNICORN_ACCESS_LOG") or None
 errorlog = "-"
 

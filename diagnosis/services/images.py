@@ -21,7 +21,7 @@ from mlcore.preprocessing import ImageValidationError, prepare_upload
 from webapp.request_id import set_image_id
 
 from ..models import AuditEvent, Clinic, ImageState, Lesion, LesionImage
-from .audit import record_event
+from .audit import record_event, record_events
 
 logger = logging.getLogger(__name__)
 
@@ -80,30 +80,12 @@ def submit_image(
         earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data)
         if earlier is not None:
             return earlier
-    # The header and the file's structure only; the worker's full decode reports damage in the pixels.
-    prepared = prepare_upload(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
-    clean_bytes, extension, content_type = prepared.data, prepared.extension, prepared.content_type
-    sha256 = hashlib.sha256(data).hexdigest()
-
-    stored_name = default_storage.save(f"images/{uuid.uuid4().hex}.{extension}", ContentFile(clean_bytes))
+    image = _store(data, clinic=clinic, lesion=lesion, uploader=uploader, idempotency_key=idempotency_key,
+                   batch=batch)  # fmt: skip
+    stored_name = image.file.name
     try:
         with transaction.atomic():
-            image = LesionImage.objects.create(
-                clinic=clinic,
-                lesion=lesion,
-                uploaded_by=uploader,
-                file=stored_name,
-                content_type=content_type,
-                sha256=sha256,
-                width=prepared.width,
-                height=prepared.height,
-                file_size=len(clean_bytes),
-                upload_bytes=len(data),
-                idempotency_key=idempotency_key,
-                batch=batch,
-                state=ImageState.QUEUED,
-                enqueued_at=timezone.now(),
-            )
+            image.save(force_insert=True)
             record_event(actor=uploader, action=AuditEvent.Action.UPLOAD_IMAGE, obj=image, via=via)
             image_id = str(image.pk)
             set_image_id(image_id)
@@ -121,6 +103,20 @@ def submit_image(
         raise
     image.replayed = False
     return image
+
+
+def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", batch=None) -> LesionImage:
+    """Check the header (prepare_upload: the header and the file's structure only; the worker's full
+    decode reports damage in the pixels), strip the metadata, store the file under a random key, and
+    return the unsaved row that describes it."""
+    prepared = prepare_upload(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
+    stored_name = default_storage.save(f"images/{uuid.uuid4().hex}.{prepared.extension}", ContentFile(prepared.data))
+    return LesionImage(
+        clinic=clinic, lesion=lesion, uploaded_by=uploader, file=stored_name, content_type=prepared.content_type,
+        sha256=hashlib.sha256(data).hexdigest(), width=prepared.width, height=prepared.height,
+        file_size=len(prepared.data), upload_bytes=len(data), idempotency_key=idempotency_key, batch=batch,
+        state=ImageState.QUEUED, enqueued_at=timezone.now(),
+    )  # fmt: skip
 
 
 def _replay(*, uploader, clinic: Clinic, key: str, data: bytes) -> LesionImage | None:
@@ -260,20 +256,47 @@ def requeue_stale_explanations(*, now) -> int:
 
 def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | None = None, via: str = ""):
     """Several photos at once. Each file is validated and stored on its own, exactly as a single upload:
-    the valid ones are accepted (and queued), each invalid one is listed with its error. Returns
+    the valid ones are accepted (and queued), each invalid one is listed with its error. The accepted
+    ones are recorded together (one transaction: the batch, their rows, their audit events), so a
+    database error accepts none of them and leaves no file behind. Returns
     (batch, [(position, image)], [(position, code, message)])."""
     from ..models import UploadBatch
 
-    batch = UploadBatch.objects.create(clinic=clinic, created_by=uploader, submitted=len(uploads))
+    if lesion is not None and lesion.patient.clinic_id != clinic.pk:
+        raise ValidationError({"lesion": ["Unknown lesion."]})
     accepted, rejected = [], []
-    for position, upload in enumerate(uploads):
-        try:
-            accepted.append((position, submit_image(uploader=uploader, clinic=clinic, upload=upload, lesion=lesion,
-                                                    via=via, batch=batch)))  # fmt: skip
-        except ImageValidationError as exc:
-            rejected.append((position, exc.code, exc.message))
-    UploadBatch.objects.filter(pk=batch.pk).update(
-        rejected=[{"position": p, "code": c, "detail": m} for p, c, m in rejected]
-    )
-    batch.refresh_from_db()
+    try:
+        for position, upload in enumerate(uploads):
+            try:
+                data = read_upload(upload, max_bytes=settings.MAX_UPLOAD_BYTES)
+                accepted.append((position, _store(data, clinic=clinic, lesion=lesion, uploader=uploader)))
+            except ImageValidationError as exc:
+                rejected.append((position, exc.code, exc.message))
+        batch = UploadBatch(clinic=clinic, created_by=uploader, submitted=len(uploads),
+                            rejected=[{"position": p, "code": c, "detail": m} for p, c, m in rejected])  # fmt: skip
+        images = [image for _, image in accepted]
+        for image in images:
+            image.batch = batch
+        with transaction.atomic():
+            batch.save(force_insert=True)
+            LesionImage.objects.bulk_create(images)
+            record_events(actor=uploader, action=AuditEvent.Action.UPLOAD_IMAGE, objects=images, via=via)
+            ids = [str(image.pk) for image in images]
+            transaction.on_commit(lambda: announce_batch(ids), robust=True)
+    except BaseException:
+        for _, image in accepted:  # never leave a file whose row did not commit
+            default_storage.delete(image.file.name)
+        raise
+    for image in images:
+        image.replayed = False
     return batch, accepted, rejected
+
+
+def announce_batch(image_ids: list[str]) -> None:
+    """Wake inference workers for a batch upload: one message per INFERENCE_BATCH_SIZE photos (each task
+    gathers a batch's worth of them), or one per photo when wake-ups are not coalesced."""
+    from . import wakeups
+
+    step = max(1, settings.INFERENCE_BATCH_SIZE) if wakeups.enabled() else 1
+    for start in range(0, len(image_ids), step):
+        announce_upload(image_ids[start])
