@@ -302,14 +302,21 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def cpu_by_group(stack: Stack) -> dict[str, float]:
-    """CPU seconds used so far by each part of the system (live processes only)."""
+def cpu_by_group(stack: Stack) -> dict[str, dict[int, float]]:
+    """CPU seconds used so far by each process of each part of the system (live processes only)."""
     groups = {name: [process.pid, *_children(process.pid)] for name, process in stack.processes.items()}
     for name, pattern in (("postgresql", "postgres"), ("redis", "redis-server")):
         found = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
         groups[name] = [int(pid) for pid in found]
     groups["clients (this script)"] = [os.getpid()]
-    return {name: sum(_cpu_seconds(pid) for pid in pids) for name, pids in groups.items()}
+    return {name: {pid: _cpu_seconds(pid) for pid in pids} for name, pids in groups.items()}
+
+
+def cpu_used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float]:
+    """CPU seconds each part used between two readings, process by process: a process that ended
+    meanwhile (a database backend whose client disconnected) is left out rather than subtracted."""
+    return {name: sum(seconds - before.get(name, {}).get(pid, 0.0) for pid, seconds in pids.items())
+            for name, pids in after.items()}  # fmt: skip
 
 
 def _epoch(value) -> float:
@@ -436,7 +443,7 @@ def throughput(stack: Stack, photos: list[bytes], images: int, clients: int, fil
             job.result()
     memory["all"] = stack.memory()
     cpu_after = cpu_by_group(stack)
-    cpu = {name: cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after}
+    cpu = cpu_used(cpu_before, cpu_after)
     rows = stack.timings()[done_before:]
     first, last = min(c for c, _, _ in rows), max(p for _, p, _ in rows)
     return {"images_per_s": len(rows) / (last - first), "images": len(rows), "seconds": last - first,
