@@ -105,15 +105,21 @@ def ceiling(photos: list[bytes], *, arch: str, input_size: int, images: int, bat
         forward_seconds += time.perf_counter() - t1
         decode_seconds += t1 - t0
     total = time.perf_counter() - started
-    single = []
+    single, paced = [], []
     for data in work[:30]:
         t0 = time.perf_counter()
         predictor.predict_tensors(prepare(data).unsqueeze(0))
         single.append(time.perf_counter() - t0)
+    for data in work[:15]:  # one every 0.2 s, as the idle-latency uploads arrive: caches gone cold
+        time.sleep(0.2)
+        t0 = time.perf_counter()
+        predictor.predict_tensors(prepare(data).unsqueeze(0))
+        paced.append(time.perf_counter() - t0)
     pool.shutdown()
     return {
         "images_per_s": len(work) / total, "decode_ms": decode_seconds / len(work) * 1000,
         "forward_ms": forward_seconds / len(work) * 1000, "single_ms": statistics.median(single) * 1000,
+        "paced_ms": statistics.median(paced) * 1000,
     }  # fmt: skip
 
 
@@ -372,7 +378,9 @@ def wait_done(stack: Stack, image_id: str, timeout: float = 120) -> str:
         state = stack.state(image_id)
         if state in ("done", "failed"):
             return state
-        time.sleep(0.01)
+        # The times come from the server's own timestamps, so polling faster would not make them shorter;
+        # it would only take CPU from the server on this 2-core machine while it works.
+        time.sleep(0.05)
     raise SystemExit(f"image {image_id} was not processed within {timeout} s")
 
 
@@ -508,13 +516,16 @@ def main() -> None:
                             threads=decode_threads)  # fmt: skip
     ceiling_rate = (ceiling_before["images_per_s"] + ceiling_after["images_per_s"]) / 2
     single_ms = (ceiling_before["single_ms"] + ceiling_after["single_ms"]) / 2
+    paced_ms = (ceiling_before["paced_ms"] + ceiling_after["paced_ms"]) / 2
 
     print(f"\nceiling again after the system run: {ceiling_after['images_per_s']:.1f} images/s; mean of both "
           f"{ceiling_rate:.1f}; single image {single_ms:.1f} ms")  # fmt: skip
     print(f"idle latency over {args.latency_uploads} sequential uploads (Redis broker, PostgreSQL): prediction stored "
           f"p50 {latency['prediction_p50']:.0f} ms, p95 {latency['prediction_p95']:.0f} ms; Grad-CAM stored p50 "
           f"{latency['gradcam_p50']:.0f} ms, p95 {latency['gradcam_p95']:.0f} ms")  # fmt: skip
-    print(f"  p50 / in-process single image = {latency['prediction_p50'] / single_ms:.2f}x (goal <= 1.5x)")
+    print(f"  p50 / in-process single image = {latency['prediction_p50'] / single_ms:.2f}x (goal <= 1.5x); against "
+          f"the in-process image paced as the uploads (one every 0.2 s: {paced_ms:.1f} ms), "
+          f"{latency['prediction_p50'] / paced_ms:.2f}x")  # fmt: skip
     how = "single uploads" if args.files_per_request == 1 else f"the batch API, {args.files_per_request} per request"
     for number, result in enumerate(rounds, 1):
         print(f"system throughput{f' (round {number})' if len(rounds) > 1 else ''}: {result['images']} images from "

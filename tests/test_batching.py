@@ -286,3 +286,29 @@ def test_a_burst_of_uploads_wakes_few_workers_and_every_photo_is_predicted(
     assert Prediction.objects.filter(image_id__in=ids, model_version=model_version).count() == 40
     assert set(images.values_list("attempts", flat=True)) == {1}
     assert len(set(published)) < 10, published  # the uploads published only a few messages, not 40
+
+
+def test_a_photo_decoded_early_for_the_last_model_is_decoded_again_for_a_new_one(clinic, clinician, active_model):
+    import torch
+
+    from diagnosis.services import predictions
+    from mlcore.inference import Predictor
+    from mlcore.model import CheckpointMeta, build_model
+
+    ids = queued_images(clinic, clinician, 2, seed=80)
+    assert process_images(image_ids=[ids[0]], worker_id="early:1") == {ids[0]: "done"}
+    last = predictions._last_predictor
+    assert last is not None and last.meta.input_size == 64
+    image = LesionImage.objects.get(pk=ids[1])
+    early = predictions._start_early(image)
+    assert early is not None and early[0] is last
+    # The same model: the early decode is the one used.
+    assert predictions._prepare_all([image], last, early=early)[0] is early[2]
+    # Another model (96 px) became active meanwhile: the photo is decoded again for it.
+    torch.manual_seed(0)
+    bigger = Predictor(build_model("resnet_tiny").eval(), CheckpointMeta(arch="resnet_tiny", input_size=96),
+                       device="cpu")  # fmt: skip
+    jobs = predictions._prepare_all([image], bigger, early=early)
+    assert jobs[0] is not early[2]
+    assert tuple(jobs[0].result().tensor.shape[-2:]) == (96, 96)
+    assert tuple(early[2].result().tensor.shape[-2:]) == (64, 64)

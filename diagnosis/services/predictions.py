@@ -216,16 +216,40 @@ def tensor_decoding(predictor) -> bool:
     return use
 
 
-def _prepare_all(claimed: list[LesionImage], predictor) -> list[Future]:
+_last_predictor = None  # the model of this process's last batch (see _start_early)
+
+
+def _remember(predictor) -> None:
+    global _last_predictor
+    _last_predictor = predictor
+
+
+def _start_early(image: LesionImage):
+    """Start reading and decoding a task's own photo for the model of the last batch, while the task
+    gathers others and reads which model is active (a few milliseconds of database round trips that
+    the photo's decode now overlaps). _prepare_all uses it only if that model is still the one to run.
+    Returns (predictor, image id, future), or None (no model used yet, or decoding on the GPU)."""
+    from mlcore.inference import decode_side
+
+    predictor = _last_predictor
+    if predictor is None or tensor_decoding(predictor):
+        return None
+    future = _decoder_pool().submit(_read_and_prepare, image, predictor.spec, decode_side(predictor.meta.input_size))
+    return predictor, image.pk, future
+
+
+def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Future]:
     """One future per image: its Prepared, or the exception reading or decoding it raised."""
     from mlcore.drift import FEATURE_SIZE
     from mlcore.inference import decode_side
 
     max_side = decode_side(predictor.meta.input_size)
     if not tensor_decoding(predictor):
-        if len(claimed) == 1:  # one image: in this thread, no hand-off
+        started = {early[1]: early[2]} if early is not None and early[0] is predictor else {}
+        if len(claimed) == 1 and not started:  # one image: in this thread, no hand-off
             return [_done_future(_read_and_prepare, claimed[0], predictor.spec, max_side)]
-        return [_decoder_pool().submit(_read_and_prepare, image, predictor.spec, max_side) for image in claimed]
+        return [started.get(image.pk) or _decoder_pool().submit(_read_and_prepare, image, predictor.spec, max_side)
+                for image in claimed]  # fmt: skip
 
     from mlcore import tensor_decode
 
@@ -336,9 +360,12 @@ def _process_images(
     claimed: list[LesionImage] = []
     candidates: list[tuple[str, LesionImage | None]] = []
     requested = list(image_ids)
+    early = None
     for image_id in requested:
         image = claim_image(image_id=image_id, worker_id=worker_id)
         candidates.append((image_id, image))
+        if image_id == own and image is not None:
+            early = _start_early(image)
         fresh = image.attempts == 1 if image is not None else gather_if_finished
         if image_id == own and gather > 0 and fresh:
             # Their ids join image_ids before they are claimed, so that a database error from here on
@@ -365,6 +392,7 @@ def _process_images(
         return outcomes
     try:
         predictor = predictor_for(model_version)
+        _remember(predictor)
     except Exception as exc:
         for image in claimed:
             give_back(str(image.pk))
@@ -374,7 +402,7 @@ def _process_images(
         raise ModelUnavailable(f"model {model_version.version} cannot be loaded: {exc}") from exc
 
     # Read, decode and preprocess in parallel (on the GPU where it pays), then one forward pass.
-    jobs = _prepare_all(claimed, predictor)
+    jobs = _prepare_all(claimed, predictor, early=early)
     ready: list[tuple[LesionImage, Prepared]] = []
     for image, job in zip(claimed, jobs, strict=True):
         image_id = str(image.pk)
