@@ -7,12 +7,15 @@ One run measures, on the same JPEGs (1528x1360, photo-like, about 0.7 MB each) a
 
 1. Ceiling: in this process, decode and preprocess (DECODE_THREADS threads, the worker's own
    decode_image in draft mode) then batched forward passes, not overlapped. Images/s.
-2. In-process single image: decode plus forward at batch 1 (the latency floor).
+2. In-process single image: decode plus forward at batch 1 (the latency floor), back to back, and
+   paced as the idle uploads arrive (one every 0.2 s, caches gone cold).
 3. Idle latency: LATENCY_UPLOADS sequential uploads through the API (gunicorn, PostgreSQL, Redis, one
    real worker), each waited for before the next: upload row created -> prediction stored, and ->
    Grad-CAM stored, from the database's own timestamps (the client's polling does not count).
-4. System throughput: CLIENTS concurrent API clients upload IMAGES photos; the worker gathers queued
-   images into batches. Images/s from the first upload row to the last prediction stored.
+4. System throughput: CLIENTS concurrent API clients (keep-alive connections, bodies encoded once)
+   upload IMAGES photos, one per request or FILES_PER_REQUEST through the batch API, ROUNDS times;
+   the worker gathers queued images into batches. Images/s from the first upload row to the last
+   prediction stored, and the CPU each part of the system used per image.
 5. Memory: resident and peak memory (VmRSS, VmHWM) of every web and worker process after half of the
    images and after all of them.
 6. The embedded default (`make run`'s SQLite, filesystem broker, runserver): idle latency again.
@@ -130,7 +133,7 @@ class Stack:
     """gunicorn + one Celery worker (or runserver + worker for the embedded default), with a token."""
 
     def __init__(self, *, out: Path, embedded: bool, port: int, worker_concurrency: int, torch_threads: int,
-                 web_workers: int, arch: str, input_size: int, queues: str) -> None:  # fmt: skip
+                 web_workers: int, arch: str, input_size: int, queues: str, extra_env=None) -> None:  # fmt: skip
         self.out, self.embedded, self.port = out, embedded, port
         self.draws_pictures = "default" in queues.split(",")
         shutil.rmtree(out, ignore_errors=True)
@@ -141,6 +144,7 @@ class Stack:
             "MODEL_CACHE_DIR": str(out / "model-cache"), "AUTO_EXPLAIN_METHODS": "none", "API_RATE_LIMIT": "",
             "API_UPLOAD_RATE_LIMIT": "", "LOG_LEVEL": "WARNING", "PYTHONUNBUFFERED": "1",
             "TORCH_NUM_THREADS": str(torch_threads), "CELERY_WORKER_CONCURRENCY": str(worker_concurrency),
+            **(extra_env or {}),
         }  # fmt: skip
         if embedded:
             self.env.update({"DJANGO_SETTINGS_MODULE": "webapp.settings.dev", "DATABASE_URL": "",
@@ -482,6 +486,8 @@ def main() -> None:
     parser.add_argument("--queues", default="inference,default",
                         help="the worker's queues: with default it also draws the Grad-CAM pictures")  # fmt: skip
     parser.add_argument("--port", type=int, default=8091)
+    parser.add_argument("--coalesce", type=int, default=None,
+                        help="INFERENCE_COALESCE_MESSAGES for the system (0: a message per upload)")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=1, help="throughput runs, one after the other, each reported")
     parser.add_argument("--files-per-request", type=int, default=1,
                         help="above 1: clients use the batch API, this many photos per request")  # fmt: skip
@@ -501,10 +507,11 @@ def main() -> None:
           f"{ceiling_before['forward_ms']:.1f} ms/image at batch {args.batch}); in-process single image "
           f"{ceiling_before['single_ms']:.1f} ms")  # fmt: skip
 
+    coalesce = {} if args.coalesce is None else {"INFERENCE_COALESCE_MESSAGES": str(args.coalesce)}
     stack = Stack(out=ROOT / "var" / "bench" / "system", embedded=False, port=args.port,
                   worker_concurrency=args.worker_concurrency, torch_threads=torch_threads,
-                  web_workers=args.web_workers, arch=args.arch, input_size=args.input_size,
-                  queues=args.queues)  # fmt: skip
+                  web_workers=args.web_workers, arch=args.arch, input_size=args.input_size, queues=args.queues,
+                  extra_env=coalesce)  # fmt: skip
     try:
         latency = idle_latency(stack, photos, args.latency_uploads)
         rounds = [throughput(stack, photos, args.images, args.clients, args.files_per_request)
