@@ -94,12 +94,18 @@ def test_images_claimed_by_another_worker_are_left_alone(clinic, clinician, acti
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("coalesce", [0, 4], ids=["a-message-per-upload", "coalesced-wake-ups"])
 def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
-    celery_worker, worker_env, tiny_checkpoint, tmp_path_factory
+    celery_worker, worker_env, tiny_checkpoint, tmp_path_factory, settings, coalesce
 ):
+    """With a message per upload, and with coalesced wake-ups (at most 4 messages waiting; the uploads
+    are then committed together, so that both workers are woken rather than one keeping up alone)."""
+    import contextlib
+
     from diagnosis.services.registry import register_model
     from tests.factories import ClinicFactory, ClinicianFactory
 
+    settings.INFERENCE_COALESCE_MESSAGES = coalesce
     clinic = ClinicFactory(name="Batching clinic")
     client = token_client(ClinicianFactory(membership__clinic=clinic))
     model_version = register_model(checkpoint=tiny_checkpoint, version="batching-tiny", activate=True)
@@ -109,10 +115,12 @@ def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
     try:
         photos = [lesion_jpeg(seed=seed, size=64) for seed in range(10)]
         ids = []
-        for index in range(200):
-            response = client.post("/api/v1/images/", {"image": upload_file(photos[index % 10])}, format="multipart")
-            assert response.status_code == 202
-            ids.append(response.json()["id"])
+        with transaction.atomic() if coalesce else contextlib.nullcontext():
+            for index in range(200):
+                response = client.post("/api/v1/images/", {"image": upload_file(photos[index % 10])},
+                                       format="multipart")  # fmt: skip
+                assert response.status_code == 202
+                ids.append(response.json()["id"])
         images = LesionImage.objects.filter(pk__in=ids)
         wait_for(lambda: images.filter(state=ImageState.DONE).count() == 200, 180, interval=0.5,
                  message="all 200 uploads to be done")  # fmt: skip

@@ -288,9 +288,9 @@ def process_images(
     """See _process_images. With gather > 0, and only once the first image is claimed on its first
     attempt, up to `gather` other never-attempted queued images join it (claim_queued): a message
     that finds its image already finished does no more work, unless gather_if_finished (coalesced
-    wake-ups, services.wakeups: the message may stand for other uploads too). A database error anywhere gives back
-    every claim of this call that has no outcome yet and becomes a TransientError, for the task's
-    bounded retry."""
+    wake-ups, services.wakeups: the message may stand for other uploads too). A database error
+    anywhere gives back every claim of this call that has no outcome yet and becomes a
+    TransientError, for the task's bounded retry."""
     from django.db import InterfaceError, OperationalError
 
     outcomes: dict[str, str] = {}
