@@ -16,7 +16,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .drift import describe_image
+from .drift import file_features, image_features
+from .inference import decode_side
 from .leakage import Fingerprint, fingerprint
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageValidationError, decode_image, resize_for_model
 
@@ -181,7 +182,10 @@ def load_files(
             continue
         try:
             data = path.read_bytes()
-            decoded = decode_image(data, max_bytes=1 << 31, max_pixels=max_pixels)
+            # As an inference worker decodes an upload (Pillow's draft mode for a large JPEG), so that the
+            # model and the drift reference see the same pixels as in service: a full decode measured
+            # the sharpness of 3,000-pixel photos 3-4% higher than the worker does.
+            decoded = decode_image(data, max_bytes=1 << 31, max_pixels=max_pixels, max_side=decode_side(image_size))
         except ImageValidationError as exc:
             split.skipped.append((relative, exc.message))
             continue
@@ -191,10 +195,17 @@ def load_files(
                 label=label,
                 image=resize_for_model(decoded.image, image_size),
                 fingerprint=fingerprint(decoded.image),
-                features=describe_image(decoded.image, file_size=len(data)) if with_features else {},
+                features=_features(decoded, file_size=len(data)) if with_features else {},
             )
         )
     return split
+
+
+def _features(decoded, *, file_size: int) -> dict[str, float]:
+    """An image's drift features, its file features from the photo's own size (not the decoded copy's),
+    exactly as a worker describes an upload (diagnosis.services.monitoring)."""
+    return {**image_features(decoded.image),
+            **file_features(width=decoded.full_width, height=decoded.full_height, file_size=file_size)}  # fmt: skip
 
 
 def load_evaluation_folder(

@@ -51,8 +51,10 @@ class ImageValidationError(ValueError):
 class DecodedImage:
     image: Image.Image  # RGB, EXIF orientation applied, metadata gone
     source_format: str  # JPEG, PNG or WEBP
-    width: int
+    width: int  # of `image` (reduced where max_side let Pillow's draft mode decode at a smaller scale)
     height: int
+    full_width: int = 0  # the photo's own upright size, whatever scale it was decoded at
+    full_height: int = 0
 
 
 def _too_many_pixels(max_pixels: int) -> ImageValidationError:
@@ -205,12 +207,16 @@ def decode_image(
             oriented = ImageOps.exif_transpose(image)
         except Exception:  # a corrupt EXIF block must not reject a good photo
             oriented = image
+        loaded_size = image.size
         rgb = _to_rgb(oriented if oriented is not None else image)
+    full_width, full_height = (height, width) if rgb.size != loaded_size else (width, height)  # turned upright
     if not copy_pixels:
-        return DecodedImage(image=rgb, source_format=source_format, width=rgb.width, height=rgb.height)
+        return DecodedImage(image=rgb, source_format=source_format, width=rgb.width, height=rgb.height,
+                            full_width=full_width, full_height=full_height)  # fmt: skip
     # A fresh image carries no info dict: EXIF (GPS included), XMP, ICC and comments are all gone.
     clean = Image.frombytes("RGB", rgb.size, rgb.tobytes())
-    return DecodedImage(image=clean, source_format=source_format, width=clean.width, height=clean.height)
+    return DecodedImage(image=clean, source_format=source_format, width=clean.width, height=clean.height,
+                        full_width=full_width, full_height=full_height)  # fmt: skip
 
 
 # --- uploads: validate the header, strip metadata without decoding ---------------------------------
