@@ -28,21 +28,18 @@ def worker_id(task) -> str:
 
 
 @shared_task(**CLAIMED_WORK)
-def predict_image_task(self, image_id: str, file: str = "") -> str:
+def predict_image_task(self, image_id: str) -> str:
     """Its own image, plus up to INFERENCE_BATCH_SIZE - 1 other queued images as one batch. With an
-    empty queue the image goes through alone at once: no waiting for a batch to fill. `file` (the
-    stored photo's name, from the upload) starts its decode before anything else."""
+    empty queue the image goes through alone at once: no waiting for a batch to fill."""
     from django.conf import settings
 
     from .services import wakeups
-    from .services.predictions import decode_ahead
 
-    ahead = decode_ahead(file) if file else None
     coalescing = wakeups.enabled()
     if coalescing:
         wakeups.answer()  # before gathering: an upload whose ring was refused is gathered by this task
     try:
-        outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self), ahead=ahead,
+        outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self),
                                   gather=settings.INFERENCE_BATCH_SIZE - 1, gather_if_finished=coalescing)  # fmt: skip
     finally:
         if coalescing:

@@ -63,8 +63,7 @@ def test_a_large_batch_wakes_one_worker_per_sixteen_photos(
 
     settings.INFERENCE_BATCH_SIZE = 16
     announced = []
-    # the broker is outside
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: announced.append(image_id))
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", announced.append)  # the broker is outside
     with django_capture_on_commit_callbacks(execute=True):
         body = send(api_client, [upload_file(lesion_jpeg(seed=s, size=32)) for s in range(40)]).json()
     ids = [item["id"] for item in body["accepted"]]

@@ -96,7 +96,7 @@ def test_the_stream_reports_the_change_when_a_worker_finishes(api_client, active
     settings.STATUS_STREAM_SECONDS = 30
     # The upload commits here: no message may reach a worker the session started, so that this test's
     # thread is the one that processes it, once the stream has seen it queued.
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)
     image_id = post_image(api_client)
     stream, outcome = stream_while(api_client, image_id, lambda: process_image(image_id=image_id, worker_id="w"),
                                    HTTP_ACCEPT=SSE)  # fmt: skip
@@ -127,7 +127,7 @@ def test_streams_per_process_are_capped_and_given_back(api_client, settings, mon
     from diagnosis.api import views
 
     settings.STATUS_STREAM_SECONDS = 5
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)  # stays queued
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)  # stays queued
     image_id = post_image(api_client)
     url = f"/api/v1/images/{image_id}/events/"
     held = []
@@ -166,7 +166,7 @@ def test_an_image_deleted_during_the_stream_ends_it_with_an_error_event(api_clie
     from diagnosis.models import LesionImage
 
     settings.STATUS_STREAM_SECONDS = 30
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)  # stays queued
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)  # stays queued
     image_id = post_image(api_client)
 
     # Retention, or a patient's erasure, deletes the image while a client follows it.
@@ -180,7 +180,7 @@ def test_an_image_deleted_during_the_stream_ends_it_with_an_error_event(api_clie
 def test_a_refused_stream_reads_and_audits_nothing(api_client, active_model, settings, monkeypatch):
     settings.AUTO_EXPLAIN_METHODS = []
     settings.STATUS_STREAM_MAX = 0
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)
     image_id = post_image(api_client)
     assert process_image(image_id=image_id, worker_id="w") == "done"
     assert api_client.get(f"/api/v1/images/{image_id}/events/").status_code == 429

@@ -273,8 +273,7 @@ def test_done_image_shows_prediction_fields(api_client, active_model):
 
 def test_on_commit_hook_enqueues_the_new_image(api_client, django_capture_on_commit_callbacks, monkeypatch):
     sent = []
-    # the broker is outside
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: sent.append(image_id))
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", sent.append)  # the broker is outside
     with django_capture_on_commit_callbacks(execute=True):
         response = post_image(api_client, lesion_jpeg())
     assert sent == [response.json()["id"]]

@@ -278,9 +278,9 @@ def test_a_burst_of_uploads_wakes_few_workers_and_every_photo_is_predicted(
     published = []
     publish = image_services.enqueue_prediction
 
-    def counted(image_id: str, **hints) -> None:  # the real publish, counted
+    def counted(image_id: str) -> None:  # the real publish, counted
         published.append(image_id)
-        publish(image_id, **hints)
+        publish(image_id)
 
     monkeypatch.setattr(image_services, "enqueue_prediction", counted)
     photos = [lesion_jpeg(seed=seed, size=64) for seed in range(6)]
@@ -320,25 +320,3 @@ def test_a_photo_decoded_early_for_the_last_model_is_decoded_again_for_a_new_one
     assert jobs[0] is not early[2]
     assert tuple(jobs[0].result().tensor.shape[-2:]) == (96, 96)
     assert tuple(early[2].result().tensor.shape[-2:]) == (64, 64)
-
-
-def test_the_file_hint_of_a_message_starts_the_decode_and_a_wrong_one_is_ignored(
-    clinic, clinician, active_model, settings
-):
-    from diagnosis.services import predictions
-    from diagnosis.tasks import predict_image_task
-
-    settings.AUTO_EXPLAIN_METHODS = []
-    settings.INFERENCE_BATCH_SIZE = 1  # each task takes its own photo only
-    settings.INFERENCE_COALESCE_MESSAGES = 0  # and publishes nothing for the others
-    ids = queued_images(clinic, clinician, 3, seed=90)
-    assert predict_image_task.apply(args=[ids[0]]).get() == "done"  # a model has been used: decoding ahead works
-    image = LesionImage.objects.get(pk=ids[1])
-    ahead = predictions.decode_ahead(image.file.name)
-    assert ahead is not None and predictions._start_early(image, ahead)[2] is ahead[2]  # its own file: used
-    stray = predictions.decode_ahead("images/not-this-one.jpg")
-    assert predictions._start_early(image, stray)[2] is not stray[2]  # another file: decoded afresh
-    # Through the task: a right hint and a wrong one (a file that does not even exist) both end done.
-    assert predict_image_task.apply(args=[ids[1]], kwargs={"file": image.file.name}).get() == "done"
-    assert predict_image_task.apply(args=[ids[2]], kwargs={"file": "images/missing.jpg"}).get() == "done"
-    assert Prediction.objects.filter(image_id__in=ids).count() == 3

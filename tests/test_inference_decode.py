@@ -106,7 +106,7 @@ def test_a_worker_warms_up_at_start_and_decodes_with_torchvision(worker_env, tmp
         wait_for(lambda: "warmed up model warm-2" in worker.log(), 60, message="the warm-up in the worker's log")
         monkeypatch.setattr(
             "diagnosis.services.images.announce_upload",
-            lambda image_id, **_: predict_image_task.apply_async(args=[image_id], queue=queue_name),
+            lambda image_id: predict_image_task.apply_async(args=[image_id], queue=queue_name),
         )
         client = token_client(clinician)
         response = client.post("/api/v1/images/", {"image": upload_file(_rotated_jpeg(7))}, format="multipart")

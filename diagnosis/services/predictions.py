@@ -224,35 +224,18 @@ def _remember(predictor) -> None:
     _last_predictor = predictor
 
 
-def decode_ahead(name: str):
-    """Start reading and decoding a task's own photo (by its stored name, from the message) for the model
-    of this process's last batch, while the task claims it, gathers others and reads which model is
-    active: some ten milliseconds of database round trips that the decode now overlaps. Used only if
-    the claimed image has this very file and that model is still the one to run (_prepare_all).
-    Returns (predictor, file name, future), or None (no model used yet, or decoding on the GPU)."""
+def _start_early(image: LesionImage):
+    """Start reading and decoding a task's own photo for the model of the last batch, while the task
+    gathers others and reads which model is active (a few milliseconds of database round trips that
+    the photo's decode now overlaps). _prepare_all uses it only if that model is still the one to run.
+    Returns (predictor, image id, future), or None (no model used yet, or decoding on the GPU)."""
     from mlcore.inference import decode_side
 
     predictor = _last_predictor
     if predictor is None or tensor_decoding(predictor):
         return None
-    max_side = decode_side(predictor.meta.input_size)
-    return predictor, name, _decoder_pool().submit(_read_name_and_prepare, name, predictor.spec, max_side)
-
-
-def _read_name_and_prepare(name: str, spec, max_side: int) -> Prepared:
-    from django.core.files.storage import default_storage
-
-    with default_storage.open(name, "rb") as handle:
-        return _decode_and_prepare(handle.read(), spec, max_side)
-
-
-def _start_early(image: LesionImage, ahead=None):
-    """The early decode of a task's own photo (see decode_ahead): the one the task started from its
-    message when it is this image's file, else started now. Returns (predictor, image id, future) or None."""
-    if ahead is not None and ahead[1] == image.file.name:
-        return ahead[0], image.pk, ahead[2]
-    started = decode_ahead(image.file.name) if image.file.name else None
-    return (started[0], image.pk, started[2]) if started is not None else None
+    future = _decoder_pool().submit(_read_and_prepare, image, predictor.spec, decode_side(predictor.meta.input_size))
+    return predictor, image.pk, future
 
 
 def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Future]:
@@ -300,7 +283,7 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
 
 
 def process_images(
-    *, image_ids: list[str], worker_id: str, gather: int = 0, gather_if_finished: bool = False, ahead=None
+    *, image_ids: list[str], worker_id: str, gather: int = 0, gather_if_finished: bool = False
 ) -> dict[str, str]:
     """See _process_images. With gather > 0, and only once the first image is claimed on its first
     attempt, up to `gather` other never-attempted queued images join it (claim_queued): a message
@@ -314,7 +297,7 @@ def process_images(
     image_ids = list(image_ids)  # grows with the gathered images, so all of them can be given back
     try:
         return _process_images(image_ids=image_ids, worker_id=worker_id, outcomes=outcomes, gather=gather,
-                               gather_if_finished=gather_if_finished, ahead=ahead)  # fmt: skip
+                               gather_if_finished=gather_if_finished)  # fmt: skip
     except (OperationalError, InterfaceError) as exc:
         from .images import release_image
 
@@ -345,9 +328,8 @@ def bucket_errors() -> tuple[type[Exception], ...]:
 
 
 def _process_images(
-    *, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int, gather_if_finished: bool = False,
-    ahead=None,
-) -> dict[str, str]:  # fmt: skip
+    *, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int, gather_if_finished: bool = False
+) -> dict[str, str]:
     """Claim each image, decode them in parallel, predict them as one batch, record each.
 
     The first image is the one this task was sent for: a temporary error on it raises (TransientError,
@@ -383,7 +365,7 @@ def _process_images(
         image = claim_image(image_id=image_id, worker_id=worker_id)
         candidates.append((image_id, image))
         if image_id == own and image is not None:
-            early = _start_early(image, ahead)
+            early = _start_early(image)
         fresh = image.attempts == 1 if image is not None else gather_if_finished
         if image_id == own and gather > 0 and fresh:
             # Their ids join image_ids before they are claimed, so that a database error from here on
