@@ -32,18 +32,21 @@ def predict_image_task(self, image_id: str) -> str:
     """Its own image, plus up to INFERENCE_BATCH_SIZE - 1 other queued images as one batch. With an
     empty queue the image goes through alone at once: no waiting for a batch to fill."""
     from django.conf import settings
+    from django.utils import timezone
 
     from .services import wakeups
 
     coalescing = wakeups.enabled()
+    started = timezone.now()
     if coalescing:
         wakeups.answer()  # before gathering: an upload whose ring was refused is gathered by this task
-    try:
-        outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self),
-                                  gather=settings.INFERENCE_BATCH_SIZE - 1, gather_if_finished=coalescing)  # fmt: skip
-    finally:
-        if coalescing:
-            wakeups.ring_for_waiting()
+    outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self),
+                              gather=settings.INFERENCE_BATCH_SIZE - 1, gather_if_finished=coalescing)  # fmt: skip
+    if coalescing:
+        # Only after a task that did not raise, and only for photos queued before it started: photos it
+        # gave back (a model that cannot be loaded, storage down) wait for its retry or the sweeper
+        # rather than waking a worker at once, again and again.
+        wakeups.ring_for_waiting(queued_before=started)
     return outcomes[image_id]
 
 

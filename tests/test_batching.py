@@ -305,11 +305,16 @@ def test_a_photo_decoded_early_for_the_last_model_is_decoded_again_for_a_new_one
 
     ids = queued_images(clinic, clinician, 2, seed=80)
     assert process_images(image_ids=[ids[0]], worker_id="early:1") == {ids[0]: "done"}
-    last = predictions._last_predictor
+    last = predictions._last_predictor()
     assert last is not None and last.meta.input_size == 64
-    image = LesionImage.objects.get(pk=ids[1])
+    from diagnosis.services.images import claim_image
+
+    image = claim_image(image_id=ids[1], worker_id="early:2")
     early = predictions._start_early(image)
     assert early is not None and early[0] is last
+    image.attempts = 2  # a photo on a later attempt is never decoded ahead: its worker may have died on it
+    assert predictions._start_early(image) is None
+    image.attempts = 1
     # The same model: the early decode is the one used.
     assert predictions._prepare_all([image], last, early=early)[0] is early[2]
     # Another model (96 px) became active meanwhile: the photo is decoded again for it.
@@ -320,3 +325,30 @@ def test_a_photo_decoded_early_for_the_last_model_is_decoded_again_for_a_new_one
     assert jobs[0] is not early[2]
     assert tuple(jobs[0].result().tensor.shape[-2:]) == (96, 96)
     assert tuple(early[2].result().tensor.shape[-2:]) == (64, 64)
+
+
+def test_a_task_wakes_a_worker_only_for_photos_queued_before_it_started(clinic, clinician, settings, monkeypatch):
+    from django.utils import timezone
+
+    from diagnosis.services import wakeups
+    from diagnosis.services.images import claim_image, release_image
+
+    settings.INFERENCE_COALESCE_MESSAGES = 4
+    wakeups.reset()
+    published = []
+    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", published.append)  # the broker is outside
+    waiting = queued_images(clinic, clinician, 1, seed=95)
+    task_started = timezone.now()
+    given_back = queued_images(clinic, clinician, 1, seed=96)
+    # A photo the task claimed and gave back (say the model could not be loaded) is queued again now...
+    assert claim_image(image_id=given_back[0], worker_id="t:1") is not None
+    release_image(image_id=given_back[0], worker_id="t:1")
+    LesionImage.objects.filter(pk=waiting[0]).update(enqueued_at=task_started - timezone.timedelta(seconds=1))
+    try:
+        wakeups.ring_for_waiting(queued_before=task_started)
+        assert published == waiting  # the one that waited before the task, not the one it gave back
+        LesionImage.objects.filter(pk=waiting[0]).update(state=ImageState.DONE)
+        wakeups.ring_for_waiting(queued_before=task_started)
+        assert published == waiting  # nothing else: the given-back photo waits for a retry or the sweeper
+    finally:
+        wakeups.reset()

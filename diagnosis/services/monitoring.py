@@ -6,6 +6,7 @@ reference set, stores reports and their Evidently files, and decides when to tel
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -85,7 +86,9 @@ def record_upload_features_many(items, *, model_version: ModelVersion) -> None:
     if not items:
         return
     try:
-        _store_features([_upload_features(image, model_version, *rest) for image, *rest in items])
+        inside = transaction.get_connection().in_atomic_block
+        with transaction.atomic() if inside else contextlib.nullcontext():  # a savepoint inside a transaction
+            _store_features([_upload_features(image, model_version, *rest) for image, *rest in items])
         return
     except Exception:
         logger.warning("drift features of a batch of %d could not be stored together; one by one", len(items))

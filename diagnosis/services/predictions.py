@@ -216,12 +216,15 @@ def tensor_decoding(predictor) -> bool:
     return use
 
 
-_last_predictor = None  # the model of this process's last batch (see _start_early)
+_last_predictor = None  # a weak reference to the model of this process's last batch (see _start_early)
 
 
 def _remember(predictor) -> None:
+    """Weakly: a model replaced in the cache is freed as before, never kept alive for an early decode."""
+    import weakref
+
     global _last_predictor
-    _last_predictor = predictor
+    _last_predictor = weakref.ref(predictor)
 
 
 def _start_early(image: LesionImage):
@@ -231,9 +234,9 @@ def _start_early(image: LesionImage):
     Returns (predictor, image id, future), or None (no model used yet, or decoding on the GPU)."""
     from mlcore.inference import decode_side
 
-    predictor = _last_predictor
-    if predictor is None or tensor_decoding(predictor):
-        return None
+    predictor = _last_predictor() if _last_predictor is not None else None
+    if predictor is None or image.attempts != 1 or tensor_decoding(predictor):
+        return None  # and never for a photo on a later attempt: its worker may have died decoding it
     future = _decoder_pool().submit(_read_and_prepare, image, predictor.spec, decode_side(predictor.meta.input_size))
     return predictor, image.pk, future
 

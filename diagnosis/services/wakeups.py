@@ -14,8 +14,11 @@ model's forward pass. Instead:
   again for the oldest one (`ring_for_waiting`).
 
 The counter expires INFERENCE_COALESCE_SECONDS after it was created, so a message lost with its count
-(a purged queue, say) delays photos by at most that long; the sweeper (requeue_stale_images)
-publishes directly and stays the last resort. Only with a Redis broker: with another broker (the
+(a purged queue, say) blocks wake-ups for at most that long; a photo refused meanwhile is gathered by
+the next task that runs, or published again by the sweeper (requeue_stale_images, after
+REQUEUE_AFTER_SECONDS), which stays the last resort. Workers that never answer (an older release
+during a rolling upgrade) therefore slow uploads to INFERENCE_COALESCE_MESSAGES per period until
+they are replaced: upgrade the workers first. Only with a Redis broker: with another broker (the
 embedded default's filesystem broker) or INFERENCE_COALESCE_MESSAGES=0, every upload publishes.
 """
 
@@ -52,8 +55,13 @@ def _scripts():
         return None
     if _client is None or _client[0] != url:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        connection = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+        # Short timeouts and no retries: ring() runs in a web request, which must not wait long for a
+        # counter it can do without (a failed ring publishes anyway).
+        connection = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,
+                                          retry=Retry(NoBackoff(), 0))  # fmt: skip
         _client = (url, connection, connection.register_script(_RING), connection.register_script(_ANSWER))
     return _client
 
@@ -65,10 +73,10 @@ def enabled() -> bool:
 def ring() -> bool:
     """True when the caller should publish a message (coalescing off, a free slot, or Redis unreachable:
     publishing then fails or succeeds on its own). False when enough messages are already waiting."""
-    scripts = _scripts()
-    if scripts is None:
-        return True
     try:
+        scripts = _scripts()
+        if scripts is None:
+            return True
         return bool(scripts[2](keys=[KEY], args=[settings.INFERENCE_COALESCE_MESSAGES,
                                                   max(1, int(settings.INFERENCE_COALESCE_SECONDS))]))  # fmt: skip
     except Exception as exc:
@@ -83,10 +91,10 @@ def unring() -> None:
 
 def answer() -> None:
     """An inference task took a message: one fewer is waiting."""
-    scripts = _scripts()
-    if scripts is None:
-        return
     try:
+        scripts = _scripts()
+        if scripts is None:
+            return
         scripts[3](keys=[KEY], args=[])
     except Exception as exc:  # the counter expires on its own
         logger.warning("wake-up counter unavailable (%s)", exc)
@@ -99,16 +107,17 @@ def reset() -> None:
         scripts[1].delete(KEY)
 
 
-def ring_for_waiting() -> None:
-    """After a task: if never-attempted photos are still queued, make sure a message will gather them."""
+def ring_for_waiting(*, queued_before) -> None:
+    """After a task: if never-attempted photos queued before it started are still waiting, make sure a
+    message will gather them."""
     from ..models import ImageState, LesionImage
     from .images import enqueue_prediction
 
     if not enabled():
         return
     try:
-        oldest = (LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).order_by("enqueued_at")
-                  .values_list("pk", flat=True).first())  # fmt: skip
+        oldest = (LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0, enqueued_at__lt=queued_before)
+                  .order_by("enqueued_at").values_list("pk", flat=True).first())  # fmt: skip
         if oldest is not None and ring():
             try:
                 enqueue_prediction(str(oldest))
