@@ -22,6 +22,13 @@ def post_image(client) -> str:
     return response.json()["id"]
 
 
+def post_unannounced(client, monkeypatch) -> str:
+    """An upload no worker is told about: it stays queued until the test itself processes it (a worker
+    the session started must not take it)."""
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)
+    return post_image(client)
+
+
 def events(response, *, ids: dict | None = None) -> list[tuple[str, dict]]:
     """The (event, data) pairs of a whole stream, comments (`: ping`) left out; `ids` collects each
     event's id, where it has one."""
@@ -96,8 +103,7 @@ def test_the_stream_reports_the_change_when_a_worker_finishes(api_client, active
     settings.STATUS_STREAM_SECONDS = 30
     # The upload commits here: no message may reach a worker the session started, so that this test's
     # thread is the one that processes it, once the stream has seen it queued.
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)
-    image_id = post_image(api_client)
+    image_id = post_unannounced(api_client, monkeypatch)
     stream, outcome = stream_while(api_client, image_id, lambda: process_image(image_id=image_id, worker_id="w"),
                                    HTTP_ACCEPT=SSE)  # fmt: skip
     assert outcome == "done"
@@ -127,8 +133,7 @@ def test_streams_per_process_are_capped_and_given_back(api_client, settings, mon
     from diagnosis.api import views
 
     settings.STATUS_STREAM_SECONDS = 5
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)  # stays queued
-    image_id = post_image(api_client)
+    image_id = post_unannounced(api_client, monkeypatch)
     url = f"/api/v1/images/{image_id}/events/"
     held = []
     while views._STREAMS.acquire(blocking=False):  # every slot but the one the test uses
@@ -166,8 +171,7 @@ def test_an_image_deleted_during_the_stream_ends_it_with_an_error_event(api_clie
     from diagnosis.models import LesionImage
 
     settings.STATUS_STREAM_SECONDS = 30
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)  # stays queued
-    image_id = post_image(api_client)
+    image_id = post_unannounced(api_client, monkeypatch)
 
     # Retention, or a patient's erasure, deletes the image while a client follows it.
     stream, deleted = stream_while(api_client, image_id, lambda: LesionImage.objects.filter(pk=image_id).delete())
@@ -180,8 +184,7 @@ def test_an_image_deleted_during_the_stream_ends_it_with_an_error_event(api_clie
 def test_a_refused_stream_reads_and_audits_nothing(api_client, active_model, settings, monkeypatch):
     settings.AUTO_EXPLAIN_METHODS = []
     settings.STATUS_STREAM_MAX = 0
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)
-    image_id = post_image(api_client)
+    image_id = post_unannounced(api_client, monkeypatch)
     assert process_image(image_id=image_id, worker_id="w") == "done"
     assert api_client.get(f"/api/v1/images/{image_id}/events/").status_code == 429
     assert not AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).exists()

@@ -4,7 +4,6 @@ attribution as float16 .npy, all in storage."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +25,7 @@ from .. import metrics
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
 from .audit import record_event
 from .registry import VersionCache
+from .transactions import savepoint_if_inside
 
 DISPLAY_MAX_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE; explanations never need more pixels
 
@@ -194,8 +194,7 @@ def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, c
     try:
         try:
             # A first prediction, the usual case: one INSERT (in a savepoint only inside a transaction).
-            inside = transaction.get_connection().in_atomic_block
-            with transaction.atomic() if inside else contextlib.nullcontext():
+            with savepoint_if_inside():
                 explanation = Explanation.objects.create(
                     image=image, model_version=model_version, method="gradcam", params_key=key, params={},
                     target_index=target_index, target_class=result.label, state=Explanation.State.PROCESSING,
@@ -238,8 +237,7 @@ def record_gradcams(items, *, model_version: ModelVersion, seconds: float) -> No
                 state=Explanation.State.PROCESSING, claimed_at=timezone.now(), attribution=names[-1],
                 duration_ms=seconds * 1000,
             ))  # fmt: skip
-        inside = transaction.get_connection().in_atomic_block
-        with transaction.atomic() if inside else contextlib.nullcontext():
+        with savepoint_if_inside():
             Explanation.objects.bulk_create(rows)
     except Exception as exc:
         for name in names:  # no row refers to them

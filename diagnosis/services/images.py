@@ -287,8 +287,6 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
         for _, image in accepted:  # never leave a file whose row did not commit
             default_storage.delete(image.file.name)
         raise
-    for image in images:
-        image.replayed = False
     return batch, accepted, rejected
 
 

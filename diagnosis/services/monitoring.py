@@ -6,7 +6,6 @@ reference set, stores reports and their Evidently files, and decides when to tel
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -39,6 +38,7 @@ from ..models import (
     UploadFeatures,
 )
 from .registry import VersionCache, active_model_version
+from .transactions import savepoint_if_inside
 
 logger = logging.getLogger(__name__)
 
@@ -81,23 +81,28 @@ def record_upload_features(
 
 def record_upload_features_many(items, *, model_version: ModelVersion) -> None:
     """record_upload_features for a batch of (image, decoded image, probability, embedding), with one
-    INSERT for the batch. Never raises: monitoring must not undo stored predictions. When the batch
-    cannot be stored together, each image is tried on its own."""
-    if not items:
-        return
-    try:
-        inside = transaction.get_connection().in_atomic_block
-        with transaction.atomic() if inside else contextlib.nullcontext():  # a savepoint inside a transaction
-            _store_features([_upload_features(image, model_version, *rest) for image, *rest in items])
-        return
-    except Exception:
-        logger.warning("drift features of a batch of %d could not be stored together; one by one", len(items))
+    INSERT for the batch. Never raises: monitoring must not undo stored predictions. Each image's
+    features are computed once; when the batch cannot be stored together, each row is tried on its own."""
+    rows = []
     for image, decoded_image, probability, embedding in items:
         try:
-            record_upload_features(image=image, model_version=model_version, decoded_image=decoded_image,
-                                   probability=probability, embedding=embedding)  # fmt: skip
+            rows.append(_upload_features(image, model_version, decoded_image, probability, embedding))
         except Exception:
-            logger.exception("drift features could not be stored for image %s", image.pk)
+            logger.exception("drift features could not be computed for image %s", image.pk)
+    if not rows:
+        return
+    try:
+        with savepoint_if_inside():
+            _store_features(rows)
+        return
+    except Exception:
+        logger.warning("drift features of a batch of %d could not be stored together; one by one", len(rows))
+    for row in rows:
+        try:
+            with savepoint_if_inside():
+                _store_features([row])
+        except Exception:
+            logger.exception("drift features could not be stored for image %s", row.image_id)
 
 
 UPLOAD_FEATURE_FIELDS = ["model_version", "values", "placement", "outlier_features", "computed_at"]
