@@ -94,10 +94,11 @@ class Predictor:
         """Predictions and, per image, the signed Grad-CAM map of its predicted class on the log-odds
         (mlcore.explain.LogOdds), at the model's input size, from the same forward pass.
 
-        The body runs without autograd; only the head (average pooling and the linear layer) is
-        differentiated to get layer4's gradients, so the map costs next to nothing beyond the
-        prediction itself, unlike a separate Captum LayerGradCam call (a second forward and a full
-        backward pass). With embeddings=True, also the pooled penultimate features (the embedding that
+        The gradient of the log-odds with respect to layer4's output is taken in closed form through
+        the head (average pooling and one linear layer), so the whole call runs under inference_mode
+        and the map costs next to nothing beyond the prediction itself, unlike a separate Captum
+        LayerGradCam call (a second forward and a full backward pass). A model with any other head
+        has only its head differentiated by autograd. With embeddings=True, also the pooled penultimate features (the embedding that
         drift monitoring projects), one row per image.
         """
         if not images:
@@ -119,6 +120,38 @@ class Predictor:
         when it was decoded there: mlcore.tensor_decode)."""
         batch = self.to_device(batch)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        head = linear_head(self.model)
+        if head is None:  # a head other than average pooling and one linear layer: let autograd do it
+            return self._gradcam_by_autograd(batch, autocast, embeddings)
+        weight, bias = head
+        with torch.inference_mode():
+            with autocast:
+                features = resnet_features(self.model, batch)
+            features = features.float()
+            pooled = features.mean(dim=(2, 3))
+            logits = torch.nn.functional.linear(pooled, weight.float(), bias.float() if bias is not None else None)
+            results = self._results(torch.softmax(logits / self.meta.temperature, dim=1).cpu())
+            targets = torch.tensor([self.meta.class_names.index(r.label) for r in results], device=logits.device)
+            # The gradient of the target's log-odds z_c - logsumexp(z_others) with respect to the pooled
+            # features is W_c - sum over the others of softmax(z_others)_j W_j; average pooling spreads
+            # it evenly over the H x W positions, so Grad-CAM's channel weights (the gradient's spatial
+            # mean) are that vector / (H * W). The same numbers autograd gives, without a backward pass.
+            others = torch.nn.functional.one_hot(targets, logits.shape[1]).bool()
+            shares = torch.softmax(logits.masked_fill(others, float("-inf")), dim=1)
+            gradients = weight.float()[targets] - shares @ weight.float()
+            height, width = features.shape[2:]
+            weights = (gradients / (height * width))[:, :, None, None]
+            cams = self._upsample((weights * features).sum(dim=1, keepdim=True))
+            if embeddings:
+                return results, cams, pooled.cpu().numpy().astype(np.float32)
+            return results, cams
+
+    def _upsample(self, cams: torch.Tensor) -> list[np.ndarray]:
+        size = (self.meta.input_size, self.meta.input_size)
+        cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+        return list(cams[:, 0].float().cpu().numpy())  # one copy to the host for the whole batch
+
+    def _gradcam_by_autograd(self, batch: torch.Tensor, autocast, embeddings: bool):
         with torch.no_grad(), autocast:
             features = resnet_features(self.model, batch)
         features = features.float().requires_grad_(True)
@@ -132,13 +165,22 @@ class Predictor:
             selected = log_odds(logits).gather(1, targets.unsqueeze(1)).sum()
             (gradients,) = torch.autograd.grad(selected, features)
         weights = gradients.mean(dim=(2, 3), keepdim=True)
-        cams = (weights * features.detach()).sum(dim=1, keepdim=True)
-        size = (self.meta.input_size, self.meta.input_size)
-        cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
-        maps = list(cams[:, 0].float().cpu().numpy())  # one copy to the host for the whole batch
+        cams = self._upsample((weights * features.detach()).sum(dim=1, keepdim=True))
         if embeddings:
-            return results, maps, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
-        return results, maps
+            return results, cams, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
+        return results, cams
+
+
+def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) of a ResNet whose head is global average pooling then one linear layer (every
+    architecture build_model makes), else None."""
+    pool, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
+    if not isinstance(fc, torch.nn.Linear) or not isinstance(pool, torch.nn.AdaptiveAvgPool2d):
+        return None
+    size = pool.output_size
+    if (size if isinstance(size, tuple) else (size, size)) != (1, 1):
+        return None
+    return fc.weight, fc.bias
 
 
 def warm_up(predictor: Predictor, batch_sizes: Sequence[int] = (1,)) -> float:

@@ -147,6 +147,48 @@ def test_fused_gradcam_of_the_predictor_equals_captum_layergradcam(trained, expl
         assert np.allclose(cam, captum_map, atol=1e-5 * max(1.0, np.abs(captum_map).max()))
 
 
+@pytest.mark.parametrize("classes", [2, 3, 5])
+def test_closed_form_gradcam_equals_autograd_through_the_head(classes):
+    # Several classes (log-odds against a softmax of the others), a temperature, and a batch with
+    # different predicted labels: the closed-form channel weights equal autograd's.
+    from mlcore.model import CheckpointMeta
+
+    torch.manual_seed(classes)
+    model = build_model("resnet_tiny", num_classes=classes).eval()
+    names = tuple(f"class{i}" for i in range(classes - 1)) + ("malignant",)
+    meta = CheckpointMeta(arch="resnet_tiny", input_size=SIZE, class_names=names, temperature=1.7)
+    predictor = Predictor(model, meta, device="cpu")
+    batch = torch.randn(8, 3, SIZE, SIZE) * torch.linspace(0.2, 3, 8)[:, None, None, None]
+    meta.threshold = float(predictor.predict_tensors(batch)[:, -1].median())  # both labels in the batch
+    closed = predictor.predict_with_gradcam_tensors(batch, embeddings=True)
+    autograd = predictor._gradcam_by_autograd(batch, torch.autocast("cpu", enabled=False), True)
+    assert len({result.label for result in closed[0]}) > 1
+    assert [r.label for r in closed[0]] == [r.label for r in autograd[0]]
+    for mine, theirs in zip(closed[1], autograd[1], strict=True):
+        assert np.abs(mine).max() > 0
+        assert np.allclose(mine, theirs, atol=1e-5 * np.abs(theirs).max())
+    assert np.allclose(closed[2], autograd[2], atol=1e-6)
+
+
+def test_a_head_other_than_one_linear_layer_is_differentiated_by_autograd():
+    from mlcore.inference import linear_head
+    from mlcore.model import CheckpointMeta
+
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny").eval()
+    linear = model.fc
+    assert linear_head(model) == (linear.weight, linear.bias)
+    predictor = Predictor(model, CheckpointMeta(arch="resnet_tiny", input_size=SIZE), device="cpu")
+    batch = torch.randn(3, 3, SIZE, SIZE)
+    results, cams = predictor.predict_with_gradcam_tensors(batch)
+    model.fc = torch.nn.Sequential(torch.nn.Dropout(0.5), linear).eval()  # dropout: the identity
+    assert linear_head(model) is None
+    other_results, other_cams = predictor.predict_with_gradcam_tensors(batch)
+    assert [r.probability_malignant for r in other_results] == pytest.approx([r.probability_malignant for r in results])
+    for mine, theirs in zip(other_cams, cams, strict=True):
+        assert np.allclose(mine, theirs, atol=1e-5 * np.abs(theirs).max())
+
+
 def test_target_is_the_predicted_class_at_the_operating_threshold(trained):
     model, meta = trained
     explainer = Explainer(model, meta)
