@@ -98,8 +98,8 @@ class Predictor:
         the head (average pooling and one linear layer), so the whole call runs under inference_mode
         and the map costs next to nothing beyond the prediction itself, unlike a separate Captum
         LayerGradCam call (a second forward and a full backward pass). A model with any other head
-        has only its head differentiated by autograd. With embeddings=True, also the pooled penultimate features (the embedding that
-        drift monitoring projects), one row per image.
+        has only its head differentiated by autograd. With embeddings=True, also the pooled
+        penultimate features (the embedding that drift monitoring projects), one row per image.
         """
         if not images:
             return ([], [], np.zeros((0, 0), np.float32)) if embeddings else ([], [])
