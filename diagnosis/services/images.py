@@ -22,6 +22,7 @@ from webapp.request_id import set_image_id
 
 from ..models import AuditEvent, Clinic, ImageState, Lesion, LesionImage
 from .audit import record_event, record_events
+from .transactions import update_returning
 
 logger = logging.getLogger(__name__)
 
@@ -163,14 +164,9 @@ def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:
     claimable = Q(state=ImageState.QUEUED) | Q(state=ImageState.PROCESSING, claimed_at__lt=stale_before)
     if worker_id:
         claimable |= Q(state=ImageState.PROCESSING, claimed_by=worker_id)
-    updated = (
-        LesionImage.objects.filter(pk=image_id)
-        .filter(claimable)
-        .update(state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id, attempts=F("attempts") + 1)
-    )
-    if updated != 1:
-        return None
-    return LesionImage.objects.select_related("clinic").get(pk=image_id)
+    claimed = update_returning(LesionImage.objects.filter(pk=image_id).filter(claimable), state=ImageState.PROCESSING,
+                               claimed_at=now, claimed_by=worker_id, attempts=F("attempts") + 1)  # fmt: skip
+    return claimed[0] if claimed else None
 
 
 def fail_image(*, image_id: str, reason: str, worker_id: str | None = None) -> None:

@@ -17,6 +17,7 @@ from .. import metrics
 from ..models import ImageState, LesionImage, ModelVersion, Prediction
 from .images import claim_image, fail_image
 from .registry import VersionCache, active_model_version, cached_weights_path
+from .transactions import update_returning
 
 logger = logging.getLogger(__name__)
 
@@ -139,19 +140,18 @@ def queued_candidates(*, exclude: list[str], limit: int) -> list[str]:
 
 
 def claim_queued(*, image_ids: list[str], worker_id: str) -> list[LesionImage]:
-    """Claim those of `image_ids` still queued and never attempted for this worker, in one UPDATE, and
-    read them back in one SELECT, oldest first. Their own messages arrive later and find them finished
+    """Claim those of `image_ids` still queued and never attempted for this worker, in one UPDATE that
+    returns them (transactions.update_returning), oldest first. Their own messages arrive later and find them finished
     (a no-op claim). Two workers gathering at once cannot take the same image: the UPDATE checks the
     state again on each row it locks."""
     if not image_ids:
         return []
-    taken = LesionImage.objects.filter(pk__in=image_ids, state=ImageState.QUEUED, attempts=0).update(
-        state=ImageState.PROCESSING, claimed_at=timezone.now(), claimed_by=worker_id, attempts=F("attempts") + 1
-    )
-    if not taken:
-        return []
-    claimed = LesionImage.objects.filter(pk__in=image_ids, state=ImageState.PROCESSING, claimed_by=worker_id)
-    return list(claimed.select_related("clinic").order_by("enqueued_at"))
+    now = timezone.now()
+    claimed = update_returning(
+        LesionImage.objects.filter(pk__in=image_ids, state=ImageState.QUEUED, attempts=0),
+        state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id, attempts=F("attempts") + 1,
+    )  # fmt: skip
+    return sorted(claimed, key=lambda image: (image.enqueued_at is None, image.enqueued_at or now))
 
 
 _decoders = None
