@@ -28,19 +28,24 @@ def worker_id(task) -> str:
 
 
 @shared_task(**CLAIMED_WORK)
-def predict_image_task(self, image_id: str) -> str:
+def predict_image_task(self, image_id: str, file: str = "") -> str:
     """Its own image, plus up to INFERENCE_BATCH_SIZE - 1 other queued images as one batch. With an
-    empty queue the image goes through alone at once: no waiting for a batch to fill."""
+    empty queue the image goes through alone at once: no waiting for a batch to fill. `file` (the
+    stored photo's name, from the upload) lets an idle worker start decoding it first thing."""
     from django.conf import settings
     from django.utils import timezone
 
     from .services import wakeups
+    from .services.predictions import decode_ahead
 
+    # Never on a retry or a redelivery: the worker before may have died decoding this very photo.
+    first_delivery = not self.request.retries and not (self.request.delivery_info or {}).get("redelivered")
+    ahead = decode_ahead(file) if file and first_delivery else None
     coalescing = wakeups.enabled()
     started = timezone.now()
     if coalescing:
         wakeups.answer()  # before gathering: an upload whose ring was refused is gathered by this task
-    outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self),
+    outcomes = process_images(image_ids=[image_id], worker_id=worker_id(self), ahead=ahead,
                               gather=settings.INFERENCE_BATCH_SIZE - 1, gather_if_finished=coalescing)  # fmt: skip
     if coalescing:
         # Only after a task that did not raise, and only for photos queued before it started: photos it

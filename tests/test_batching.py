@@ -278,9 +278,9 @@ def test_a_burst_of_uploads_wakes_few_workers_and_every_photo_is_predicted(
     published = []
     publish = image_services.enqueue_prediction
 
-    def counted(image_id: str) -> None:  # the real publish, counted
+    def counted(image_id: str, **hints) -> None:  # the real publish, counted
         published.append(image_id)
-        publish(image_id)
+        publish(image_id, **hints)
 
     monkeypatch.setattr(image_services, "enqueue_prediction", counted)
     photos = [lesion_jpeg(seed=seed, size=64) for seed in range(6)]
@@ -327,6 +327,78 @@ def test_a_photo_decoded_early_for_the_last_model_is_decoded_again_for_a_new_one
     assert tuple(early[2].result().tensor.shape[-2:]) == (64, 64)
 
 
+def test_an_upload_message_names_its_file_and_an_idle_worker_decodes_it_before_the_claim(
+    clinic, clinician, active_model, monkeypatch, django_capture_on_commit_callbacks
+):
+    import time
+
+    from diagnosis.services import predictions
+    from diagnosis.services.images import claim_image
+
+    published = []
+    monkeypatch.setattr(
+        "diagnosis.services.images.enqueue_prediction", lambda image_id, **hints: published.append((image_id, hints))
+    )  # the broker is outside
+    with django_capture_on_commit_callbacks(execute=True):
+        image = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=120)))
+    assert published == [(str(image.pk), {"file": image.file.name})]
+
+    warm = queued_images(clinic, clinician, 1, seed=121)
+    assert process_images(image_ids=warm, worker_id="ahead:0") == {warm[0]: "done"}
+    last = predictions._last_predictor()
+    # Busy (a batch finished a moment ago): no decode before the claim.
+    assert predictions.decode_ahead(image.file.name) is None
+    monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - predictions.IDLE_SECONDS - 1)
+    assert predictions.decode_ahead("explanations/x/overlay.jpg") is None  # only an upload's photo
+    ahead = predictions.decode_ahead(image.file.name)
+    assert ahead is not None and ahead[0] is last and ahead[1] == image.file.name
+    assert tuple(ahead[2].result().tensor.shape) == (3, 64, 64)
+
+    claimed = claim_image(image_id=str(image.pk), worker_id="ahead:1")
+    assert predictions._start_early(claimed, ahead)[2] is ahead[2]  # the claimed image has that file: used
+    other = claim_image(image_id=queued_images(clinic, clinician, 1, seed=122)[0], worker_id="ahead:2")
+    own = predictions._start_early(other, ahead)  # another file: its own early decode instead
+    assert own is not None and own[2] is not ahead[2] and own[1] == other.pk
+    claimed.attempts = 2  # a later attempt: never a decode started before the claim
+    assert predictions._start_early(claimed, ahead) is None
+
+    # The whole path: the photo decoded ahead is the one predicted, equal to a plain decode's result.
+    monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - predictions.IDLE_SECONDS - 1)
+    fresh = queued_images(clinic, clinician, 2, seed=123)
+    name = LesionImage.objects.get(pk=fresh[0]).file.name
+    assert process_images(image_ids=[fresh[0]], worker_id="ahead:3", ahead=predictions.decode_ahead(name)) == {
+        fresh[0]: "done"
+    }
+    assert process_images(image_ids=[fresh[1]], worker_id="ahead:4") == {fresh[1]: "done"}
+    twin = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=123)))
+    assert process_images(image_ids=[str(twin.pk)], worker_id="ahead:5") == {str(twin.pk): "done"}
+    first, second = (Prediction.objects.get(image_id=i).probability_malignant for i in (fresh[0], twin.pk))
+    assert first == pytest.approx(second, abs=1e-6)
+
+
+def test_a_retried_or_redelivered_message_never_decodes_before_the_claim(clinic, clinician, active_model, monkeypatch):
+    import time
+
+    from diagnosis.services import predictions
+    from diagnosis.tasks import predict_image_task
+
+    calls = []
+    real = predictions.decode_ahead
+
+    def spy(name):  # the real function, counted
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(predictions, "decode_ahead", spy)
+    for seed, retries, decoded_ahead in ((130, 1, False), (131, 0, True)):
+        monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - 10)  # an idle worker
+        image = LesionImage.objects.get(pk=queued_images(clinic, clinician, 1, seed=seed)[0])
+        calls.clear()
+        assert predict_image_task.apply(args=[str(image.pk)], kwargs={"file": image.file.name},
+                                        retries=retries).get() == "done"  # fmt: skip
+        assert calls == ([image.file.name] if decoded_ahead else [])
+
+
 def test_a_task_wakes_a_worker_only_for_photos_queued_before_it_started(clinic, clinician, settings, monkeypatch):
     from django.utils import timezone
 
@@ -336,7 +408,9 @@ def test_a_task_wakes_a_worker_only_for_photos_queued_before_it_started(clinic, 
     settings.INFERENCE_COALESCE_MESSAGES = 4
     wakeups.reset()
     published = []
-    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", published.append)  # the broker is outside
+    monkeypatch.setattr(
+        "diagnosis.services.images.enqueue_prediction", lambda image_id, **_: published.append(image_id)
+    )  # the broker is outside
     waiting = queued_images(clinic, clinician, 1, seed=95)
     task_started = timezone.now()
     given_back = queued_images(clinic, clinician, 1, seed=96)

@@ -149,7 +149,9 @@ def test_worker_switches_to_newly_activated_model(queued_image, clinic, clinicia
 
 def test_sweeper_returns_dead_claims_and_reenqueues_lost_messages(queued_image, settings, monkeypatch):
     published = []
-    monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", published.append)  # the broker is outside
+    monkeypatch.setattr(
+        "diagnosis.services.images.enqueue_prediction", lambda image_id, **_: published.append(image_id)
+    )  # the broker is outside
     long_ago = timezone.now() - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS + 60)
     assert claim_image(image_id=str(queued_image.pk), worker_id="dead:task") is not None
     LesionImage.objects.filter(pk=queued_image.pk).update(claimed_at=long_ago)

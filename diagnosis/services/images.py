@@ -92,7 +92,7 @@ def submit_image(
             set_image_id(image_id)
             # robust: a broker outage must not turn a committed upload into a 500. The image stays
             # queued and the sweeper enqueues it again once the broker is back.
-            transaction.on_commit(lambda: announce_upload(image_id), robust=True)
+            transaction.on_commit(lambda: announce_upload(image_id, file=stored_name), robust=True)
     except IntegrityError:
         default_storage.delete(stored_name)
         earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data) if idempotency_key else None
@@ -132,25 +132,28 @@ def _replay(*, uploader, clinic: Clinic, key: str, data: bytes) -> LesionImage |
     return earlier
 
 
-def announce_upload(image_id: str) -> None:
+def announce_upload(image_id: str, *, file: str = "") -> None:
     """Wake an inference worker for a new upload, unless enough messages are already waiting for one
-    (services.wakeups): the worker that takes one of them gathers this photo into its batch."""
+    (services.wakeups): the worker that takes one of them gathers this photo into its batch. `file`,
+    the stored photo's name, travels with the message (see enqueue_prediction)."""
     from . import wakeups
 
     if not wakeups.ring():
         return
     try:
-        enqueue_prediction(image_id)
+        enqueue_prediction(image_id, file=file)
     except Exception:
         wakeups.unring()
         raise
 
 
-def enqueue_prediction(image_id: str) -> None:
-    """Publish one message for this image (the sweeper, and a rung upload)."""
+def enqueue_prediction(image_id: str, *, file: str = "") -> None:
+    """Publish one message for this image (the sweeper, and a rung upload). `file`, the stored photo's
+    name, lets an idle worker start decoding it before it has claimed the image
+    (predictions.decode_ahead): a hint, used only if the claimed image has that very file."""
     from ..tasks import predict_image_task
 
-    predict_image_task.apply_async(args=[image_id])
+    predict_image_task.apply_async(args=[image_id], kwargs={"file": file} if file else None)
 
 
 def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:
@@ -293,4 +296,4 @@ def announce_batch(image_ids: list[str]) -> None:
 
     step = max(1, settings.INFERENCE_BATCH_SIZE) if wakeups.enabled() else 1
     for start in range(0, len(image_ids), step):
-        announce_upload(image_ids[start])
+        announce_upload(image_ids[start])  # no file: the task takes a batch's worth of photos anyway

@@ -51,6 +51,7 @@ def warm_up_worker(consumed_queues) -> float | None:
         if version is None:
             return None
         predictor = predictor_for(version)
+        _remember(predictor)  # so that the very first upload can be decoded ahead (decode_ahead)
         seconds = warm_up(predictor, (1, settings.INFERENCE_BATCH_SIZE))
         tensor_decoding(predictor)  # probes nvJPEG once, on a GPU
         logger.info("warmed up model %s on %s in %.2f s", version.version, predictor.device, seconds)
@@ -217,6 +218,8 @@ def tensor_decoding(predictor) -> bool:
 
 
 _last_predictor = None  # a weak reference to the model of this process's last batch (see _start_early)
+_finished_at: float | None = None  # time.monotonic() when this process last finished a batch
+IDLE_SECONDS = 0.05  # a worker that finished nothing for this long is idle: decode_ahead may read ahead
 
 
 def _remember(predictor) -> None:
@@ -227,16 +230,53 @@ def _remember(predictor) -> None:
     _last_predictor = weakref.ref(predictor)
 
 
-def _start_early(image: LesionImage):
-    """Start reading and decoding a task's own photo for the model of the last batch, while the task
-    gathers others and reads which model is active (a few milliseconds of database round trips that
-    the photo's decode now overlaps). _prepare_all uses it only if that model is still the one to run.
-    Returns (predictor, image id, future), or None (no model used yet, or decoding on the GPU)."""
+def _last_model():
+    """The model of this process's last batch, unless it decodes on the GPU; else None."""
+    predictor = _last_predictor() if _last_predictor is not None else None
+    return None if predictor is None or tensor_decoding(predictor) else predictor
+
+
+def decode_ahead(name: str):
+    """On an idle worker (no batch finished in the last IDLE_SECONDS), start reading and decoding a
+    task's own photo by its stored name, from the message, before the task has even claimed it: the
+    claim, the gathering of others and the read of the active model (some ten milliseconds of database
+    round trips) then overlap the decode. Never on a busy worker, whose messages mostly find their
+    photo already taken into another batch: there the decode would be wasted. Returns (predictor,
+    file name, future), or None. _start_early uses it only if the claimed image has this very file
+    and is on its first attempt, and _prepare_all only if that model is still the one to run."""
     from mlcore.inference import decode_side
 
-    predictor = _last_predictor() if _last_predictor is not None else None
-    if predictor is None or image.attempts != 1 or tensor_decoding(predictor):
-        return None  # and never for a photo on a later attempt: its worker may have died decoding it
+    if not name.startswith("images/") or (_finished_at is not None and time.monotonic() - _finished_at < IDLE_SECONDS):
+        return None
+    predictor = _last_model()
+    if predictor is None:
+        return None
+    max_side = decode_side(predictor.meta.input_size)
+    return predictor, name, _decoder_pool().submit(_read_name_and_prepare, name, predictor.spec, max_side)
+
+
+def _read_name_and_prepare(name: str, spec, max_side: int) -> Prepared:
+    from django.core.files.storage import default_storage
+
+    with default_storage.open(name, "rb") as handle:
+        return _decode_and_prepare(handle.read(), spec, max_side)
+
+
+def _start_early(image: LesionImage, ahead=None):
+    """Start reading and decoding a task's own photo for the model of the last batch, while the task
+    gathers others and reads which model is active (a few milliseconds of database round trips that
+    the photo's decode now overlaps), unless decode_ahead already started it from the message.
+    _prepare_all uses it only if that model is still the one to run. Returns (predictor, image id,
+    future), or None (no model used yet, or decoding on the GPU)."""
+    from mlcore.inference import decode_side
+
+    if image.attempts != 1:
+        return None  # never for a photo on a later attempt: its worker may have died decoding it
+    if ahead is not None and ahead[1] == image.file.name:
+        return ahead[0], image.pk, ahead[2]
+    predictor = _last_model()
+    if predictor is None:
+        return None
     future = _decoder_pool().submit(_read_and_prepare, image, predictor.spec, decode_side(predictor.meta.input_size))
     return predictor, image.pk, future
 
@@ -286,26 +326,30 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
 
 
 def process_images(
-    *, image_ids: list[str], worker_id: str, gather: int = 0, gather_if_finished: bool = False
+    *, image_ids: list[str], worker_id: str, gather: int = 0, gather_if_finished: bool = False, ahead=None
 ) -> dict[str, str]:
     """See _process_images. With gather > 0, and only once the first image is claimed on its first
     attempt, up to `gather` other never-attempted queued images join it (claim_queued): a message
     that finds its image already finished does no more work, unless gather_if_finished (coalesced
     wake-ups, services.wakeups: the message may stand for other uploads too). A database error
     anywhere gives back every claim of this call that has no outcome yet and becomes a
-    TransientError, for the task's bounded retry."""
+    TransientError, for the task's bounded retry. `ahead`: decode_ahead's early decode of the first
+    image, if any."""
     from django.db import InterfaceError, OperationalError
 
+    global _finished_at
     outcomes: dict[str, str] = {}
     image_ids = list(image_ids)  # grows with the gathered images, so all of them can be given back
     try:
         return _process_images(image_ids=image_ids, worker_id=worker_id, outcomes=outcomes, gather=gather,
-                               gather_if_finished=gather_if_finished)  # fmt: skip
+                               gather_if_finished=gather_if_finished, ahead=ahead)  # fmt: skip
     except (OperationalError, InterfaceError) as exc:
         from .images import release_image
 
         release_unfinished(image_ids, outcomes, lambda image_id: release_image(image_id=image_id, worker_id=worker_id))
         raise TransientError(str(exc)) from exc
+    finally:
+        _finished_at = time.monotonic()
 
 
 def release_unfinished(ids: list[str], outcomes: dict[str, str], release) -> None:
@@ -331,8 +375,9 @@ def bucket_errors() -> tuple[type[Exception], ...]:
 
 
 def _process_images(
-    *, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int, gather_if_finished: bool = False
-) -> dict[str, str]:
+    *, image_ids: list[str], worker_id: str, outcomes: dict[str, str], gather: int, gather_if_finished: bool = False,
+    ahead=None,
+) -> dict[str, str]:  # fmt: skip
     """Claim each image, decode them in parallel, predict them as one batch, record each.
 
     The first image is the one this task was sent for: a temporary error on it raises (TransientError,
@@ -368,7 +413,7 @@ def _process_images(
         image = claim_image(image_id=image_id, worker_id=worker_id)
         candidates.append((image_id, image))
         if image_id == own and image is not None:
-            early = _start_early(image)
+            early = _start_early(image, ahead)
         fresh = image.attempts == 1 if image is not None else gather_if_finished
         if image_id == own and gather > 0 and fresh:
             # Their ids join image_ids before they are claimed, so that a database error from here on
