@@ -4,11 +4,15 @@ Time limits come from CELERY_TASK_SOFT_TIME_LIMIT and CELERY_TASK_TIME_LIMIT."""
 
 from __future__ import annotations
 
+import logging
+
 from celery import shared_task
 
 from .services.explanations import compute_explanation, render_explanation
 from .services.images import requeue_stale_images
 from .services.predictions import TransientError, process_images
+
+logger = logging.getLogger(__name__)
 
 # Work on one image: acknowledged only when done, requeued if the worker dies, retried a bounded
 # number of times for named transient errors only. Every such task is idempotent.
@@ -28,19 +32,17 @@ def worker_id(task) -> str:
 
 
 @shared_task(**CLAIMED_WORK)
-def predict_image_task(self, image_id: str, file: str = "") -> str:
+def predict_image_task(self, image_id: str) -> str:
     """Its own image, plus up to INFERENCE_BATCH_SIZE - 1 other queued images as one batch. With an
-    empty queue the image goes through alone at once: no waiting for a batch to fill. `file` (the
-    stored photo's name, from the upload) lets an idle worker start decoding it first thing."""
+    empty queue the image goes through alone at once: no waiting for a batch to fill. The upload's
+    message header UPLOAD_FILE_HEADER (the stored photo's name) lets an idle worker start decoding it
+    first thing (predictions.decode_ahead); a worker that does not know the header ignores it."""
     from django.conf import settings
     from django.utils import timezone
 
     from .services import wakeups
-    from .services.predictions import decode_ahead
 
-    # Never on a retry or a redelivery: the worker before may have died decoding this very photo.
-    first_delivery = not self.request.retries and not (self.request.delivery_info or {}).get("redelivered")
-    ahead = decode_ahead(file) if file and first_delivery else None
+    ahead = _decode_ahead(self.request)
     coalescing = wakeups.enabled()
     started = timezone.now()
     if coalescing:
@@ -53,6 +55,37 @@ def predict_image_task(self, image_id: str, file: str = "") -> str:
         # rather than waking a worker at once, again and again.
         wakeups.ring_for_waiting(queued_before=started)
     return outcomes[image_id]
+
+
+UPLOAD_FILE_HEADER = "upload_file"
+
+
+def upload_file_hint(request) -> str:
+    """The UPLOAD_FILE_HEADER of a task's message: a worker sees a message's headers as attributes of
+    the request, an eager call (tests) under request.headers."""
+    value = getattr(request, UPLOAD_FILE_HEADER, None) or (getattr(request, "headers", None) or {}).get(
+        UPLOAD_FILE_HEADER
+    )
+    return value if isinstance(value, str) else ""
+
+
+def first_delivery(request) -> bool:
+    """Neither a retry nor a message redelivered after its worker was lost (which may have died on this
+    very photo)."""
+    return not request.retries and not (request.delivery_info or {}).get("redelivered")
+
+
+def _decode_ahead(request):
+    from .services.predictions import decode_ahead, decode_ahead_supported
+
+    name = upload_file_hint(request)
+    if not name or not first_delivery(request) or not decode_ahead_supported():
+        return None
+    try:
+        return decode_ahead(name)
+    except Exception:  # only a head start: the task decodes the photo after the claim instead
+        logger.warning("could not start decoding %s ahead", name, exc_info=True)
+        return None
 
 
 @shared_task(**CLAIMED_WORK)

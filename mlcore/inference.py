@@ -136,8 +136,8 @@ class Predictor:
             # features is W_c - sum over the others of softmax(z_others)_j W_j; average pooling spreads
             # it evenly over the H x W positions, so Grad-CAM's channel weights (the gradient's spatial
             # mean) are that vector / (H * W). The same numbers autograd gives, without a backward pass.
-            others = torch.nn.functional.one_hot(targets, logits.shape[1]).bool()
-            shares = torch.softmax(logits.masked_fill(others, float("-inf")), dim=1)
+            is_target = torch.nn.functional.one_hot(targets, logits.shape[1]).bool()
+            shares = torch.softmax(logits.masked_fill(is_target, float("-inf")), dim=1)
             gradients = weight.float()[targets] - shares @ weight.float()
             height, width = features.shape[2:]
             weights = (gradients / (height * width))[:, :, None, None]
@@ -175,8 +175,10 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     """(weight, bias) of a ResNet whose head is global average pooling then one linear layer (every
     architecture build_model makes), else None."""
     pool, fc = getattr(model, "avgpool", None), getattr(model, "fc", None)
-    if not isinstance(fc, torch.nn.Linear) or not isinstance(pool, torch.nn.AdaptiveAvgPool2d):
-        return None
+    if type(fc) is not torch.nn.Linear or type(pool) is not torch.nn.AdaptiveAvgPool2d:
+        return None  # exactly these: a subclass may compute something else
+    if any(module._forward_hooks or module._forward_pre_hooks for module in (fc, pool)):
+        return None  # a hook would be skipped by the closed form
     size = pool.output_size
     if (size if isinstance(size, tuple) else (size, size)) != (1, 1):
         return None

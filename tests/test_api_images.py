@@ -273,10 +273,13 @@ def test_done_image_shows_prediction_fields(api_client, active_model):
 
 def test_on_commit_hook_enqueues_the_new_image(api_client, django_capture_on_commit_callbacks, monkeypatch):
     sent = []
-    monkeypatch.setattr("diagnosis.services.images.announce_upload", sent.append)  # the broker is outside
+    monkeypatch.setattr(
+        "diagnosis.services.images.announce_upload", lambda image_id, **hints: sent.append((image_id, hints))
+    )  # the broker is outside
     with django_capture_on_commit_callbacks(execute=True):
         response = post_image(api_client, lesion_jpeg())
-    assert sent == [response.json()["id"]]
+    image_id = response.json()["id"]
+    assert sent == [(image_id, {"file": LesionImage.objects.get(pk=image_id).file.name})]  # fmt: skip
 
 
 def test_stored_png_and_webp_keep_no_metadata(api_client):

@@ -98,10 +98,9 @@ def test_images_claimed_by_another_worker_are_left_alone(clinic, clinician, acti
 def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
     celery_worker, worker_env, tiny_checkpoint, tmp_path_factory, settings, coalesce
 ):
-    """With a message per upload, and with coalesced wake-ups (at most 4 messages waiting; the uploads
-    are then committed together, so that both workers are woken rather than one keeping up alone)."""
-    import contextlib
-
+    """With a message per upload, and with coalesced wake-ups (at most 4 messages waiting). The uploads
+    are committed together, so that both workers are busy from the start rather than one keeping up
+    alone with uploads that arrive one by one (and gathering them before the other sees any)."""
     from diagnosis.services.registry import register_model
     from tests.factories import ClinicFactory, ClinicianFactory
 
@@ -115,7 +114,7 @@ def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
     try:
         photos = [lesion_jpeg(seed=seed, size=64) for seed in range(10)]
         ids = []
-        with transaction.atomic() if coalesce else contextlib.nullcontext():
+        with transaction.atomic():
             for index in range(200):
                 response = client.post("/api/v1/images/", {"image": upload_file(photos[index % 10])},
                                        format="multipart")  # fmt: skip
@@ -342,14 +341,20 @@ def test_an_upload_message_names_its_file_and_an_idle_worker_decodes_it_before_t
     with django_capture_on_commit_callbacks(execute=True):
         image = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=120)))
     assert published == [(str(image.pk), {"file": image.file.name})]
+    assert predictions.UPLOAD_NAME.fullmatch(image.file.name)
 
     warm = queued_images(clinic, clinician, 1, seed=121)
     assert process_images(image_ids=warm, worker_id="ahead:0") == {warm[0]: "done"}
     last = predictions._last_predictor()
-    # Busy (a batch finished a moment ago): no decode before the claim.
+    monkeypatch.setattr(predictions, "_finished_at", time.monotonic())  # busy: a batch finished just now
     assert predictions.decode_ahead(image.file.name) is None
-    monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - predictions.IDLE_SECONDS - 1)
-    assert predictions.decode_ahead("explanations/x/overlay.jpg") is None  # only an upload's photo
+    idle = time.monotonic() - 10
+    monkeypatch.setattr(predictions, "_finished_at", idle)
+    monkeypatch.setattr(predictions, "_in_flight", 1)  # busy: a batch in progress in this process
+    assert predictions.decode_ahead(image.file.name) is None
+    monkeypatch.setattr(predictions, "_in_flight", 0)
+    for name in ("explanations/x/overlay.jpg", "images/../models/weights.pt", f"images/{'a' * 32}.jpg/../x"):
+        assert predictions.decode_ahead(name) is None  # only the name of an uploaded photo is read
     ahead = predictions.decode_ahead(image.file.name)
     assert ahead is not None and ahead[0] is last and ahead[1] == image.file.name
     assert tuple(ahead[2].result().tensor.shape) == (3, 64, 64)
@@ -362,41 +367,105 @@ def test_an_upload_message_names_its_file_and_an_idle_worker_decodes_it_before_t
     claimed.attempts = 2  # a later attempt: never a decode started before the claim
     assert predictions._start_early(claimed, ahead) is None
 
-    # The whole path: the photo decoded ahead is the one predicted, equal to a plain decode's result.
-    monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - predictions.IDLE_SECONDS - 1)
-    fresh = queued_images(clinic, clinician, 2, seed=123)
-    name = LesionImage.objects.get(pk=fresh[0]).file.name
-    assert process_images(image_ids=[fresh[0]], worker_id="ahead:3", ahead=predictions.decode_ahead(name)) == {
-        fresh[0]: "done"
-    }
-    assert process_images(image_ids=[fresh[1]], worker_id="ahead:4") == {fresh[1]: "done"}
-    twin = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=123)))
-    assert process_images(image_ids=[str(twin.pk)], worker_id="ahead:5") == {str(twin.pk): "done"}
-    first, second = (Prediction.objects.get(image_id=i).probability_malignant for i in (fresh[0], twin.pk))
-    assert first == pytest.approx(second, abs=1e-6)
 
-
-def test_a_retried_or_redelivered_message_never_decodes_before_the_claim(clinic, clinician, active_model, monkeypatch):
+def test_the_photo_decoded_ahead_is_the_one_predicted_and_an_unused_one_is_waited_for(
+    clinic, clinician, active_model, monkeypatch
+):
+    import threading
     import time
 
     from diagnosis.services import predictions
-    from diagnosis.tasks import predict_image_task
+
+    warm = queued_images(clinic, clinician, 1, seed=140)
+    assert process_images(image_ids=warm, worker_id="read:0") == {warm[0]: "done"}
+    reads = []
+
+    def counted(function):  # the real function, counted
+        real = getattr(predictions, function)
+
+        def call(*args):
+            reads.append(function)
+            return real(*args)
+
+        return call
+
+    for function in ("_read_and_prepare", "_read_name_and_prepare"):
+        monkeypatch.setattr(predictions, function, counted(function))
+    fresh = queued_images(clinic, clinician, 1, seed=123)[0]
+    monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - 10)
+    ahead = predictions.decode_ahead(LesionImage.objects.get(pk=fresh).file.name)
+    assert process_images(image_ids=[fresh], worker_id="read:1", ahead=ahead) == {fresh: "done"}
+    assert reads == ["_read_name_and_prepare"]  # read once, by the name from the message
+    twin = queued_images(clinic, clinician, 1, seed=123)[0]  # the same photo, read the usual way
+    assert process_images(image_ids=[twin], worker_id="read:2") == {twin: "done"}
+    assert reads == ["_read_name_and_prepare", "_read_and_prepare"]
+    first, second = (Prediction.objects.get(image_id=i).probability_malignant for i in (fresh, twin))
+    assert first == pytest.approx(second, abs=1e-6)
+
+    # Decoded ahead for a message whose image is already done: process_images does not return before
+    # that decode has ended (a photo that kills the process must do it under its own message).
+    release = threading.Event()
+    real = predictions._decode_and_prepare
+
+    def slow(*args):
+        release.wait(5)
+        return real(*args)
+
+    monkeypatch.setattr(predictions, "_decode_and_prepare", slow)
+    monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - 10)
+    ahead = predictions.decode_ahead(LesionImage.objects.get(pk=fresh).file.name)
+    assert ahead is not None and not ahead[2].done()
+    threading.Timer(0.3, release.set).start()
+    assert process_images(image_ids=[fresh], worker_id="read:3", ahead=ahead) == {fresh: "skipped"}
+    assert ahead[2].done() and release.is_set()
+
+
+def test_only_a_first_delivery_on_a_broker_that_marks_redeliveries_decodes_ahead(
+    clinic, clinician, active_model, monkeypatch, settings
+):
+    import time
+
+    from celery.app.task import Context
+
+    from diagnosis import tasks
+    from diagnosis.services import predictions
+    from diagnosis.tasks import UPLOAD_FILE_HEADER, first_delivery, predict_image_task, upload_file_hint
+
+    # A worker sees a message's headers as request attributes; an eager call under request.headers.
+    assert upload_file_hint(Context({UPLOAD_FILE_HEADER: "images/a.jpg"})) == "images/a.jpg"
+    assert upload_file_hint(Context({"headers": {UPLOAD_FILE_HEADER: "images/b.jpg"}})) == "images/b.jpg"
+    assert upload_file_hint(Context({})) == "" and upload_file_hint(Context({UPLOAD_FILE_HEADER: 5})) == ""
+    assert first_delivery(Context({"retries": 0, "delivery_info": {"redelivered": False}}))
+    assert not first_delivery(Context({"retries": 1, "delivery_info": {}}))
+    assert not first_delivery(Context({"retries": 0, "delivery_info": {"redelivered": True}}))
+    for url, supported in (("redis://127.0.0.1:6379/0", True), ("amqp://guest@rabbit//", True),
+                           ("filesystem://", False), ("memory://", False)):  # fmt: skip
+        settings.CELERY_BROKER_URL = url
+        assert predictions.decode_ahead_supported() is supported, url
 
     calls = []
     real = predictions.decode_ahead
-
-    def spy(name):  # the real function, counted
-        calls.append(name)
-        return real(name)
-
-    monkeypatch.setattr(predictions, "decode_ahead", spy)
-    for seed, retries, decoded_ahead in ((130, 1, False), (131, 0, True)):
+    monkeypatch.setattr(predictions, "decode_ahead", lambda name: calls.append(name) or real(name))  # counted
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:6379/0"
+    for seed, retries, broker, decoded_ahead in ((130, 1, "redis://x", False), (131, 0, "filesystem://", False),
+                                                 (132, 0, "redis://x", True)):  # fmt: skip
+        settings.CELERY_BROKER_URL = broker
         monkeypatch.setattr(predictions, "_finished_at", time.monotonic() - 10)  # an idle worker
         image = LesionImage.objects.get(pk=queued_images(clinic, clinician, 1, seed=seed)[0])
         calls.clear()
-        assert predict_image_task.apply(args=[str(image.pk)], kwargs={"file": image.file.name},
-                                        retries=retries).get() == "done"  # fmt: skip
-        assert calls == ([image.file.name] if decoded_ahead else [])
+        result = predict_image_task.apply(args=[str(image.pk)], headers={UPLOAD_FILE_HEADER: image.file.name},
+                                          retries=retries)  # fmt: skip
+        assert result.get() == "done"
+        assert calls == ([image.file.name] if decoded_ahead else []), (seed, broker)
+
+    # A failure to start the decode is only a lost head start.
+    def broken(name):
+        raise RuntimeError("the pool is shutting down")
+
+    monkeypatch.setattr(predictions, "decode_ahead", broken)
+    image = LesionImage.objects.get(pk=queued_images(clinic, clinician, 1, seed=133)[0])
+    request = Context({UPLOAD_FILE_HEADER: image.file.name, "retries": 0, "delivery_info": {}})
+    assert tasks._decode_ahead(request) is None
 
 
 def test_a_task_wakes_a_worker_only_for_photos_queued_before_it_started(clinic, clinician, settings, monkeypatch):

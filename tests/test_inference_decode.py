@@ -106,7 +106,7 @@ def test_a_worker_warms_up_at_start_and_decodes_with_torchvision(worker_env, tmp
         wait_for(lambda: "warmed up model warm-2" in worker.log(), 60, message="the warm-up in the worker's log")
         monkeypatch.setattr(
             "diagnosis.services.images.announce_upload",
-            lambda image_id: predict_image_task.apply_async(args=[image_id], queue=queue_name),
+            lambda image_id, **_: predict_image_task.apply_async(args=[image_id], queue=queue_name),
         )
         client = token_client(clinician)
         response = client.post("/api/v1/images/", {"image": upload_file(_rotated_jpeg(7))}, format="multipart")
@@ -119,5 +119,45 @@ def test_a_worker_warms_up_at_start_and_decodes_with_torchvision(worker_env, tmp
         assert image.claimed_by.startswith(worker.node)
         assert Prediction.objects.filter(image=image).count() == 1
         assert "JPEG decoding for the model on cpu: torchvision" in worker.log()
+    finally:
+        stop_worker(worker)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_idle_worker_decodes_an_upload_named_in_its_message_before_the_claim(
+    worker_env, tmp_path, clinic, clinician, tiny_checkpoint, monkeypatch
+):
+    # A real worker process and the real broker: the message header reaches the task, and the photo
+    # decoded ahead is the one predicted.
+    from diagnosis.services.registry import register_model
+    from diagnosis.tasks import UPLOAD_FILE_HEADER, predict_image_task
+
+    register_model(checkpoint=tiny_checkpoint, version="ahead-1", activate=True)
+    queue_name = f"inference-ahead-{uuid.uuid4().hex[:6]}"  # its own queue: the session's worker cannot take it
+    # Idle as soon as no batch is in progress: this test sends the next upload the moment one is done.
+    env = {**worker_env, "AUTO_EXPLAIN_METHODS": "none", "INFERENCE_DECODE_AHEAD_IDLE_MS": "0"}
+    worker = start_worker(env=env, log_path=tmp_path / "worker.log", queues=f"inference,{queue_name}",
+                          name=f"ahead-{uuid.uuid4().hex[:6]}@%h")  # fmt: skip
+    try:
+        wait_for(lambda: "warmed up model ahead-1" in worker.log(), 60, message="the warm-up in the worker's log")
+
+        def publish(image_id, *, file=""):  # enqueue_prediction's message, to this worker's own queue
+            predict_image_task.apply_async(args=[image_id], queue=queue_name, headers={UPLOAD_FILE_HEADER: file})
+
+        monkeypatch.setattr("diagnosis.services.images.enqueue_prediction", publish)
+        client = token_client(clinician)
+        ids = []
+        for seed in (21, 22):
+            response = client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg(seed=seed))},
+                                   format="multipart")  # fmt: skip
+            assert response.status_code == 202, response.content
+            ids.append(response.json()["id"])
+            wait_for(lambda i=ids[-1]: LesionImage.objects.get(pk=i).state in (ImageState.DONE, ImageState.FAILED),
+                     60, message="the upload to be processed")  # fmt: skip
+        for image_id in ids:
+            image = LesionImage.objects.get(pk=image_id)
+            assert image.state == ImageState.DONE and image.claimed_by.startswith(worker.node), image.error
+            assert Prediction.objects.filter(image=image).count() == 1
+            assert f"image {image_id}: its photo was being decoded before the claim" in worker.log()
     finally:
         stop_worker(worker)

@@ -259,7 +259,7 @@ def test_concurrent_claims_from_two_connections_give_the_image_to_exactly_one(ti
     winners = []
     for round_number in range(10):
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr("diagnosis.services.images.announce_upload", lambda image_id: None)
+            patch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)
             image = submit_image(uploader=clinician, clinic=clinic, upload=upload_file(lesion_jpeg(seed=round_number)))
         barrier = threading.Barrier(2)
         results = []

@@ -149,11 +149,11 @@ def announce_upload(image_id: str, *, file: str = "") -> None:
 
 def enqueue_prediction(image_id: str, *, file: str = "") -> None:
     """Publish one message for this image (the sweeper, and a rung upload). `file`, the stored photo's
-    name, lets an idle worker start decoding it before it has claimed the image
-    (predictions.decode_ahead): a hint, used only if the claimed image has that very file."""
-    from ..tasks import predict_image_task
+    name, travels as a message header that lets an idle worker start decoding it before it has claimed
+    the image (predictions.decode_ahead): a hint, used only if the claimed image has that very file."""
+    from ..tasks import UPLOAD_FILE_HEADER, predict_image_task
 
-    predict_image_task.apply_async(args=[image_id], kwargs={"file": file} if file else None)
+    predict_image_task.apply_async(args=[image_id], headers={UPLOAD_FILE_HEADER: file} if file else None)
 
 
 def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:

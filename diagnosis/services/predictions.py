@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import re
+import threading
 import time
 from concurrent.futures import Future
 
@@ -219,7 +221,10 @@ def tensor_decoding(predictor) -> bool:
 
 _last_predictor = None  # a weak reference to the model of this process's last batch (see _start_early)
 _finished_at: float | None = None  # time.monotonic() when this process last finished a batch
-IDLE_SECONDS = 0.05  # a worker that finished nothing for this long is idle: decode_ahead may read ahead
+_in_flight = 0  # batches this process is working on now (a threads pool runs several)
+_in_flight_lock = threading.Lock()
+# The names images._store gives uploaded photos (a UUID's hex; the storage may add a suffix).
+UPLOAD_NAME = re.compile(r"images/[0-9a-f]{32}(_[A-Za-z0-9]{7})?\.[a-z0-9]{3,4}")
 
 
 def _remember(predictor) -> None:
@@ -237,22 +242,49 @@ def _last_model():
 
 
 def decode_ahead(name: str):
-    """On an idle worker (no batch finished in the last IDLE_SECONDS), start reading and decoding a
-    task's own photo by its stored name, from the message, before the task has even claimed it: the
-    claim, the gathering of others and the read of the active model (some ten milliseconds of database
-    round trips) then overlap the decode. Never on a busy worker, whose messages mostly find their
-    photo already taken into another batch: there the decode would be wasted. Returns (predictor,
-    file name, future), or None. _start_early uses it only if the claimed image has this very file
-    and is on its first attempt, and _prepare_all only if that model is still the one to run."""
+    """On an idle worker process (no batch in progress, none finished in the last
+    INFERENCE_DECODE_AHEAD_IDLE_MS), start reading and decoding a task's own photo by its stored name,
+    from the message, before the task has even claimed it: the claim, the look for other queued photos
+    and the read of the active model (some milliseconds of database round trips) then overlap the
+    decode. Never on a busy process, whose messages mostly find their photo already taken into another
+    batch: there the decode would be wasted. Only a name of an uploaded photo is read.
+
+    Returns (predictor, file name, future), or None. _start_early uses it only if the claimed image
+    has this very file and is on its first attempt, and _prepare_all only if that model is still the
+    one to run; process_images waits for an unused one before it returns (_settle_ahead). The task
+    calls this only on a message's first delivery, and only with a broker that marks redeliveries
+    (decode_ahead_supported): a photo that killed the worker is never read ahead again."""
     from mlcore.inference import decode_side
 
-    if not name.startswith("images/") or (_finished_at is not None and time.monotonic() - _finished_at < IDLE_SECONDS):
+    idle = settings.INFERENCE_DECODE_AHEAD_IDLE_MS / 1000
+    if idle < 0 or not UPLOAD_NAME.fullmatch(name) or _in_flight:
+        return None
+    if _finished_at is not None and time.monotonic() - _finished_at < idle:
         return None
     predictor = _last_model()
     if predictor is None:
         return None
     max_side = decode_side(predictor.meta.input_size)
     return predictor, name, _decoder_pool().submit(_read_name_and_prepare, name, predictor.spec, max_side)
+
+
+def decode_ahead_supported() -> bool:
+    """Whether the broker marks a redelivered message (Redis and AMQP do; Celery cannot see kombu's
+    flag on the filesystem transport of the embedded default), which decode_ahead needs."""
+    return settings.CELERY_BROKER_URL.split(":", 1)[0].lower() in ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+
+def _settle_ahead(ahead) -> None:
+    """An early decode from the message that was not used (the claim failed, another file, another
+    model): cancel it, or wait until it ends, so that a photo that kills the process does so while
+    the message that named it is still unacknowledged, and is not blamed on the next task's batch."""
+    if ahead is None:
+        return
+    from concurrent.futures import wait
+
+    future = ahead[2]
+    if not future.cancel():
+        wait([future])
 
 
 def _read_name_and_prepare(name: str, spec, max_side: int) -> Prepared:
@@ -273,6 +305,7 @@ def _start_early(image: LesionImage, ahead=None):
     if image.attempts != 1:
         return None  # never for a photo on a later attempt: its worker may have died decoding it
     if ahead is not None and ahead[1] == image.file.name:
+        logger.info("image %s: its photo was being decoded before the claim", image.pk)
         return ahead[0], image.pk, ahead[2]
     predictor = _last_model()
     if predictor is None:
@@ -337,9 +370,11 @@ def process_images(
     image, if any."""
     from django.db import InterfaceError, OperationalError
 
-    global _finished_at
+    global _finished_at, _in_flight
     outcomes: dict[str, str] = {}
     image_ids = list(image_ids)  # grows with the gathered images, so all of them can be given back
+    with _in_flight_lock:
+        _in_flight += 1
     try:
         return _process_images(image_ids=image_ids, worker_id=worker_id, outcomes=outcomes, gather=gather,
                                gather_if_finished=gather_if_finished, ahead=ahead)  # fmt: skip
@@ -349,7 +384,10 @@ def process_images(
         release_unfinished(image_ids, outcomes, lambda image_id: release_image(image_id=image_id, worker_id=worker_id))
         raise TransientError(str(exc)) from exc
     finally:
-        _finished_at = time.monotonic()
+        _settle_ahead(ahead)
+        with _in_flight_lock:
+            _in_flight -= 1
+            _finished_at = time.monotonic()
 
 
 def release_unfinished(ids: list[str], outcomes: dict[str, str], release) -> None:

@@ -16,35 +16,41 @@ def savepoint_if_inside():
 
 def update_returning(queryset, **values) -> list:
     """queryset.update(**values), returning the updated rows as model instances, in one statement
-    (UPDATE ... RETURNING) where the database has it (PostgreSQL, SQLite 3.35 and later); elsewhere an
-    UPDATE then a SELECT of the rows it changed, which is what callers did before: a worker's claim is
-    one round trip instead of two. Only for filters on the model's own columns, and values that do
-    not change the filtered-on primary keys."""
+    (UPDATE ... RETURNING) where the database has it (PostgreSQL, SQLite 3.35 and later); elsewhere the
+    rows are locked, updated and read back in one transaction. A worker's claim is one round trip.
+    Only for plain filters on the model's own table (no slicing, combined queries or fields of a
+    parent model)."""
     from django.core.exceptions import EmptyResultSet
-    from django.db import connections
+    from django.db import connections, router
     from django.db.models import sql
 
     model = queryset.model
-    connection = connections[queryset.db]
+    query = queryset.query
+    if query.is_sliced or query.combinator:
+        raise TypeError("update_returning() takes a filtered queryset, not a sliced or combined one")
+    database = router.db_for_write(model)
+    connection = connections[database]
     if not _has_update_returning(connection):
-        with transaction.atomic(using=queryset.db):
-            keys = list(queryset.select_for_update().values_list("pk", flat=True))
+        with transaction.atomic(using=database):
+            keys = list(queryset.using(database).select_for_update().values_list("pk", flat=True))
             if not keys:
                 return []
-            model._default_manager.filter(pk__in=keys).update(**values)
-            return list(model._default_manager.filter(pk__in=keys))
-    query = queryset.query.chain(sql.UpdateQuery)
-    query.add_update_values(values)
-    compiler = query.get_compiler(queryset.db)
+            queryset.using(database).filter(pk__in=keys).update(**values)
+            return list(model._default_manager.using(database).filter(pk__in=keys))
+    update = query.chain(sql.UpdateQuery)
+    update.add_update_values(values)
+    if update.related_updates:
+        raise TypeError("update_returning() cannot update fields of a parent model")
+    update.annotations = {}
     try:
-        compiler.pre_sql_setup()
-        statement, params = compiler.as_sql()
+        statement, params = update.get_compiler(database).as_sql()
     except EmptyResultSet:  # a filter that can match nothing, such as pk__in=[]
         return []
     if not statement:
         return []
     columns = ", ".join(connection.ops.quote_name(field.column) for field in model._meta.concrete_fields)
-    return list(model._default_manager.raw(f"{statement} RETURNING {columns}", params))
+    with transaction.mark_for_rollback_on_error(using=database):
+        return list(model._default_manager.raw(f"{statement} RETURNING {columns}", params, using=database))
 
 
 def _has_update_returning(connection) -> bool:

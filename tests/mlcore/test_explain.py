@@ -177,10 +177,14 @@ def test_a_head_other_than_one_linear_layer_is_differentiated_by_autograd():
     torch.manual_seed(0)
     model = build_model("resnet_tiny").eval()
     linear = model.fc
-    assert linear_head(model) == (linear.weight, linear.bias)
+    weight, bias = linear_head(model)
+    assert weight is linear.weight and bias is linear.bias
     predictor = Predictor(model, CheckpointMeta(arch="resnet_tiny", input_size=SIZE), device="cpu")
     batch = torch.randn(3, 3, SIZE, SIZE)
     results, cams = predictor.predict_with_gradcam_tensors(batch)
+    handle = linear.register_forward_hook(lambda module, inputs, output: output)
+    assert linear_head(model) is None  # a hook the closed form would skip
+    handle.remove()
     model.fc = torch.nn.Sequential(torch.nn.Dropout(0.5), linear).eval()  # dropout: the identity
     assert linear_head(model) is None
     other_results, other_cams = predictor.predict_with_gradcam_tensors(batch)

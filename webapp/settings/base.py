@@ -228,6 +228,9 @@ DECODE_THREADS = env_int("DECODE_THREADS", 2)
 # one message per upload. The count expires after INFERENCE_COALESCE_SECONDS (bounds a lost message).
 INFERENCE_COALESCE_MESSAGES = env_int("INFERENCE_COALESCE_MESSAGES", 4)
 INFERENCE_COALESCE_SECONDS = env_float("INFERENCE_COALESCE_SECONDS", 20.0)
+# A worker process that has finished no batch for this long (and has none in progress) starts decoding
+# an upload's photo before it claims it (diagnosis/services/predictions.decode_ahead). Negative: never.
+INFERENCE_DECODE_AHEAD_IDLE_MS = env_int("INFERENCE_DECODE_AHEAD_IDLE_MS", 50)
 # A claim older than this is presumed dead (its worker was killed) and may be taken again.
 CLAIM_TIMEOUT_SECONDS = env_int("CLAIM_TIMEOUT_SECONDS", 300)
 # A queued image whose message has not been consumed for this long is enqueued again.
