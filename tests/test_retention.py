@@ -108,3 +108,63 @@ def test_images_past_the_retention_period_are_deleted_with_their_files(two_patie
     assert not any(default_storage.exists(name) for name in old_files)
     assert LesionImage.objects.count() == 2
     assert AuditEvent.objects.filter(action=AuditEvent.Action.PURGE_EXPIRED).count() == 1
+
+
+def _files_under(folder: str) -> set[str]:
+    from pathlib import Path
+
+    from django.conf import settings
+
+    root = Path(settings.MEDIA_ROOT)
+    return {str(path.relative_to(root)) for path in (root / folder).rglob("*") if path.is_file()}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_pictures_drawn_while_the_patient_is_erased_are_not_left_behind(clinician, active_model, settings, monkeypatch):
+    # The race: a worker draws a Grad-CAM's pictures while the patient is being erased. The purge locks
+    # the rows before it lists the files, so the drawing waits to record its pictures, finds the row
+    # gone, and deletes them itself; without the lock they would be recorded in between and left over.
+    import threading
+
+    from django.db import connection
+
+    from diagnosis.services import retention
+    from diagnosis.services.images import submit_image
+
+    settings.AUTO_EXPLAIN_METHODS = []
+    monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)  # no broker
+    monkeypatch.setattr("diagnosis.services.explanations.enqueue_render", lambda explanation_id: None)
+    clinic = clinician.clinic_membership.clinic
+    patient = create_patient(clinic=clinic, reference="PT-RACE", created_by=clinician)
+    lesion = create_lesion(patient=patient, body_site="back", created_by=clinician)
+    before = _files_under("explanations") | _files_under("images")
+    image = submit_image(uploader=clinician, clinic=clinic, lesion=lesion, upload=upload_file(lesion_jpeg(seed=9)))
+    assert process_image(image_id=str(image.pk), worker_id="w") == "done"
+    gradcam = Explanation.objects.get(image=image, method="gradcam")
+    assert gradcam.attribution and not gradcam.overlay  # its pictures are still to be drawn
+
+    drawn, drawers = [], []
+
+    def draw() -> None:
+        try:
+            drawn.append(render_explanation(explanation_id=str(gradcam.pk)))
+        finally:
+            connection.close()
+
+    real = retention._lock_and_list_files
+
+    def list_then_draw(images):
+        names = real(images)
+        drawer = threading.Thread(target=draw)
+        drawer.start()
+        drawer.join(timeout=2)  # unlocked, the pictures would be drawn and recorded in this time
+        drawers.append(drawer)
+        return names
+
+    monkeypatch.setattr(retention, "_lock_and_list_files", list_then_draw)
+    counts = retention.purge_patient(patient=patient)
+    for drawer in drawers:
+        drawer.join(timeout=30)
+    assert drawn == ["done"] and counts["images"] == 1
+    assert not Explanation.objects.filter(pk=gradcam.pk).exists()
+    assert _files_under("explanations") | _files_under("images") == before  # nothing of the patient is left

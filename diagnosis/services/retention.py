@@ -16,11 +16,15 @@ from .audit import record_event
 logger = logging.getLogger(__name__)
 
 
-def _stored_files(images) -> list[str]:
-    names = [name for name in images.values_list("file", flat=True) if name]
-    for overlay, heatmap, attribution in Explanation.objects.filter(image__in=images).values_list(
-        "overlay", "heatmap", "attribution"
-    ):
+def _lock_and_list_files(images) -> list[str]:
+    """Inside the deleting transaction: lock the images and their explanations, then list their
+    stored files. A worker that draws an explanation's pictures meanwhile waits on the lock to record
+    them, finds the row gone once the deletion commits, and deletes its own files (store_result); so
+    no file written during the purge is left behind unlisted."""
+    ids = list(images.select_for_update().values_list("pk", flat=True))
+    names = [name for name in LesionImage.objects.filter(pk__in=ids).values_list("file", flat=True) if name]
+    explanations = Explanation.objects.select_for_update().filter(image_id__in=ids).order_by("pk")
+    for overlay, heatmap, attribution in explanations.values_list("overlay", "heatmap", "attribution"):
         names += [name for name in (overlay, heatmap, attribution) if name]
     return names
 
@@ -39,9 +43,9 @@ def _delete_files(names: list[str]) -> int:
 def delete_images(images) -> dict[str, int]:
     """Delete images with their predictions, explanations, feedback and drift features (cascades),
     then their stored files once the deletion has committed."""
-    images = LesionImage.objects.filter(pk__in=list(images.values_list("pk", flat=True)))
-    names = _stored_files(images)
+    images = LesionImage.objects.filter(pk__in=list(images.values_list("pk", flat=True))).order_by("pk")
     with transaction.atomic():
+        names = _lock_and_list_files(images)
         count = images.count()
         images.delete()
     return {"images": count, "files": _delete_files(names)}
@@ -50,10 +54,10 @@ def delete_images(images) -> dict[str, int]:
 def purge_patient(*, patient: Patient, actor=None, via: str = "cli") -> dict[str, int]:
     """Erase a patient: every image, result, heatmap, outcome and stored file, the lesions and the
     patient record. The audit log keeps that it happened (ids only, no reference)."""
-    images = LesionImage.objects.filter(lesion__patient=patient)
-    names = _stored_files(images)
+    images = LesionImage.objects.filter(lesion__patient=patient).order_by("pk")
     patient_id, clinic = str(patient.pk), patient.clinic
     with transaction.atomic():
+        names = _lock_and_list_files(images)
         counts = {"images": images.count(), "lesions": patient.lesions.count()}
         images.delete()
         patient.lesions.all().delete()
