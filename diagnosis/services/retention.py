@@ -21,8 +21,9 @@ def _lock_and_list_files(images) -> list[str]:
     stored files. A worker that draws an explanation's pictures meanwhile waits on the lock to record
     them, finds the row gone once the deletion commits, and deletes its own files (store_result); so
     no file written during the purge is left behind unlisted."""
-    ids = list(images.select_for_update().values_list("pk", flat=True))
-    names = [name for name in LesionImage.objects.filter(pk__in=ids).values_list("file", flat=True) if name]
+    rows = list(images.select_for_update().values_list("pk", "file"))
+    ids = [pk for pk, _ in rows]
+    names = [name for _, name in rows if name]
     explanations = Explanation.objects.select_for_update().filter(image_id__in=ids).order_by("pk")
     for overlay, heatmap, attribution in explanations.values_list("overlay", "heatmap", "attribution"):
         names += [name for name in (overlay, heatmap, attribution) if name]
