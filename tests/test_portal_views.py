@@ -642,6 +642,53 @@ def test_photo_thumb_and_display_sizes(portal, wide_image):
     assert not portal_events("download_image").exists()  # only the original download is logged
 
 
+def test_a_preview_is_drawn_once_kept_privately_without_metadata_and_erased_with_its_image(
+    portal, lesion, clinician, monkeypatch
+):
+    from django.core.files.storage import default_storage
+
+    from diagnosis.services import previews
+    from diagnosis.services.retention import delete_images
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turned upright in the preview
+    exif[0x010F] = "CameraMaker"
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 300), (150, 90, 70)).save(buffer, format="JPEG", exif=exif)
+    image = add_image(lesion, clinician, state=ImageState.QUEUED, data=buffer.getvalue())
+    drawn = []
+    real = previews._draw
+    monkeypatch.setattr(previews, "_draw", lambda *args: drawn.append(args[1]) or real(*args))  # counted
+    first = portal.get(url("image-photo", image.pk), {"size": "thumb"})
+    again = portal.get(url("image-photo", image.pk), {"size": "thumb"})
+    assert first.status_code == again.status_code == 200 and first.content == again.content
+    assert drawn == ["thumb"]  # the second request read the kept copy
+    assert photo_of(again).size == (120, 240) and not photo_of(again).getexif()  # upright, no metadata
+    portal.get(url("image-photo", image.pk))
+    assert drawn == ["thumb", "display"]
+    kept = [previews.preview_name(image.file.name, size) for size in previews.SIZES]
+    assert all(name.startswith("previews/") and default_storage.exists(name) for name in kept)
+    delete_images(LesionImage.objects.filter(pk=image.pk))
+    assert not any(default_storage.exists(name) for name in kept)  # erased with the image
+
+
+def test_a_preview_drawn_while_its_image_is_erased_is_not_kept(portal, wide_image, monkeypatch):
+    from django.core.files.storage import default_storage
+
+    from diagnosis.services import previews
+
+    real = previews._draw
+
+    def draw_then_erase(image, size):  # the purge commits while the preview is being drawn
+        data = real(image, size)
+        LesionImage.objects.filter(pk=image.pk).delete()
+        return data
+
+    monkeypatch.setattr(previews, "_draw", draw_then_erase)
+    assert portal.get(url("image-photo", wide_image.pk), {"size": "thumb"}).status_code == 404
+    assert not default_storage.exists(previews.preview_name(wide_image.file.name, "thumb"))
+
+
 def test_photo_original_is_the_stored_file_as_a_download(portal, wide_image, clinician):
     response = portal.get(url("image-photo", wide_image.pk), {"size": "original"})
     assert response.status_code == 200

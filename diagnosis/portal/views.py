@@ -8,7 +8,6 @@ no-store caching rules.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from functools import wraps
 from urllib.parse import urlencode
@@ -58,7 +57,6 @@ def method_labels() -> dict[str, str]:
 
 
 FINAL_STATES = {ImageState.DONE, ImageState.FAILED}
-THUMB_SIDE = 240
 # The result page has two feedback forms with a "note" each: distinct ids keep each label on its field.
 ASSESSMENT_IDS, OUTCOME_IDS = "assessment_%s", "outcome_%s"
 
@@ -405,44 +403,29 @@ def image_status(request, pk):
 @clinic_required
 @require_GET
 def image_photo(request, pk):
-    """The stored photo: `?size=thumb` (240 px) or the display size (1,024 px, the default), as JPEG;
-    `?size=original` downloads the stored file itself (logged)."""
-    from PIL import Image
-
-    from mlcore.heatmap import DISPLAY_MAX_SIDE, display_size
+    """The stored photo: `?size=thumb` (240 px) or the display size (1,024 px, the default), as JPEG,
+    drawn once and kept (services.previews); `?size=original` downloads the stored file itself (logged)."""
+    from ..services.previews import PreviewUnavailable, preview_jpeg
 
     image = get_object_or_404(LesionImage.objects.for_clinic(request.clinic), pk=pk)
     size = request.GET.get("size", "display")
     if size not in ("thumb", "display", "original"):
         return HttpResponseBadRequest("size must be thumb, display or original.")
-    try:
-        handle = image.file.open("rb")
-    except FileNotFoundError:
-        raise Http404("The stored file of this image is missing.") from None
     if size == "original":
+        try:
+            handle = image.file.open("rb")
+        except FileNotFoundError:
+            raise Http404("The stored file of this image is missing.") from None
         audit(request, AuditEvent.Action.DOWNLOAD_IMAGE, image)
         extension = "jpg" if image.content_type == "image/jpeg" else "png"
         response = FileResponse(handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
                                 content_type=image.content_type)  # fmt: skip
     else:
-        from mlcore.preprocessing import ImageValidationError, decode_image
-
-        max_side = THUMB_SIDE if size == "thumb" else DISPLAY_MAX_SIDE  # the heatmaps' size
-        with handle:
-            data = handle.read()
         try:
-            # The same decode as the model's and the heatmaps': upright, colour-managed, transparency
-            # over white; a large JPEG at a reduced DCT scale.
-            picture = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
-                                   max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side).image  # fmt: skip
-        except ImageValidationError:
+            data = preview_jpeg(image, size)
+        except PreviewUnavailable:
             raise Http404("The stored photo cannot be shown; see the image's error.") from None
-        target = display_size(image.width, image.height, max_side)
-        if picture.size != target:
-            picture = picture.resize(target, Image.Resampling.LANCZOS)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="JPEG", quality=85 if size == "thumb" else 90)
-        response = HttpResponse(buffer.getvalue(), content_type="image/jpeg")
+        response = HttpResponse(data, content_type="image/jpeg")
         response["Content-Disposition"] = f'inline; filename="lesion-image-{image.pk}-{size}.jpg"'
     response["X-Content-Type-Options"] = "nosniff"
     response["Cache-Control"] = "private, no-store"

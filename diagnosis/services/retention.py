@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from ..models import AuditEvent, Explanation, LesionImage, Patient
 from .audit import record_event
+from .previews import preview_names
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +32,20 @@ def _lock_and_list_files(images) -> list[str]:
 
 
 def _delete_files(names: list[str]) -> int:
-    deleted = 0
-    for name in names:
-        try:
-            default_storage.delete(name)
-            deleted += 1
-        except Exception:  # never stop half-way: the rows are gone, report the stray file
-            logger.exception("could not delete stored file %s", name)
-    return deleted
+    """Delete the stored files and the portal's copies of the photos among them (services.previews;
+    not counted: most photos never had one drawn). Returns how many stored files were deleted."""
+    for name in preview_names(name for name in names if name.startswith("images/")):
+        _delete(name)
+    return sum(_delete(name) for name in names)
+
+
+def _delete(name: str) -> bool:
+    try:
+        default_storage.delete(name)
+        return True
+    except Exception:  # never stop half-way: the rows are gone, report the stray file
+        logger.exception("could not delete stored file %s", name)
+        return False
 
 
 def delete_images(images) -> dict[str, int]:
