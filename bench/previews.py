@@ -7,33 +7,23 @@ upright, resize, encode a JPEG) against reading the copy kept by the first reque
 
 from __future__ import annotations
 
-import io
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.throughput import make_photos
-from mlcore.heatmap import DISPLAY_MAX_SIDE, display_size
-from mlcore.preprocessing import decode_image
+from mlcore.heatmap import DISPLAY_MAX_SIDE, display_jpeg
 
 SIDES = {"thumb": 240, "display": DISPLAY_MAX_SIDE}
 
 
 def draw(path: Path, side: int) -> bytes:
-    data = path.read_bytes()
-    picture = decode_image(data, max_side=side).image
-    target = display_size(picture.width, picture.height, side)
-    if picture.size != target:
-        picture = picture.resize(target, Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85 if side == 240 else 90)
-    return buffer.getvalue()
+    """What the portal does for a preview not kept yet (diagnosis/services/previews.py)."""
+    return display_jpeg(path.read_bytes(), side, quality=85 if side == 240 else 90)
 
 
 def main() -> None:

@@ -18,6 +18,26 @@ def display_size(width: int, height: int, max_side: int = DISPLAY_MAX_SIDE) -> t
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def display_jpeg(data: bytes, max_side: int, *, quality: int = 90, **limits) -> bytes:
+    """A photo's bytes as a JPEG for the screen: decoded like the model's input and the heatmaps'
+    (upright, colour-managed, transparency over white; a large JPEG at a reduced DCT scale), at most
+    max_side on its longer side, from the pixels only (no metadata). `limits` go to decode_image."""
+    import io
+
+    from PIL import Image
+
+    from .preprocessing import decode_image
+
+    decoded = decode_image(data, max_side=max_side, **limits)
+    picture = decoded.image
+    target = display_size(decoded.full_width, decoded.full_height, max_side)
+    if picture.size != target:
+        picture = picture.resize(target, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
 def normalise(attribution: np.ndarray, *, signed: bool) -> np.ndarray:
     """Scale to [-1, 1] (signed) or [0, 1] by the 99th percentile of the magnitude, so one extreme
     pixel does not wash out the rest."""

@@ -5,7 +5,6 @@ page view. Their names follow from the photo's, so erasing an image erases them 
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import PurePosixPath
 
@@ -58,22 +57,14 @@ def preview_jpeg(image: LesionImage, size: str) -> bytes:
 
 
 def _draw(image: LesionImage, size: str) -> bytes:
-    from PIL import Image
+    from mlcore.heatmap import DISPLAY_MAX_SIDE, display_jpeg
+    from mlcore.preprocessing import ImageValidationError
 
-    from mlcore.heatmap import DISPLAY_MAX_SIDE, display_size
-    from mlcore.preprocessing import ImageValidationError, decode_image
-
-    max_side = THUMB_SIDE if size == "thumb" else DISPLAY_MAX_SIDE  # the heatmaps' size
     try:
         with image.file.open("rb") as handle:
             data = handle.read()
-        picture = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
-                               max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side).image  # fmt: skip
+        return display_jpeg(data, THUMB_SIDE if size == "thumb" else DISPLAY_MAX_SIDE,  # the heatmaps' size
+                            quality=85 if size == "thumb" else 90, max_pixels=settings.MAX_IMAGE_PIXELS,
+                            max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)))  # fmt: skip
     except (FileNotFoundError, ImageValidationError) as exc:
         raise PreviewUnavailable(str(exc)) from None
-    target = display_size(image.width, image.height, max_side)
-    if picture.size != target:
-        picture = picture.resize(target, Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    picture.save(buffer, format="JPEG", quality=85 if size == "thumb" else 90)
-    return buffer.getvalue()
