@@ -45,9 +45,22 @@ class ClinicScopedQuerySet(models.QuerySet):
         return self.filter(**{self.clinic_path: clinic})
 
     def visible_to(self, user) -> ClinicScopedQuerySet:
-        from .services.clinics import clinic_of
-
         return self.for_clinic(clinic_of(user))
+
+
+def clinic_of(user) -> Clinic | None:
+    """The clinic whose data this user may see, or None (anonymous, or staff without a clinic). Cached
+    on the user object for the rest of its request. Here, beside the models, so that a model's
+    queryset can scope itself without importing a service (services.clinics re-exports it)."""
+    if user is None or not getattr(user, "is_authenticated", False):
+        return None
+    cached = getattr(user, "_clinic_cache", None)
+    if cached is not None:
+        return cached
+    membership = ClinicMembership.objects.select_related("clinic").filter(user=user).first()
+    clinic = membership.clinic if membership else None
+    user._clinic_cache = clinic
+    return clinic
 
 
 class LesionQuerySet(ClinicScopedQuerySet):
@@ -333,6 +346,10 @@ class Explanation(models.Model):
     overlay = models.FileField(max_length=255, blank=True)
     heatmap = models.FileField(max_length=255, blank=True)
     attribution = models.FileField(max_length=255, blank=True)
+    raw_map = models.BinaryField(
+        null=True, blank=True, editable=False,
+        help_text="A Grad-CAM map (float16 .npy) kept in the row until its pictures and file are drawn",
+    )  # fmt: skip
     convergence_delta = models.FloatField(null=True, blank=True, help_text="IG completeness error (log-odds units)")
     duration_ms = models.FloatField(null=True, blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .methods import BASELINES, METHOD_LABELS, METHODS, PIXEL_LEVEL, SIGNED  # noqa: F401 (re-exported)
 from .model import CheckpointMeta, log_odds
 from .preprocessing import TransformSpec, resize_for_model, to_tensor
 
-BASELINES = ("black", "blurred", "mean")
 DEFAULT_MAX_STEPS = 300  # IG steps per explanation
 DEFAULT_MAX_EVALUATIONS = 2000  # model evaluations (forward, or forward + backward) per explanation
 
@@ -87,17 +87,8 @@ _PARAMETERS: dict[str, dict[str, tuple]] = {
     "lime": {"n_segments": (int, 40, 4, 400), "n_samples": (int, 200, 10, None),
              "baseline": (str, "blurred", BASELINES)},
 }  # fmt: skip
-METHODS = tuple(_PARAMETERS)
-METHOD_LABELS = {
-    "integrated_gradients": "Integrated Gradients",
-    "gradcam": "Grad-CAM",
-    "occlusion": "Occlusion",
-    "gradient_shap": "GradientSHAP",
-    "smoothgrad": "SmoothGrad (IG)",
-    "lime": "LIME",
-}
-SIGNED = set(METHODS)  # every map is signed: red towards the target class, blue away from it
-PIXEL_LEVEL = {"integrated_gradients", "gradient_shap", "smoothgrad"}  # speckled: blurred for display
+# METHODS, METHOD_LABELS, SIGNED and PIXEL_LEVEL live in mlcore.methods (torch-free, for the web tier) and
+# stay importable from here; tests/mlcore/test_methods.py checks that _PARAMETERS names the same methods.
 
 
 def evaluations(method: str, params: dict[str, Any], input_size: int) -> int:

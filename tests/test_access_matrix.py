@@ -39,7 +39,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from diagnosis.models import ApiToken, DriftReport, Explanation, ImageState, Lesion, LesionImage, Patient
-from diagnosis.services.explanations import render_explanation
+from diagnosis.services.explanation_files import render_explanation
 from diagnosis.services.images import submit_batch, submit_image
 from diagnosis.services.predictions import process_image
 from diagnosis.services.registry import register_model

@@ -15,14 +15,11 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 
 from diagnosis.models import Explanation, ImageState, LesionImage
-from diagnosis.services.explanations import (
-    canonical_key,
-    compute_explanation,
-    explainer_for,
-    gather_queued_explanations,
-)
+from diagnosis.services.explanation_work import compute_explanation, gather_queued_explanations
+from diagnosis.services.explanations import canonical_key
 from diagnosis.services.images import submit_image
 from diagnosis.services.predictions import process_images
+from diagnosis.services.runtime import explainer_for
 from tests.conftest import lesion_jpeg, token_client, upload_file, wait_for
 
 IG = "integrated_gradients"
@@ -87,6 +84,7 @@ def captum_calls(monkeypatch):
 def test_one_captum_call_explains_several_queued_explanations(clinic, clinician, active_model, settings,
                                                                captum_calls):  # fmt: skip
     settings.EXPLAIN_BATCH_SIZE = 4
+    settings.PIPELINE_BATCHES = 1  # one batch per task here (tests/test_engine.py: the pipelined batches)
     igs = queued_igs(clinic, clinician, 5, seed=10)
     retarget(igs[2])  # targets may differ within a batch
 
@@ -240,6 +238,7 @@ def test_real_explain_worker_finishes_every_ig_explanation_exactly_once(celery_w
 def test_a_batch_stays_within_its_budget_of_steps(clinic, clinician, active_model, settings, captum_calls):
     settings.EXPLAIN_BATCH_SIZE = 8
     settings.EXPLAIN_BATCH_MAX_STEPS = 100  # two explanations of 50 steps share one task's time limit
+    settings.PIPELINE_BATCHES = 1
     igs = queued_igs(clinic, clinician, 4, seed=70)
     assert compute_explanation(explanation_id=str(igs[0].pk), worker_id="explainer:1") == "done"
     assert captum_calls == [2]

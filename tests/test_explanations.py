@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from diagnosis.models import AuditEvent, Explanation, LesionImage
-from diagnosis.services.explanations import compute_explanation
+from diagnosis.services.explanation_work import compute_explanation
 from diagnosis.services.predictions import process_image
 from tests.conftest import lesion_jpeg, upload_file
 
@@ -22,11 +22,11 @@ def done_image(api_client, active_model, django_capture_on_commit_callbacks):
     image_id = response.json()["id"]
     with django_capture_on_commit_callbacks() as callbacks:
         assert process_image(image_id=image_id, worker_id="w1") == "done"
-    from diagnosis.services.explanations import render_explanation
+    from diagnosis.services.explanation_files import render_explanation
 
     # The callbacks publish the render (default queue) and IG (explain queue) tasks; run the render here.
     gradcam = Explanation.objects.get(image_id=image_id, method="gradcam")
-    assert gradcam.state == Explanation.State.PROCESSING and gradcam.attribution and not gradcam.overlay
+    assert gradcam.state == Explanation.State.PROCESSING and gradcam.raw_map is not None and not gradcam.overlay
     assert render_explanation(explanation_id=str(gradcam.pk)) == "done"
     image = LesionImage.objects.get(pk=image_id)
     image.queued_callbacks = callbacks

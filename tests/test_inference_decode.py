@@ -14,8 +14,9 @@ from django.db import transaction
 from PIL import Image
 
 from diagnosis.models import ImageState, LesionImage, Prediction, UploadFeatures
+from diagnosis.services.decoding import tensor_decoding
 from diagnosis.services.images import submit_image
-from diagnosis.services.predictions import predictor_for, process_images, tensor_decoding, warm_up_worker
+from diagnosis.services.predictions import predictor_for, process_images, warm_up_worker
 from tests.conftest import lesion_jpeg, start_worker, stop_worker, token_client, upload_file, wait_for
 
 

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from diagnosis.models import ImageState, LesionImage, ModelVersion, Prediction
 from diagnosis.services import predictions as prediction_services
+from diagnosis.services import runtime
 from diagnosis.services.images import claim_image, requeue_stale_images, submit_image
 from diagnosis.services.predictions import process_image, record_prediction
 from diagnosis.services.registry import activate_model, register_model
@@ -218,7 +219,7 @@ def test_transient_errors_do_not_count_as_attempts_or_fail_the_image(queued_imag
 def test_unloadable_model_leaves_the_image_queued(queued_image, active_model):
     from diagnosis.services.predictions import ModelUnavailable
 
-    prediction_services.predictors.clear()  # no cached predictor: the weights must be read
+    runtime.predictors.clear()  # no cached predictor: the weights must be read
     default_storage.delete(active_model.weights.name)
     ModelVersion.objects.filter(pk=active_model.pk).update(weights_sha256="f" * 64)  # not in any local cache
     with pytest.raises(ModelUnavailable):

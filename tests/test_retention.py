@@ -10,7 +10,7 @@ from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from diagnosis.models import AuditEvent, Explanation, Feedback, Lesion, LesionImage, Patient, Prediction, UploadFeatures
-from diagnosis.services.explanations import render_explanation
+from diagnosis.services.explanation_files import render_explanation
 from diagnosis.services.feedback import record_outcome
 from diagnosis.services.patients import create_lesion, create_patient
 from diagnosis.services.predictions import process_image
@@ -133,7 +133,7 @@ def test_pictures_drawn_while_the_patient_is_erased_are_not_left_behind(clinicia
 
     settings.AUTO_EXPLAIN_METHODS = []
     monkeypatch.setattr("diagnosis.services.images.announce_upload", lambda image_id, **_: None)  # no broker
-    monkeypatch.setattr("diagnosis.services.explanations.enqueue_render", lambda explanation_id: None)
+    monkeypatch.setattr("diagnosis.services.explanation_files.enqueue_render", lambda explanation_ids: None)
     clinic = clinician.clinic_membership.clinic
     patient = create_patient(clinic=clinic, reference="PT-RACE", created_by=clinician)
     lesion = create_lesion(patient=patient, body_site="back", created_by=clinician)
@@ -141,7 +141,7 @@ def test_pictures_drawn_while_the_patient_is_erased_are_not_left_behind(clinicia
     image = submit_image(uploader=clinician, clinic=clinic, lesion=lesion, upload=upload_file(lesion_jpeg(seed=9)))
     assert process_image(image_id=str(image.pk), worker_id="w") == "done"
     gradcam = Explanation.objects.get(image=image, method="gradcam")
-    assert gradcam.attribution and not gradcam.overlay  # its pictures are still to be drawn
+    assert gradcam.raw_map is not None and not gradcam.overlay  # its pictures are still to be drawn
 
     drawn, drawers = [], []
 

@@ -36,7 +36,7 @@ from schemathesis import GenerationMode
 from schemathesis.errors import FailureGroup
 
 from diagnosis.models import Explanation, LesionImage
-from diagnosis.services.explanations import render_explanation
+from diagnosis.services.explanation_files import render_explanation
 from diagnosis.services.images import submit_batch, submit_image
 from diagnosis.services.predictions import process_image
 from diagnosis.services.tokens import create_api_token

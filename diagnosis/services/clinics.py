@@ -3,20 +3,9 @@ from __future__ import annotations
 from django.contrib.auth import get_user_model
 from django.db import transaction
 
-from ..models import Clinic, ClinicMembership
+from ..models import Clinic, ClinicMembership, clinic_of
 
-
-def clinic_of(user) -> Clinic | None:
-    """The clinic whose data this user may see, or None (anonymous, or staff without a clinic)."""
-    if user is None or not getattr(user, "is_authenticated", False):
-        return None
-    cached = getattr(user, "_clinic_cache", None)
-    if cached is not None:
-        return cached
-    membership = ClinicMembership.objects.select_related("clinic").filter(user=user).first()
-    clinic = membership.clinic if membership else None
-    user._clinic_cache = clinic
-    return clinic
+__all__ = ["clinic_of", "create_clinician"]
 
 
 @transaction.atomic

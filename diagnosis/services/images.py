@@ -18,11 +18,13 @@ from django.db.models.functions import Greatest
 from django.utils import timezone
 
 from mlcore.preprocessing import ImageValidationError, prepare_upload
-from webapp.request_id import set_image_id
 
-from ..models import AuditEvent, Clinic, ImageState, Lesion, LesionImage
+from ..log_context import set_image_id
+from ..models import AuditEvent, Clinic, Explanation, ImageState, Lesion, LesionImage, UploadBatch
+from . import explanation_files, explanations, wakeups
 from .audit import record_event, record_events
 from .transactions import update_returning
+from .wakeups import enqueue_prediction
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ __all__ = [
     "ImageValidationError",
     "submit_image",
     "claim_image",
+    "claim_images",
+    "enqueue_prediction",
     "fail_image",
     "release_image",
     "requeue_stale_images",
@@ -135,9 +139,7 @@ def _replay(*, uploader, clinic: Clinic, key: str, data: bytes) -> LesionImage |
 def announce_upload(image_id: str, *, file: str = "") -> None:
     """Wake an inference worker for a new upload, unless enough messages are already waiting for one
     (services.wakeups): the worker that takes one of them gathers this photo into its batch. `file`,
-    the stored photo's name, travels with the message (see enqueue_prediction)."""
-    from . import wakeups
-
+    the stored photo's name, travels with the message (see wakeups.enqueue_prediction)."""
     if not wakeups.ring():
         return
     try:
@@ -147,17 +149,14 @@ def announce_upload(image_id: str, *, file: str = "") -> None:
         raise
 
 
-def enqueue_prediction(image_id: str, *, file: str = "") -> None:
-    """Publish one message for this image (the sweeper, and a rung upload). `file`, the stored photo's
-    name, travels as a message header that lets an idle worker start decoding it before it has claimed
-    the image (predictions.decode_ahead): a hint, used only if the claimed image has that very file."""
-    from ..tasks import UPLOAD_FILE_HEADER, predict_image_task
-
-    predict_image_task.apply_async(args=[image_id], headers={UPLOAD_FILE_HEADER: file} if file else None)
-
-
 def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:
-    """Move an image from queued to processing with one conditional UPDATE; None if not ours to take.
+    """Move an image from queued to processing with one conditional UPDATE; None if not ours to take."""
+    claimed = claim_images(image_ids=[image_id], worker_id=worker_id)
+    return claimed[0] if claimed else None
+
+
+def claim_images(*, image_ids: list[str], worker_id: str) -> list[LesionImage]:
+    """Move the images that are ours to take from queued to processing, in one UPDATE that returns them.
 
     A processing claim can be taken over when it is stale (its worker died) or when it is this
     very message being redelivered after its worker was lost.
@@ -167,9 +166,9 @@ def claim_image(*, image_id: str, worker_id: str) -> LesionImage | None:
     claimable = Q(state=ImageState.QUEUED) | Q(state=ImageState.PROCESSING, claimed_at__lt=stale_before)
     if worker_id:
         claimable |= Q(state=ImageState.PROCESSING, claimed_by=worker_id)
-    claimed = update_returning(LesionImage.objects.filter(pk=image_id).filter(claimable), state=ImageState.PROCESSING,
-                               claimed_at=now, claimed_by=worker_id, attempts=F("attempts") + 1)  # fmt: skip
-    return claimed[0] if claimed else None
+    return update_returning(LesionImage.objects.filter(pk__in=image_ids).filter(claimable),
+                            state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id,
+                            attempts=F("attempts") + 1)  # fmt: skip
 
 
 def fail_image(*, image_id: str, reason: str, worker_id: str | None = None) -> None:
@@ -185,7 +184,17 @@ def release_image(*, image_id: str, worker_id: str) -> None:
     """Give our claim back after a temporary error (database, storage or model briefly unavailable)
     so a later attempt can take it. Such an attempt says nothing about the image, so it is not
     counted towards MAX_PROCESSING_ATTEMPTS."""
-    LesionImage.objects.filter(pk=image_id, state=ImageState.PROCESSING, claimed_by=worker_id).update(
+    _release(LesionImage.objects.filter(pk=image_id), worker_id)
+
+
+def release_images(*, worker_id: str) -> None:
+    """release_image for every image this worker id has claimed, in one statement (after a database
+    error: a claim whose answer was lost with the connection is given back too)."""
+    _release(LesionImage.objects.all(), worker_id)
+
+
+def _release(images, worker_id: str) -> None:
+    images.filter(state=ImageState.PROCESSING, claimed_by=worker_id).update(
         state=ImageState.QUEUED, claimed_at=None, claimed_by="", enqueued_at=timezone.now(),
         attempts=Greatest(F("attempts") - 1, 0),
     )  # fmt: skip
@@ -227,9 +236,6 @@ def requeue_stale_images(*, now=None) -> dict[str, int]:
 
 def requeue_stale_explanations(*, now) -> int:
     """Explanations whose message or worker was lost: draw a stored Grad-CAM again, or compute again."""
-    from ..models import Explanation
-    from .explanations import enqueue_explanation, enqueue_render
-
     waiting_since = now - timedelta(seconds=settings.REQUEUE_AFTER_SECONDS)
     dead_claim = now - timedelta(seconds=settings.CLAIM_TIMEOUT_SECONDS)
     never_sent_again = Q(claimed_at__isnull=True) | Q(claimed_at__lt=waiting_since)
@@ -240,10 +246,11 @@ def requeue_stale_explanations(*, now) -> int:
     count = 0
     for explanation in stuck:
         try:
-            if explanation.method == "gradcam" and explanation.attribution and not explanation.overlay:
-                enqueue_render(str(explanation.pk))
+            drawn_later = explanation.raw_map is not None or explanation.attribution
+            if explanation.method == "gradcam" and drawn_later and not explanation.overlay:
+                explanation_files.enqueue_render([str(explanation.pk)])
             else:
-                enqueue_explanation(str(explanation.pk))
+                explanations.enqueue_explanation(str(explanation.pk))
         except Exception:
             logger.warning("could not enqueue explanation %s; will retry on the next sweep", explanation.pk)
             break
@@ -259,8 +266,6 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
     ones are recorded together (one transaction: the batch, their rows, their audit events), so a
     database error accepts none of them and leaves no file behind. Returns
     (batch, [(position, image)], [(position, code, message)])."""
-    from ..models import UploadBatch
-
     if lesion is not None and lesion.patient.clinic_id != clinic.pk:
         raise ValidationError({"lesion": ["Unknown lesion."]})
     accepted, rejected = [], []
@@ -292,8 +297,6 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
 def announce_batch(image_ids: list[str]) -> None:
     """Wake inference workers for a batch upload: one message per INFERENCE_BATCH_SIZE photos (each task
     gathers a batch's worth of them), or one per photo when wake-ups are not coalesced."""
-    from . import wakeups
-
     step = max(1, settings.INFERENCE_BATCH_SIZE) if wakeups.enabled() else 1
     for start in range(0, len(image_ids), step):
         announce_upload(image_ids[start])  # no file: the task takes a batch's worth of photos anyway

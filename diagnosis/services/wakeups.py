@@ -28,6 +28,9 @@ import logging
 
 from django.conf import settings
 
+from ..models import ImageState, LesionImage
+from . import dispatch
+
 logger = logging.getLogger(__name__)
 
 KEY = "melanoma:inference:waiting-messages"
@@ -110,9 +113,6 @@ def reset() -> None:
 def ring_for_waiting(*, queued_before) -> None:
     """After a task: if never-attempted photos queued before it started are still waiting, make sure a
     message will gather them."""
-    from ..models import ImageState, LesionImage
-    from .images import enqueue_prediction
-
     if not enabled():
         return
     try:
@@ -126,3 +126,12 @@ def ring_for_waiting(*, queued_before) -> None:
                 raise
     except Exception as exc:  # the sweeper publishes them later
         logger.warning("could not wake a worker for the photos still queued: %s", exc)
+
+
+def enqueue_prediction(image_id: str, *, file: str = "") -> None:
+    """Publish one message for this image (the sweeper, a rung upload, a task for the photos it left).
+    `file`, the stored photo's name, travels as a message header that lets an idle worker start decoding
+    it before it has claimed the image (decoding.decode_ahead): a hint, used only if the claimed image
+    has that very file."""
+    headers = {dispatch.UPLOAD_FILE_HEADER: file} if file else None
+    dispatch.send(dispatch.PREDICT, args=[image_id], headers=headers)

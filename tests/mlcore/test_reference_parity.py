@@ -30,7 +30,7 @@ def large_photo(width: int = 2400, height: int = 1800, orientation: int = 6) -> 
 
 
 def test_a_large_photo_gets_the_same_drift_features_in_training_and_in_service(tmp_path):
-    from diagnosis.services.predictions import _decode_and_prepare
+    from diagnosis.services.decoding import _decode_and_prepare
 
     data = large_photo()
     (tmp_path / "benign").mkdir()

@@ -1,0 +1,180 @@
+"""An explanation's files: a JPEG overlay with a legend, a transparent PNG heatmap and the raw
+attribution as a float16 .npy, all in storage, written before the row is marked done.
+
+Grad-CAM comes with every prediction. The inference worker keeps its small raw map in the row itself
+(`raw_map`: a few hundred bytes, in the batch's one INSERT, so it writes no file per photo) and sends
+one message per batch; a worker on the default queue then draws the pictures and writes the .npy
+(render_explanations)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+import uuid
+
+import numpy as np
+from django.conf import settings
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from mlcore.heatmap import attribution_npy, render
+from mlcore.methods import METHOD_LABELS, PIXEL_LEVEL
+from mlcore.preprocessing import ImageValidationError, decode_image
+
+from .. import metrics
+from ..log_context import set_image_id
+from ..models import Explanation, LesionImage, ModelVersion
+from . import dispatch
+from .explanations import canonical_key
+from .transactions import savepoint_if_inside
+
+DISPLAY_MAX_SIDE = 1024  # = mlcore.heatmap.DISPLAY_MAX_SIDE; explanations never need more pixels
+
+logger = logging.getLogger(__name__)
+
+
+def store_result(*, explanation: Explanation, image, attribution_map, raw=None, seconds: float,
+                 convergence_delta: float | None) -> bool:  # fmt: skip
+    """Render and store the files, then mark the explanation done (files first, so a done explanation
+    always has them). With raw=None no attribution file is written (one stored earlier is kept).
+    False when another worker finished it first (its files are kept, these deleted)."""
+    overlay, heatmap = render(
+        image, attribution_map, signed=True, smooth=explanation.method in PIXEL_LEVEL,
+        method_label=METHOD_LABELS[explanation.method], target_class=explanation.target_class,
+    )  # fmt: skip
+    folder = f"explanations/{uuid.uuid4().hex}"
+    names = []
+    try:
+        names.append(default_storage.save(f"{folder}/overlay.jpg", ContentFile(overlay)))
+        names.append(default_storage.save(f"{folder}/heatmap.png", ContentFile(heatmap)))
+        fields = {"overlay": names[0], "heatmap": names[1]}
+        if raw is not None:
+            names.append(default_storage.save(f"{folder}/attribution.npy", ContentFile(attribution_npy(raw))))
+            fields["attribution"] = names[2]
+        updated = Explanation.objects.filter(pk=explanation.pk).exclude(state=Explanation.State.DONE).update(
+            state=Explanation.State.DONE, error="", convergence_delta=convergence_delta, duration_ms=seconds * 1000,
+            finished_at=timezone.now(), claimed_at=None, raw_map=None, **fields,
+        )  # fmt: skip
+    except BaseException:
+        for name in names:
+            default_storage.delete(name)
+        raise
+    metrics.observe_explanation(method=explanation.method, seconds=seconds)
+    if not updated:  # another worker finished it first: keep theirs
+        for name in names:
+            default_storage.delete(name)
+    return bool(updated)
+
+
+def _gradcam_row(image: LesionImage, model_version: ModelVersion, result, cam, seconds: float) -> Explanation:
+    target_index = list(model_version.class_names).index(result.label)
+    return Explanation(
+        image=image, model_version=model_version, method="gradcam", params_key=canonical_key("gradcam", {},
+        target_index), params={}, target_index=target_index, target_class=result.label,
+        state=Explanation.State.PROCESSING, claimed_at=timezone.now(), raw_map=attribution_npy(cam),
+        duration_ms=seconds * 1000,
+    )  # fmt: skip
+
+
+def record_gradcams(items, *, model_version: ModelVersion, seconds: float) -> None:
+    """Keep the Grad-CAM maps that a batch's prediction pass computed, for (image, result, cam) items:
+    one INSERT with the raw maps in the rows, and one message on the default queue to draw the batch's
+    pictures (render_explanations), so an inference worker (a GPU machine, say) spends no time encoding
+    images or writing files. When the INSERT fails (an image predicted again already has its row, say),
+    each is recorded on its own. Never raises: a heatmap problem must not undo stored predictions."""
+    if not items:
+        return
+    try:
+        rows = [_gradcam_row(image, model_version, result, cam, seconds) for image, result, cam in items]
+        with savepoint_if_inside():
+            Explanation.objects.bulk_create(rows)
+    except Exception as exc:
+        if not isinstance(exc, IntegrityError):
+            logger.warning("Grad-CAM maps of a batch of %d could not be stored together (%s); one by one",
+                           len(items), type(exc).__name__)  # fmt: skip
+        rows = []
+        for image, result, cam in items:
+            try:
+                rows.append(record_gradcam(image=image, model_version=model_version, result=result, cam=cam,
+                                           seconds=seconds))  # fmt: skip
+            except Exception:
+                logger.exception("Grad-CAM could not be stored for image %s", image.pk)
+        rows = [row for row in rows if row is not None and row.state != Explanation.State.DONE]
+    ids = [str(row.pk) for row in rows]
+    if ids:
+        transaction.on_commit(lambda: enqueue_render(ids), robust=True)
+
+
+def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, cam, seconds: float) -> Explanation:
+    """record_gradcams for one image whose row may exist already (predicted again): its map is replaced
+    unless its pictures are drawn. The caller sends the render message."""
+    row = _gradcam_row(image, model_version, result, cam, seconds)
+    try:
+        with savepoint_if_inside():  # a first prediction, the usual case: one INSERT
+            row.save(force_insert=True)
+            return row
+    except IntegrityError:  # predicted again (a redelivered message, say): the row exists
+        explanation = Explanation.objects.get(image=image, model_version=model_version, method="gradcam",
+                                              params_key=row.params_key)  # fmt: skip
+        if explanation.state != Explanation.State.DONE:
+            Explanation.objects.filter(pk=explanation.pk).update(raw_map=row.raw_map, duration_ms=row.duration_ms)
+        return explanation
+
+
+def enqueue_render(explanation_ids: list[str]) -> None:
+    """One message to draw the pictures of several Grad-CAM explanations."""
+    dispatch.send(dispatch.RENDER, args=list(explanation_ids))
+
+
+def render_explanations(*, explanation_ids: list[str]) -> dict[str, str]:
+    """render_explanation for each of a batch's Grad-CAM explanations; one's problem is its own."""
+    outcomes = {}
+    for explanation_id in explanation_ids:
+        try:
+            outcomes[explanation_id] = render_explanation(explanation_id=explanation_id)
+        except Exception:
+            logger.exception("the Grad-CAM pictures of %s could not be drawn now", explanation_id)
+            outcomes[explanation_id] = "error"  # the sweeper sends it again
+    return outcomes
+
+
+def render_explanation(*, explanation_id: str) -> str:
+    """Draw the overlay and heatmap of an explanation whose raw map is stored (Grad-CAM), and write the
+    map as the downloadable .npy."""
+    explanation = Explanation.objects.select_related("image").filter(pk=explanation_id).first()
+    if explanation is None or explanation.state == Explanation.State.DONE:
+        return "skipped"
+    if explanation.raw_map is None and not explanation.attribution:
+        return "skipped"
+    set_image_id(explanation.image_id)
+    started = time.perf_counter()
+    try:
+        raw = _raw_map(explanation)
+        with explanation.image.file.open("rb") as handle:
+            decoded = decode_image(
+                handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS, max_side=DISPLAY_MAX_SIDE
+            )
+    except (FileNotFoundError, ImageValidationError, ValueError) as exc:
+        Explanation.objects.filter(pk=explanation_id).exclude(state=Explanation.State.DONE).update(
+            state=Explanation.State.FAILED,
+            error=f"The explanation could not be drawn: {exc}",
+            finished_at=timezone.now(),
+        )
+        return "failed"
+    attribution_map = raw if raw.ndim == 2 else raw.sum(axis=0)
+    store_result(explanation=explanation, image=decoded.image, attribution_map=attribution_map,
+                 raw=raw if explanation.raw_map is not None else None,
+                 seconds=(explanation.duration_ms or 0) / 1000 + time.perf_counter() - started,
+                 convergence_delta=None)  # fmt: skip
+    return "done"
+
+
+def _raw_map(explanation: Explanation) -> np.ndarray:
+    """The map kept in the row, or (drawn by an older release) in its .npy file."""
+    if explanation.raw_map is not None:
+        return np.load(io.BytesIO(bytes(explanation.raw_map)), allow_pickle=False).astype(np.float32)
+    with explanation.attribution.open("rb") as handle:
+        return np.load(handle, allow_pickle=False).astype(np.float32)

@@ -1,0 +1,93 @@
+"""A worker process's long-lived resources: the model of each version (loaded once), the threads that
+read and decode photos, and the one thread that runs batches on the device (services.engine)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from django.conf import settings
+
+from ..models import ModelVersion
+from .registry import VersionCache, cached_weights_path
+
+logger = logging.getLogger(__name__)
+
+
+def _load_predictor(model_version: ModelVersion):
+    # torch is loaded only in the processes that run a model, never in the web tier.
+    from mlcore.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(cached_weights_path(model_version), device=settings.INFERENCE_DEVICE)
+    logger.info("loaded model %s on %s", model_version.version, predictor.device)
+    return predictor
+
+
+predictors = VersionCache(_load_predictor)
+
+
+def predictor_for(model_version: ModelVersion):
+    """The process-wide Predictor of this version."""
+    return predictors.get(model_version)
+
+
+def _build_explainer(model_version: ModelVersion):
+    # captum and torch: only in the processes that explain.
+    from mlcore.explain import Explainer
+
+    predictor = predictor_for(model_version)  # share its model: no second copy in memory
+    return Explainer(
+        predictor.model, predictor.meta, device=predictor.device,
+        memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20, precision=settings.EXPLAIN_PRECISION,
+        executor=decoder_pool(),
+    )  # fmt: skip
+
+
+explainers = VersionCache(_build_explainer)
+
+
+def explainer_for(model_version: ModelVersion):
+    """The process-wide Explainer of this version."""
+    return explainers.get(model_version)
+
+
+_pools: dict[str, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def decoder_pool() -> ThreadPoolExecutor:
+    """Threads that read and decode a batch's photos (Pillow releases the GIL), DECODE_THREADS of them;
+    one pool per process, for predictions and explanations alike."""
+    return _pool("decode", max(1, settings.DECODE_THREADS))
+
+
+def device_thread() -> ThreadPoolExecutor:
+    """The one thread that runs batches on the device, so that the task's own thread claims, decodes
+    and records the batches before and after the one being run (services.engine). One per process:
+    batches reach the device one at a time, in the order they were handed over."""
+    return _pool("device", 1, initializer=_same_torch_threads, initargs=(_torch_threads(),))
+
+
+def _pool(name: str, workers: int, **options) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if name not in _pools:
+            _pools[name] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name, **options)
+        return _pools[name]
+
+
+def _torch_threads() -> int | None:
+    try:
+        import torch  # already loaded in a process that runs a model; not loaded here otherwise
+    except ImportError:
+        return None
+    return torch.get_num_threads()
+
+
+def _same_torch_threads(threads: int | None) -> None:
+    """A new thread runs torch's operators with the intra-op thread count the process was given
+    (webapp.celery sizes it to the child's share of the cores); OpenMP keeps that count per thread."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
