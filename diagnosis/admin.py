@@ -2,7 +2,7 @@ from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.core.files.storage import default_storage
 from django.http import FileResponse, Http404
-from django.shortcuts import get_object_or_404
+from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
@@ -329,8 +329,6 @@ class DriftReportAdmin(ReadOnlyAdmin):
     exclude = ["features"]
 
     def changelist_view(self, request, extra_context=None):
-        from django.shortcuts import redirect
-
         return redirect("drift-dashboard")
 
 

@@ -12,10 +12,8 @@ from django.utils import timezone
 from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
-from mlcore import plots
-
 from .models import DriftReport, MonitoringAlert, UploadFeatures
-from .services import monitoring
+from .services import dispatch, drift_plots, monitoring
 from .services.registry import active_model_version
 
 TIMELINE_REPORTS = 60
@@ -33,16 +31,7 @@ def dashboard(request):
         report = reports.first()
     features = report.features if report else []
     recent = list(reports[:TIMELINE_REPORTS])
-    timeline = []
-    for past in reversed(recent):
-        judged = [f for f in past.features if f.get("p_value") is not None]
-        smallest = min(judged, key=lambda f: f["p_value"]) if judged else None
-        timeline.append({
-            "created_at": past.created_at, "status": past.status,
-            "min_p": smallest["p_value"] if smallest else None,
-            "threshold": past.alpha / max(len(judged), 1),
-        })  # fmt: skip
-    prediction = next((f for f in features if f["feature"] == "probability_malignant"), None)
+    charts = drift_plots.dashboard_plots(report, recent)  # SVG drawn by matplotlib from numbers: safe to inline
     model_version = active_model_version()
     context = {
         **admin.site.each_context(request),
@@ -51,9 +40,9 @@ def dashboard(request):
         "reports": recent[:20],
         "groups": _grouped(features),
         "embedding_features": [f for f in features if f["group"] == "embedding"],
-        "histograms_svg": mark_safe(plots.drift_histograms_svg(features)),
-        "prediction_svg": mark_safe(plots.drift_histograms_svg([prediction], columns=1)) if prediction else "",
-        "timeline_svg": mark_safe(plots.drift_timeline_svg(timeline)),
+        "histograms_svg": mark_safe(charts.histograms_svg),
+        "prediction_svg": mark_safe(charts.prediction_svg),
+        "timeline_svg": mark_safe(charts.timeline_svg),
         "open_alerts": MonitoringAlert.objects.filter(closed_at__isnull=True),
         "recent_alerts": MonitoringAlert.objects.select_related("report")[:10],
         "performance": monitoring.live_performance(model_version),
@@ -77,10 +66,8 @@ def _grouped(features: list[dict]) -> list[tuple[str, list[dict]]]:
 
 @require_POST
 def run_now(request):
-    from .tasks import drift_report_task
-
     try:
-        drift_report_task.apply_async(kwargs={"triggered_by": request.user.get_username()})
+        dispatch.send(dispatch.DRIFT_REPORT, kwargs={"triggered_by": request.user.get_username()})
     except Exception as exc:  # the broker is down: say so instead of a 500
         messages.error(request, f"The report could not be queued ({exc}). Is the broker running?")
     else:

@@ -15,7 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from django.conf import settings
+from prometheus_client import CollectorRegistry, Counter, Histogram, multiprocess, start_http_server, values
 from prometheus_client.core import GaugeMetricFamily
 
 logger = logging.getLogger(__name__)
@@ -60,8 +61,6 @@ def observe_explanation(*, method: str, seconds: float) -> None:
 
 
 def known_queues() -> list[str]:
-    from django.conf import settings
-
     routed = {route["queue"] for route in settings.CELERY_TASK_ROUTES.values() if "queue" in route}
     return sorted(routed | {settings.CELERY_TASK_DEFAULT_QUEUE})
 
@@ -111,8 +110,6 @@ def use_multiprocess_dir() -> Path:
     PROMETHEUS_MULTIPROC_DIR (a fresh temporary folder when unset). Leftovers of an earlier run are
     removed, so one folder must belong to one worker process tree."""
     global _own_multiprocess_dir
-    from prometheus_client import values
-
     if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         _own_multiprocess_dir = Path(tempfile.mkdtemp(prefix="prometheus-worker-"))
     path = _own_multiprocess_dir or Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
@@ -133,7 +130,6 @@ def remove_own_multiprocess_dir() -> None:
 
 def start_metrics_server(*, app, port: int, addr: str) -> None:
     """Serve the sum over every process of this worker, plus the queue depths, on addr:port."""
-    from prometheus_client import multiprocess, start_http_server
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)

@@ -9,6 +9,8 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import gaussian_filter
 
+from .preprocessing import decode_image
+
 DISPLAY_MAX_SIDE = 1024  # overlays are rendered at most this large, whatever the upload's size
 LEGEND_HEIGHT = 56
 
@@ -22,11 +24,6 @@ def display_jpeg(data: bytes, max_side: int, *, quality: int = 90, **limits) -> 
     """A photo's bytes as a JPEG for the screen: decoded like the model's input and the heatmaps'
     (upright, colour-managed, transparency over white; a large JPEG at a reduced DCT scale), at most
     max_side on its longer side, from the pixels only (no metadata). `limits` go to decode_image."""
-    import io
-
-    from PIL import Image
-
-    from .preprocessing import decode_image
 
     decoded = decode_image(data, max_side=max_side, **limits)
     picture = decoded.image

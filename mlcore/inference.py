@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .drift import FEATURE_SIZE
 from .model import CheckpointMeta, load_checkpoint, log_odds, resnet_features, resnet_head
 from .preprocessing import TransformSpec, to_tensor
 
@@ -188,7 +190,6 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
 def warm_up(predictor: Predictor, batch_sizes: Sequence[int] = (1,)) -> float:
     """One pass per batch size on grey images, so that the first real upload does not pay for CUDA's
     context, cuDNN's algorithm search or the allocator's first blocks. Returns the seconds it took."""
-    import time
 
     started = time.perf_counter()
     size = predictor.meta.input_size
@@ -204,7 +205,6 @@ def decode_side(input_size: int) -> int:
     """The longest side a worker decodes a JPEG at (Pillow's draft mode picks the smallest DCT scale at
     least this large): twice what the model and the drift features resize to, so the final resize
     still averages over several source pixels and matches a full decode closely."""
-    from .drift import FEATURE_SIZE
 
     return 2 * max(input_size, FEATURE_SIZE)
 

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import platform
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy
 import numpy as np
+import PIL
 import torch
 from torch import nn
 
@@ -188,8 +192,6 @@ def logits_and_embeddings(model: nn.Module, items, spec: TransformSpec, batch_si
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-    import PIL
     import torch
     import torchvision
 
@@ -285,8 +287,6 @@ def sweep_configs(spec: dict[str, Any], base: TrainConfig, *, seed: int = 0) -> 
 
     spec: {"method": "grid"|"random", "trials": N (random only), "parameters": {name: [values]}}
     """
-    import itertools
-    import random
 
     allowed = {"lr", "batch_size", "arch", "epochs", "weight_decay"}
     parameters = spec.get("parameters") or {}

@@ -130,15 +130,15 @@ def test_another_clinics_image_and_a_bad_id_are_refused_before_any_stream(api_cl
 
 @pytest.mark.django_db(transaction=True)  # closing a response closes the connection, as a server does
 def test_streams_per_process_are_capped_and_given_back(api_client, settings, monkeypatch):
-    from diagnosis.api import views
+    from diagnosis.services import events as event_services
 
     settings.STATUS_STREAM_SECONDS = 5
     image_id = post_unannounced(api_client, monkeypatch)
     url = f"/api/v1/images/{image_id}/events/"
     held = []
-    while views._STREAMS.acquire(blocking=False):  # every slot but the one the test uses
+    while event_services._STREAMS.acquire(blocking=False):  # every slot but the one the test uses
         held.append(True)
-    views._STREAMS.release()
+    event_services._STREAMS.release()
     held.pop()
     try:
         first = api_client.get(url)  # holds the last slot until it is closed
@@ -151,15 +151,15 @@ def test_streams_per_process_are_capped_and_given_back(api_client, settings, mon
         second.close()
     finally:
         for _ in held:
-            views._STREAMS.release()
+            event_services._STREAMS.release()
     settings.STATUS_STREAM_MAX = 0  # streams turned off
     assert api_client.get(url).status_code == 429
 
 
 def test_a_quiet_stream_sends_keep_alive_comments(api_client, settings, monkeypatch):
-    from diagnosis.api import views
+    from diagnosis.services import events as event_services
 
-    monkeypatch.setattr(views, "STREAM_PING_SECONDS", 0.1)
+    monkeypatch.setattr(event_services, "STREAM_PING_SECONDS", 0.1)
     settings.STATUS_STREAM_SECONDS = 0.5
     image_id = post_image(api_client)
     text = b"".join(api_client.get(f"/api/v1/images/{image_id}/events/").streaming_content).decode()

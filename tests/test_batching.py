@@ -114,6 +114,9 @@ def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
                           log_path=tmp_path_factory.mktemp("second-worker") / "worker.log", queues="inference",
                           name=f"second-{uuid.uuid4().hex[:6]}@%h")  # fmt: skip
     try:
+        # Both warmed up before the uploads: a worker still loading its model would find them all taken by
+        # the other one, whose task keeps claiming batches while photos are queued (services.engine).
+        wait_for(lambda: "warmed up model" in second.log(), 60, message="the second worker's warm-up")
         photos = [lesion_jpeg(seed=seed, size=64) for seed in range(10)]
         ids = []
         with transaction.atomic():

@@ -5,8 +5,13 @@ from __future__ import annotations
 import logging
 import time
 
+from django.conf import settings
+from django.core.files.storage import default_storage
 from django.db import connection
 from django.http import JsonResponse
+
+from diagnosis.services.registry import active_model_version
+from webapp.celery import app
 
 logger = logging.getLogger(__name__)
 
@@ -23,10 +28,6 @@ def _database() -> str | None:
 
 
 def _broker() -> str | None:
-    from django.conf import settings
-
-    from webapp.celery import app
-
     with app.connection_for_write(url=settings.CELERY_BROKER_URL) as conn:
         conn.ensure_connection(max_retries=1, timeout=2)
         # Redis connects lazily: ask the server itself (the filesystem broker has no client to ask).
@@ -37,8 +38,6 @@ def _broker() -> str | None:
 
 
 def _storage() -> str | None:
-    from django.core.files.storage import default_storage
-
     bucket_name = getattr(default_storage, "bucket_name", None)
     if bucket_name:  # S3: a missing bucket must fail, not read as a missing file
         default_storage.connection.meta.client.head_bucket(Bucket=bucket_name)
@@ -48,8 +47,6 @@ def _storage() -> str | None:
 
 
 def _model() -> str | None:
-    from diagnosis.services.registry import active_model_version
-
     return None if active_model_version() is not None else "no model version is active"
 
 

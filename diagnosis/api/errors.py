@@ -8,6 +8,7 @@ from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import InterfaceError, OperationalError
 from django.http import Http404, JsonResponse
+from drf_spectacular.utils import OpenApiResponse
 from rest_framework import exceptions, serializers, status
 from rest_framework.views import exception_handler as drf_exception_handler
 
@@ -92,8 +93,6 @@ def json_server_error(request):
 
 def error_responses(*codes: int) -> dict:
     """Schema entries for the error responses an endpoint can give."""
-    from drf_spectacular.utils import OpenApiResponse
-
     descriptions = {
         400: "Invalid input; `errors` names each bad field.",
         401: "Missing, invalid, expired or revoked token.",

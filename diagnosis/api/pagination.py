@@ -1,4 +1,5 @@
-from rest_framework.exceptions import ValidationError
+from django.utils.dateparse import parse_datetime
+from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.pagination import CursorPagination
 
 
@@ -10,15 +11,11 @@ class NewestFirstPagination(CursorPagination):
     max_page_size = 200
 
     def decode_cursor(self, request):
-        from rest_framework.exceptions import NotFound
-
         try:
             cursor = super().decode_cursor(request)
         except NotFound:
             raise ValidationError({"cursor": ["Invalid cursor; follow the 'next' and 'previous' links."]}) from None
         if cursor is not None and cursor.position is not None:
-            from django.utils.dateparse import parse_datetime
-
             try:
                 valid = parse_datetime(cursor.position) is not None
             except ValueError:

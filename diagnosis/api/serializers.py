@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from django.conf import settings
+from django.core.exceptions import ValidationError as DjangoValidationError
 from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -19,8 +21,6 @@ class ClinicScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
         return self.queryset.visible_to(self.context["request"].user)
 
     def to_internal_value(self, data):
-        from django.core.exceptions import ValidationError as DjangoValidationError
-
         try:
             return self.get_queryset().get(pk=data)
         except (self.queryset.model.DoesNotExist, DjangoValidationError, ValueError, TypeError):
@@ -231,8 +231,6 @@ class BatchUploadSerializer(serializers.Serializer):
     )  # fmt: skip
 
     def validate_images(self, files):
-        from django.conf import settings
-
         if len(files) > settings.MAX_BATCH_FILES:
             raise serializers.ValidationError(
                 f"{len(files)} files were sent; a batch takes at most {settings.MAX_BATCH_FILES}."

@@ -1,6 +1,10 @@
 from rest_framework.routers import SimpleRouter
 
-from .views import BatchViewSet, ExplanationViewSet, ImageViewSet, LesionViewSet, PatientViewSet
+from .views.batches import BatchViewSet
+from .views.explanations import ExplanationViewSet
+from .views.images import ImageViewSet
+from .views.lesions import LesionViewSet
+from .views.patients import PatientViewSet
 
 app_name = "api"
 

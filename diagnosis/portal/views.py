@@ -8,7 +8,6 @@ no-store caching rules.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import wraps
 from urllib.parse import urlencode
 
@@ -17,46 +16,32 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Count, F, Max, OuterRef, Prefetch, Subquery
-from django.http import FileResponse, Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
+from django.db.models import Count, F, Max, OuterRef, Subquery
+from django.http import Http404, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from ..models import (
-    ApiToken,
-    AuditEvent,
-    Explanation,
-    Feedback,
-    ImageState,
-    Lesion,
-    LesionImage,
-    Patient,
-    Prediction,
-)
+from mlcore.methods import METHOD_LABELS, method_label
+
+from ..models import ApiToken, AuditEvent, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
+from ..services import files as file_services
 from ..services import images as image_services
 from ..services import patients as patient_services
 from ..services import tokens as token_services
 from ..services.audit import record_event
 from ..services.clinics import clinic_of
+from ..services.previews import PreviewUnavailable, preview_jpeg
 from .forms import AssessmentForm, HistoryFilterForm, LesionForm, OutcomeForm, PatientForm, TokenForm
+from .results import explanation_payload, result_explanations, result_of, status_payload, timeline, with_predictions
 
 VIA = "portal"
 
 
-def method_labels() -> dict[str, str]:
-    """Explanation methods and their names (imported lazily: mlcore.explain loads torch, which the web
-    tier otherwise never needs)."""
-    from mlcore.explain import METHOD_LABELS
-
-    return METHOD_LABELS
-
-
-FINAL_STATES = {ImageState.DONE, ImageState.FAILED}
 # The result page has two feedback forms with a "note" each: distinct ids keep each label on its field.
 ASSESSMENT_IDS, OUTCOME_IDS = "assessment_%s", "outcome_%s"
 
@@ -84,143 +69,6 @@ def wants_json(request) -> bool:
 def audit(request, action: str, obj) -> None:
     record_event(actor=request.user, action=action, obj=obj, clinic=request.clinic, via=VIA,
                  ip_address=request.META.get("REMOTE_ADDR"))  # fmt: skip
-
-
-def with_predictions(queryset):
-    return queryset.prefetch_related(
-        Prefetch("predictions", queryset=Prediction.objects.select_related("model_version"))
-    )
-
-
-# --- results, in words --------------------------------------------------------------------------
-
-
-@dataclass
-class Decision:
-    probability: float
-    threshold: float
-    above: bool
-    title: str
-    advice: str
-    model_version: str
-
-    @property
-    def digits(self) -> int:
-        # As many decimals as it takes for the probability and the threshold not to look equal
-        # (e.g. not "50%" above a "50%" threshold), up to 3.
-        for digits in range(4):
-            if f"{self.probability * 100:.{digits}f}" != f"{self.threshold * 100:.{digits}f}":
-                return digits
-        return 3
-
-    @property
-    def percent(self) -> str:
-        return f"{self.probability * 100:.{self.digits}f}%"
-
-    @property
-    def threshold_percent(self) -> str:
-        return f"{self.threshold * 100:.{self.digits}f}%"
-
-
-def decision_for(prediction: Prediction | None) -> Decision | None:
-    if prediction is None:
-        return None
-    above = prediction.probability_malignant >= prediction.threshold
-    return Decision(
-        probability=prediction.probability_malignant,
-        threshold=prediction.threshold,
-        above=above,
-        title="Above referral threshold" if above else "Below referral threshold",
-        advice=(
-            "The model rates this lesion at or above its referral threshold: consider specialist review."
-            if above
-            else "The model rates this lesion below its referral threshold. Clinical judgement still applies."
-        ),
-        model_version=prediction.model_version.version,
-    )
-
-
-def result_of(image: LesionImage) -> Decision | None:
-    return decision_for(image.latest_prediction) if image.state == ImageState.DONE else None
-
-
-@dataclass
-class TimelineRow:
-    image: LesionImage
-    decision: Decision | None
-    change: float | None = None  # change in probability since the lesion's previous scored image
-    flagged: bool = False
-    assessment: Feedback | None = None
-    outcome: Feedback | None = None
-    explanations: list = field(default_factory=list)
-
-    @property
-    def change_points(self) -> str:
-        if self.change is None:
-            return ""
-        points = round(self.change * 100)
-        return "±0 pts" if points == 0 else f"{points:+d} pts"
-
-
-def timeline(lesion: Lesion) -> list[TimelineRow]:
-    """The lesion's images, newest first, each with its risk and the change since the previous one."""
-    images = with_predictions(lesion.images.order_by("created_at")).prefetch_related(
-        Prefetch("feedback", queryset=Feedback.objects.select_related("recorded_by")),
-        Prefetch("explanations", queryset=Explanation.objects.order_by("created_at")),
-    )
-    rows, previous = [], None
-    for image in images:
-        decision = result_of(image)
-        row = TimelineRow(image=image, decision=decision, **feedback_services.latest_feedback(image))
-        row.explanations = [e for e in image.explanations.all() if e.state == Explanation.State.DONE]
-        for explanation in row.explanations:
-            explanation.label = method_labels().get(explanation.method, explanation.method)
-        if decision is not None:
-            if previous is not None:
-                row.change = decision.probability - previous
-                row.flagged = row.change > settings.RISK_RISE_FLAG
-            previous = decision.probability
-        rows.append(row)
-    rows.reverse()
-    return rows
-
-
-def explanation_payload(explanation: Explanation) -> dict:
-    done = explanation.state == Explanation.State.DONE
-    return {
-        "id": str(explanation.pk),
-        "method": explanation.method,
-        "label": method_labels().get(explanation.method, explanation.method),
-        "state": explanation.state,
-        "error": explanation.error,
-        "target_class": explanation.target_class,
-        "heatmap_url": reverse("portal:explanation-file", args=[explanation.pk, "heatmap"]) if done else None,
-        "overlay_url": reverse("portal:explanation-file", args=[explanation.pk, "overlay"]) if done else None,
-    }
-
-
-def status_payload(image: LesionImage) -> dict:
-    decision = result_of(image)
-    prediction = image.latest_prediction if decision else None
-    explanations = (
-        image.explanations.filter(model_version=prediction.model_version).order_by("created_at") if prediction else []
-    )
-    return {
-        "id": str(image.pk),
-        "state": image.state,
-        "state_label": image.get_state_display(),
-        "final": image.state in FINAL_STATES,
-        "error": image.error if image.state == ImageState.FAILED else "",
-        "probability": decision.probability if decision else None,
-        "percent": decision.percent if decision else None,
-        "decision": decision.title if decision else None,
-        "above_threshold": decision.above if decision else None,
-        "model_version": decision.model_version if decision else None,
-        "result_url": reverse("portal:image", args=[image.pk]),
-        "status_url": reverse("portal:image-status", args=[image.pk]),
-        "thumb_url": reverse("portal:image-photo", args=[image.pk]) + "?size=thumb",
-        "explanations": [explanation_payload(e) for e in explanations],
-    }
 
 
 # --- pages -------------------------------------------------------------------------------------
@@ -364,21 +212,16 @@ def image_or_404(request, pk) -> LesionImage:
 
 def image_page(request, image: LesionImage, *, assessment_form=None, outcome_form=None, status: int = 200):
     decision = result_of(image)
-    prediction = image.latest_prediction if decision else None
-    explanations = (
-        list(image.explanations.filter(model_version=prediction.model_version).order_by("created_at"))
-        if prediction
-        else []
-    )
+    explanations = result_explanations(image, decision)
     for explanation in explanations:
-        explanation.label = method_labels().get(explanation.method, explanation.method)
+        explanation.label = method_label(explanation.method)
     done = [e for e in explanations if e.state == Explanation.State.DONE]
     preferred = next((e for e in done if e.method == "gradcam"), done[0] if done else None)
     requested = {e.method for e in explanations}
     context = {
         "image": image, "lesion": image.lesion, "patient": image.lesion.patient if image.lesion else None,
         "decision": decision, "explanations": explanations, "done_explanations": done, "selected": preferred,
-        "requestable": [(m, label) for m, label in method_labels().items() if m not in requested],
+        "requestable": [(m, label) for m, label in METHOD_LABELS.items() if m not in requested],
         "assessment_form": assessment_form or AssessmentForm(auto_id=ASSESSMENT_IDS),
         "outcome_form": outcome_form or OutcomeForm(auto_id=OUTCOME_IDS),
         "feedback": image.feedback.select_related("recorded_by").order_by("-recorded_at", "-id"),
@@ -405,31 +248,17 @@ def image_status(request, pk):
 def image_photo(request, pk):
     """The stored photo: `?size=thumb` (240 px) or the display size (1,024 px, the default), as JPEG,
     drawn once and kept (services.previews); `?size=original` downloads the stored file itself (logged)."""
-    from ..services.previews import PreviewUnavailable, preview_jpeg
-
     image = get_object_or_404(LesionImage.objects.for_clinic(request.clinic), pk=pk)
     size = request.GET.get("size", "display")
     if size not in ("thumb", "display", "original"):
         return HttpResponseBadRequest("size must be thumb, display or original.")
     if size == "original":
-        try:
-            handle = image.file.open("rb")
-        except FileNotFoundError:
-            raise Http404("The stored file of this image is missing.") from None
-        audit(request, AuditEvent.Action.DOWNLOAD_IMAGE, image)
-        extension = "jpg" if image.content_type == "image/jpeg" else "png"
-        response = FileResponse(handle, as_attachment=True, filename=f"lesion-image-{image.pk}.{extension}",
-                                content_type=image.content_type)  # fmt: skip
-    else:
-        try:
-            data = preview_jpeg(image, size)
-        except PreviewUnavailable:
-            raise Http404("The stored photo cannot be shown; see the image's error.") from None
-        response = HttpResponse(data, content_type="image/jpeg")
-        response["Content-Disposition"] = f'inline; filename="lesion-image-{image.pk}-{size}.jpg"'
-    response["X-Content-Type-Options"] = "nosniff"
-    response["Cache-Control"] = "private, no-store"
-    return response
+        return serve_file(request, file_services.image_download(image), audited=True)
+    try:
+        data = preview_jpeg(image, size)
+    except PreviewUnavailable:
+        raise Http404("The stored photo cannot be shown; see the image's error.") from None
+    return file_services.picture_response(data, filename=f"lesion-image-{image.pk}-{size}.jpg")
 
 
 @clinic_required
@@ -438,20 +267,22 @@ def explanation_file(request, pk, kind):
     if kind not in ("overlay", "heatmap"):
         raise Http404
     explanation = get_object_or_404(Explanation.objects.filter(image__clinic=request.clinic), pk=pk)
-    stored = getattr(explanation, kind)
-    if explanation.state != Explanation.State.DONE or not stored:
-        raise Http404("This explanation is not ready.")
     try:
-        handle = stored.open("rb")
-    except FileNotFoundError:
-        raise Http404("The stored file of this explanation is missing.") from None
-    content_type, extension = explanation_services.picture_type(stored.name)
-    response = FileResponse(
-        handle, content_type=content_type, filename=f"{explanation.method}-{explanation.pk}-{kind}.{extension}"
-    )
-    response["X-Content-Type-Options"] = "nosniff"
-    response["Cache-Control"] = "private, no-store"
-    return response
+        download = file_services.explanation_download(explanation, kind)
+    except file_services.FileUnavailable as exc:
+        raise Http404(str(exc)) from None
+    # A picture of the result page, whose visit is audited (VIEW_IMAGE): fetching it is not another visit.
+    return serve_file(request, download, audited=False)
+
+
+def serve_file(request, download: file_services.Download, *, audited: bool):
+    """A stored file, through the one implementation the API uses too (services.files). Streamed, never
+    a redirect to the bucket: the portal's pages load pictures from their own origin only (CSP)."""
+    try:
+        return file_services.serve(download, actor=request.user, via=VIA, ip_address=request.META.get("REMOTE_ADDR"),
+                                   audited=audited, presign=False)  # fmt: skip
+    except file_services.FileUnavailable as exc:
+        raise Http404(str(exc)) from None
 
 
 @clinic_required
@@ -471,7 +302,7 @@ def image_explanations(request, pk):
         return redirect("portal:image", pk=image.pk)
     if wants_json(request):
         return JsonResponse(explanation_payload(explanation), status=202)
-    messages.success(request, f"{method_labels().get(method, method)} requested; it appears here when ready.")
+    messages.success(request, f"{method_label(method)} requested; it appears here when ready.")
     return redirect("portal:image", pk=image.pk)
 
 

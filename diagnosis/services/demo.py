@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.files.uploadedfile import SimpleUploadedFile
 from django.db import transaction
+from django.utils import timezone
 
-from ..models import Clinic, ClinicMembership, ModelVersion
+from mlcore.data import generate_lesion, write_image_folder
+
+from ..models import Clinic, ClinicMembership, LesionImage, ModelVersion, Patient
+from .images import submit_image
+from .patients import create_lesion, create_patient
 from .registry import active_model_version
+from .training import train_and_register
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +40,6 @@ class DemoTraining:
 
 def write_demo_data(training: DemoTraining) -> Path:
     """A synthetic ImageFolder (train/ and test/) under var/, written once per size and seed."""
-    from mlcore.data import write_image_folder
 
     root = Path(settings.VAR_DIR) / "demo-data" / f"{training.train_images}-{training.test_images}-{training.seed}"
     marker = root / ".complete"
@@ -50,8 +59,6 @@ def ensure_demo_model(*, training: DemoTraining, progress: bool = True, log=prin
     if existing is not None:
         return existing, False
     from mlcore.train import TrainConfig
-
-    from .training import train_and_register
 
     config = TrainConfig(
         arch=training.arch, input_size=training.input_size, epochs=training.epochs, seed=training.seed, lr=2e-3
@@ -95,18 +102,6 @@ def ensure_demo_patient(*, clinic: Clinic, clinician, log=print) -> bool:
     the forearm lesion has one benign-looking photo. Their predictions are computed by the worker like
     any upload. Returns False when the clinic already has the demo patient.
     """
-    import io
-    from datetime import timedelta
-
-    import numpy as np
-    from django.core.files.uploadedfile import SimpleUploadedFile
-    from django.utils import timezone
-
-    from mlcore.data import generate_lesion
-
-    from ..models import LesionImage, Patient
-    from .images import submit_image
-    from .patients import create_lesion, create_patient
 
     if Patient.objects.filter(clinic=clinic, reference=DEMO_PATIENT).exists():
         return False

@@ -24,7 +24,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from mlcore import drift
+from mlcore import drift, metrics
 
 from ..models import (
     DriftReport,
@@ -372,7 +372,6 @@ def live_performance(model_version: ModelVersion | None = None) -> LivePerforman
     """The model's AUC, sensitivity and specificity on the images with a histopathology outcome
     (the newest outcome per image; 'other' diagnoses have no label and are left out), against its
     test-set figures."""
-    from mlcore import metrics
 
     model_version = model_version or active_model_version()
     if model_version is None:

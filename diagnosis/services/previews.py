@@ -12,6 +12,9 @@ from django.conf import settings
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 
+from mlcore.heatmap import DISPLAY_MAX_SIDE, display_jpeg
+from mlcore.preprocessing import ImageValidationError
+
 from ..models import LesionImage
 
 logger = logging.getLogger(__name__)
@@ -57,9 +60,6 @@ def preview_jpeg(image: LesionImage, size: str) -> bytes:
 
 
 def _draw(image: LesionImage, size: str) -> bytes:
-    from mlcore.heatmap import DISPLAY_MAX_SIDE, display_jpeg
-    from mlcore.preprocessing import ImageValidationError
-
     try:
         with image.file.open("rb") as handle:
             data = handle.read()

@@ -10,12 +10,15 @@ import threading
 import uuid
 from pathlib import Path
 
+import numpy as np
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
+
+from mlcore.data import generate_lesion
 
 from ..models import AuditEvent, ModelActivation, ModelVersion, ReferenceFeature
 from .audit import record_event
@@ -66,9 +69,7 @@ def register_model(
     """Check that a checkpoint loads and predicts, store it with its plots, and record the
     ModelVersion with its drift reference set in one transaction. On any failure nothing is left:
     no row and no file."""
-    import numpy as np
 
-    from mlcore.data import generate_lesion
     from mlcore.inference import Predictor
     from mlcore.model import CheckpointError, load_checkpoint
 

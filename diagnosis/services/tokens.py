@@ -4,6 +4,7 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from ..models import ApiToken, AuditEvent
 from .audit import record_event
@@ -54,7 +55,6 @@ def revoke_api_token(*, token: ApiToken, actor=None, via: str = "cli") -> None:
 def delete_expired_tokens(*, now=None) -> int:
     """Delete every expired API token (daily, from the beat schedule). An expired token is refused
     anyway, and deleted when it is presented; this removes those nobody presents any more."""
-    from django.utils import timezone
 
     deleted, _ = ApiToken.objects.filter(expiry__lt=now or timezone.now()).delete()
     return deleted

@@ -15,7 +15,7 @@ from django.core.exceptions import ValidationError
 from django.utils import timezone
 
 from ..models import ModelVersion, TrainingRun
-from .registry import PromotionBlocked, activate_model, register_model
+from .registry import PromotionBlocked, activate_model, cached_weights_path, register_model
 
 
 @dataclass
@@ -163,8 +163,6 @@ def evaluate_registered_model(*, model_version: ModelVersion, data_dir: str | Pa
     from mlcore.datasets import DataError, load_evaluation_folder
     from mlcore.model import load_checkpoint
     from mlcore.pipeline import evaluate_split
-
-    from .registry import cached_weights_path
 
     model, meta = load_checkpoint(cached_weights_path(model_version))
     try:

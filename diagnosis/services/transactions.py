@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 
-from django.db import transaction
+from django.core.exceptions import EmptyResultSet
+from django.db import connections, router, transaction
+from django.db.models import sql
 
 
 def savepoint_if_inside():
@@ -20,9 +23,6 @@ def update_returning(queryset, **values) -> list:
     rows are locked, updated and read back in one transaction. A worker's claim is one round trip.
     Only for plain filters on the model's own table (no slicing, combined queries or fields of a
     parent model)."""
-    from django.core.exceptions import EmptyResultSet
-    from django.db import connections, router
-    from django.db.models import sql
 
     model = queryset.model
     query = queryset.query
@@ -57,7 +57,5 @@ def _has_update_returning(connection) -> bool:
     if connection.vendor == "postgresql":
         return True
     if connection.vendor == "sqlite":
-        import sqlite3
-
         return sqlite3.sqlite_version_info >= (3, 35)
     return False

@@ -26,7 +26,10 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from django.conf import settings
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..models import ImageState, LesionImage
 from . import dispatch
@@ -57,10 +60,6 @@ def _scripts():
     if settings.INFERENCE_COALESCE_MESSAGES <= 0 or not url.startswith(("redis://", "rediss://")):
         return None
     if _client is None or _client[0] != url:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
         # Short timeouts and no retries: ring() runs in a web request, which must not wait long for a
         # counter it can do without (a failed ring publishes anyway).
         connection = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5,

@@ -4,6 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from diagnosis.models import ModelVersion
+from diagnosis.services.training import evaluate_registered_model
 
 
 class Command(BaseCommand):
@@ -15,7 +16,6 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        from diagnosis.services.training import evaluate_registered_model
         from mlcore.pipeline import format_metrics_table
 
         try:

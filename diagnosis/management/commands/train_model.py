@@ -11,6 +11,8 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from diagnosis.services.training import train_and_register
+
 OPTION_FIELDS = {
     # command option -> TrainConfig field
     "arch": "arch",
@@ -60,7 +62,6 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        from diagnosis.services.training import train_and_register
         from mlcore.pipeline import format_metrics_table
         from mlcore.train import TrainConfig
 
