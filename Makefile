@@ -31,10 +31,11 @@ install-dev: $(VENV)/.installed-dev
 run: $(VENV)/.installed-base
 	DJANGO_SETTINGS_MODULE=webapp.settings.dev $(PY) manage.py rundemo
 
-## make test: install the dev requirements, lint, and run the whole suite with a coverage summary.
+## make test: install the dev requirements, lint, check the import layers, and run the whole suite with a coverage summary.
 test: $(VENV)/.installed-dev chromium docker-compose
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 	$(PY) -m pytest --cov --cov-report=term:skip-covered
 
 ## Debian's Chromium for the browser tests, installed when it is missing (needs root or sudo).
@@ -66,6 +67,7 @@ load: $(VENV)/.installed-load
 lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 format: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check --fix .

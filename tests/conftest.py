@@ -146,6 +146,20 @@ def active_model(db, tiny_checkpoint):
     return register_model(checkpoint=tiny_checkpoint, version=f"tiny-{uuid.uuid4().hex[:8]}", activate=True)
 
 
+@pytest.fixture
+def faults_setup(tiny_checkpoint):
+    """A clinic, an API token of one of its clinicians, and an active model the workers can load."""
+    from diagnosis.services.registry import register_model
+    from diagnosis.services.tokens import create_api_token
+    from tests.factories import ClinicFactory, ClinicianFactory
+
+    clinic = ClinicFactory(name=f"Faults {uuid.uuid4().hex[:6]}")
+    clinician = ClinicianFactory(membership__clinic=clinic)
+    _, token = create_api_token(user=clinician, name="fault tests")
+    model_version = register_model(checkpoint=tiny_checkpoint, version=f"faults-{uuid.uuid4().hex[:8]}", activate=True)
+    return token, model_version
+
+
 # --- images --------------------------------------------------------------------------------------
 
 

@@ -146,6 +146,9 @@ def test_two_hundred_uploads_across_two_workers_get_exactly_one_prediction_each(
     workers = {claim.split("@")[0] for claim in claims}
     assert len(workers) == 2, workers  # both workers took a share
     assert len(claims) < 200  # and at least some images went through in a batch with others
+    if coalesce:  # a task kept taking batches while photos were queued (pipelined): more claims than a batch
+        claimed = list(images.values_list("claimed_by", flat=True))
+        assert max(claimed.count(claim) for claim in claims) > settings.INFERENCE_BATCH_SIZE
 
 
 def test_a_task_gathers_only_when_its_own_image_is_fresh(clinic, clinician, active_model, settings):

@@ -26,7 +26,6 @@ from django.conf import settings as django_settings
 
 from diagnosis.models import Explanation, ImageState, LesionImage, Prediction
 from tests.conftest import ROOT, WorkerProcess, lesion_jpeg, reachable, stored_image_files, wait_for
-from tests.factories import ClinicFactory, ClinicianFactory
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -186,19 +185,6 @@ def accepted(web: WebServer, client: httpx.Client, seed: int) -> dict:
     response = upload(client, seed)
     assert response.status_code == 202, (response.status_code, response.text[:500], tail(web.log_path))
     return response.json()
-
-
-@pytest.fixture
-def faults_setup(tiny_checkpoint):
-    """A clinic, an API token of one of its clinicians, and an active model the workers can load."""
-    from diagnosis.services.registry import register_model
-    from diagnosis.services.tokens import create_api_token
-
-    clinic = ClinicFactory(name=f"Faults {uuid.uuid4().hex[:6]}")
-    clinician = ClinicianFactory(membership__clinic=clinic)
-    _, token = create_api_token(user=clinician, name="fault tests")
-    model_version = register_model(checkpoint=tiny_checkpoint, version=f"faults-{uuid.uuid4().hex[:8]}", activate=True)
-    return token, model_version
 
 
 def assert_each_upload_done_once(ids: list[str], model_version, *, retried: frozenset = frozenset()) -> None:

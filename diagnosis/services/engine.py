@@ -118,10 +118,6 @@ class Work:
     def item_id(self, item) -> str:
         return str(item.pk)
 
-    def pipelined(self, engine: Engine, batch: Batch, launched: Launched | None) -> None:
-        """Called after each batch is handed to the device (launched is None when none of its items was
-        ready): a kind may prepare something for the next one."""
-
 
 class Engine:
     """One task's work. `ids`: the task's own items (their temporary errors raise for its retry);
@@ -194,8 +190,6 @@ class Engine:
         in_flight: Launched | None = None
         while batch is not None or in_flight is not None:
             launched = self._launch(batch) if batch is not None else None
-            if batch is not None:
-                self.work.pipelined(self, batch, launched)
             if in_flight is not None:
                 self._finish(in_flight)  # recorded while the next batch is on the device
             in_flight = launched
