@@ -30,10 +30,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATABASE = "melanoma_profile"
 WATCH = (
-    "process_images", "claim_image", "claim_queued", "active_model_version", "_prepare_all",
-    "predict_with_gradcam_tensors", "resnet_features", "record_prediction", "record_gradcam",
-    "record_upload_features", "image_features", "request_automatic_explanations", "enqueue_render",
-    "apply_async", "save", "execute",
+    "process_images", "run", "claim_images", "claim_oldest_queued", "active_model_version", "_prepare_all",
+    "predict_with_gradcam_tensors", "resnet_features", "record_batch", "record_predictions", "record_gradcams",
+    "record_upload_features_many", "image_features", "request_automatic_explanations_many", "enqueue_render",
+    "enqueue_explanation", "send_task", "save", "execute", "_launch", "_finish", "_read_and_prepare", "result",
 )  # fmt: skip
 
 
@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--torch-threads", type=int, default=1, help="1: as each of two prefork children")
     parser.add_argument("--callees", nargs="*", default=[], help="also print what these functions call")
+    parser.add_argument("--clock", choices=("process", "thread"), default="process",
+                        help="thread: the task's own thread only (the decode threads and the device thread, "
+                        "which run the photos and the model, are left out)")  # fmt: skip
     args = parser.parse_args()
     out = ROOT / "var" / "profile"
     shutil.rmtree(out, ignore_errors=True)
@@ -51,7 +54,7 @@ def main() -> None:
     os.environ.update({
         "DJANGO_SETTINGS_MODULE": "webapp.settings.prod", "SECRET_KEY": secrets.token_urlsafe(50),
         "ALLOWED_HOSTS": "localhost", "SECURE_SSL_REDIRECT": "false", "MEDIA_ROOT": str(out / "media"),
-        "VAR_DIR": str(out), "MODEL_CACHE_DIR": str(out / "model-cache"), "AUTO_EXPLAIN_METHODS": "none",
+        "VAR_DIR": str(out), "MODEL_CACHE_DIR": str(out / "model-cache"), "AUTO_EXPLAIN_METHODS": os.environ.get("AUTO_EXPLAIN_METHODS", "none"),
         "LOG_LEVEL": "WARNING", "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DATABASE}",
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/6", "CACHE_URL": "redis://127.0.0.1:6379/6",
     })  # fmt: skip
@@ -91,7 +94,7 @@ def main() -> None:
 
     process_images(image_ids=upload(args.batch)[:1], worker_id="warm:0", gather=args.batch - 1)  # warm-up
     ids = upload(args.images)
-    profiler = cProfile.Profile(time.process_time)
+    profiler = cProfile.Profile(time.thread_time if args.clock == "thread" else time.process_time)
     started, cpu_started = time.perf_counter(), time.process_time()
     done = 0
     profiler.enable()
@@ -105,7 +108,7 @@ def main() -> None:
     stats = pstats.Stats(profiler)
     rows = []
     for (filename, _, name), (_, _, _, cumulative, _) in stats.stats.items():
-        if name in WATCH and ("diagnosis" in filename or "mlcore" in filename or name in ("apply_async", "execute")
+        if name in WATCH and ("diagnosis" in filename or "mlcore" in filename or name in ("send_task", "execute")
                               and ("celery" in filename or "django/db/backends/utils" in filename)
                               or name == "save" and "storage" in filename):  # fmt: skip
             rows.append((cumulative / done * 1000, f"{Path(filename).parent.name}/{Path(filename).name}:{name}"))

@@ -200,6 +200,10 @@ def test_compose_config_validates_with_the_example_env(tmp_path):
     ]
     assert gpu["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
     assert gpu["environment"]["WORKER_CONCURRENCY"] == "2"
+    # Batches of 128 and a memory cap above what a warmed CUDA process holds (measured on an H200, issue 17).
+    assert gpu["environment"]["INFERENCE_BATCH_SIZE"] == "128"
+    assert gpu["environment"]["WORKER_MAX_MEMORY_GROWTH_MB"] == "2048"
+    assert "WORKER_MAX_MEMORY_GROWTH_MB" not in services["worker-cpu"]["environment"]  # the CPU default
     # Integrated Gradients on the GPU: bf16, batches of 32 explanations of 50 steps.
     assert gpu["environment"]["EXPLAIN_PRECISION"] == "auto"
     assert int(gpu["environment"]["EXPLAIN_BATCH_MAX_STEPS"]) == 50 * int(gpu["environment"]["EXPLAIN_BATCH_SIZE"])

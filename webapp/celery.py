@@ -5,7 +5,10 @@ import os
 from celery import Celery
 from celery.signals import task_postrun, task_prerun, worker_init, worker_process_init, worker_ready
 
-from webapp import celery_signals  # noqa: F401 - request ids across the broker, JSON logs, task metrics
+from webapp import (
+    celery_signals,  # noqa: F401 - request ids across the broker, JSON logs, task metrics
+    worker_memory,
+)
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings.dev")
 
@@ -37,7 +40,10 @@ def _warm_up_inference(**_: object) -> None:
                 connection.close()
             except Exception:
                 connection.connection = None
-    _warm_up()
+    seconds = _warm_up()
+    # Its memory baseline is what it holds now, warmed up; from here on a task that leaves it more than
+    # WORKER_MAX_MEMORY_GROWTH_MB above that ends with the process replaced (webapp/worker_memory.py).
+    worker_memory.install(warmed_up=seconds is not None)
 
 
 @worker_ready.connect
@@ -48,13 +54,13 @@ def _warm_up_single_process_pool(sender=None, **_: object) -> None:
         _warm_up()
 
 
-def _warm_up() -> None:
+def _warm_up() -> float | None:
     from django.db import connections
 
     from diagnosis.services.predictions import warm_up_worker
 
     try:
-        warm_up_worker(app.amqp.queues.consume_from or {})
+        return warm_up_worker(app.amqp.queues.consume_from or {})
     finally:
         connections.close_all()  # the first task opens a fresh one, which the next tasks reuse
 

@@ -386,7 +386,18 @@ WORKER_SYNCHRONOUS_COMMIT = env_bool("WORKER_SYNCHRONOUS_COMMIT", False)
 CELERY_DB_REUSE_MAX = 1 << 40
 CELERY_TASK_SOFT_TIME_LIMIT = env_int("CELERY_TASK_SOFT_TIME_LIMIT", 120)
 CELERY_TASK_TIME_LIMIT = env_int("CELERY_TASK_TIME_LIMIT", 180)
-CELERY_WORKER_MAX_MEMORY_PER_CHILD = env_int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", 2_000_000)  # KiB
+# A prefork child's memory (webapp/worker_memory.py). Celery's own cap is off: it is one absolute number
+# for every child, and a warmed CUDA child (1.65-2.0 GB on the H200) sat above its 2,000,000 KiB default,
+# so each child was replaced after every task. Instead a child is replaced after a task once its resident
+# memory exceeds what it held after its warm-up by WORKER_MAX_MEMORY_GROWTH_MB; empty: by role, about the
+# size of a warmed child of that role (CPU children hold 0.93-1.09 GB, CUDA children 1.65-2.0 GB).
+# 0: never for growth. WORKER_MAX_MEMORY_MB, if set, is an absolute ceiling as well (0: none); a child
+# already above it after its warm-up says so once and keeps only the growth cap. The former
+# CELERY_WORKER_MAX_MEMORY_PER_CHILD (KiB) still sets that ceiling.
+CELERY_WORKER_MAX_MEMORY_PER_CHILD = None
+WORKER_MAX_MEMORY_GROWTH_MB = env_int("WORKER_MAX_MEMORY_GROWTH_MB", None)  # None: by role
+WORKER_MAX_MEMORY_GROWTH_MB_BY_ROLE = {"cpu": 1024, "gpu": 2048}
+WORKER_MAX_MEMORY_MB = env_int("WORKER_MAX_MEMORY_MB", env_int("CELERY_WORKER_MAX_MEMORY_PER_CHILD", 0) // 1024)
 CELERY_TASK_DEFAULT_QUEUE = "default"
 CELERY_TASK_ROUTES = {
     "diagnosis.tasks.predict_image_task": {"queue": "inference"},
