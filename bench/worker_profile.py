@@ -54,8 +54,8 @@ def main() -> None:
     os.environ.update({
         "DJANGO_SETTINGS_MODULE": "webapp.settings.prod", "SECRET_KEY": secrets.token_urlsafe(50),
         "ALLOWED_HOSTS": "localhost", "SECURE_SSL_REDIRECT": "false", "MEDIA_ROOT": str(out / "media"),
-        "VAR_DIR": str(out), "MODEL_CACHE_DIR": str(out / "model-cache"), "AUTO_EXPLAIN_METHODS": os.environ.get("AUTO_EXPLAIN_METHODS", "none"),
-
+        "VAR_DIR": str(out), "MODEL_CACHE_DIR": str(out / "model-cache"),
+        "AUTO_EXPLAIN_METHODS": os.environ.get("AUTO_EXPLAIN_METHODS", "none"),
         "LOG_LEVEL": "WARNING", "DATABASE_URL": f"postgres://postgres@127.0.0.1:5432/{DATABASE}",
         "CELERY_BROKER_URL": "redis://127.0.0.1:6379/6", "CACHE_URL": "redis://127.0.0.1:6379/6",
     })  # fmt: skip
