@@ -61,12 +61,21 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114], dtype=rgb.dtype)
 
 
+def feature_thumbnail(image: Image.Image) -> Image.Image:
+    """The picture the image features are measured on: the photo in RGB at FEATURE_SIZE x FEATURE_SIZE.
+    An inference worker draws it in its decode threads, with the rest of a photo's pixel work (on a GPU,
+    nvJPEG's batch decode makes it); image_features then takes it as it is: Pillow returns a copy when
+    asked for the size an image already has, so the features are the same either way."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    return rgb.resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BILINEAR)
+
+
 def image_features(image: Image.Image) -> dict[str, float]:
     """Brightness and contrast (mean and std of luminance, 0–255), sharpness (variance of the
     4-neighbour Laplacian of luminance), saturation (mean HSV saturation, 0–1), colourfulness
     (Hasler and Süsstrunk, 2003) and entropy (Shannon entropy of the 256-bin luminance histogram,
-    in bits, 0–8)."""
-    small = image.convert("RGB").resize((FEATURE_SIZE, FEATURE_SIZE), Image.Resampling.BILINEAR)
+    in bits, 0–8), measured on the photo's feature_thumbnail."""
+    small = feature_thumbnail(image)
     # float32 pixels (half the memory traffic of float64), float64 sums: the same values to ~1e-6.
     rgb = np.asarray(small, dtype=np.float32)
     luminance = _luminance(rgb)

@@ -197,3 +197,30 @@ def test_a_worker_killed_mid_pipeline_loses_nothing_and_processes_nothing_twice(
         assert_each_upload_done_once(ids, model_version, retried=frozenset(in_flight))
         for image in images.filter(pk__in=in_flight):
             assert image.claimed_by.startswith(f"{survivor.node}@")
+
+
+def test_a_batch_measures_its_drift_features_in_the_decode_threads_with_the_same_values(
+    clinic, clinician, active_model, small_batches
+):
+    from diagnosis.models import UploadFeatures
+    from diagnosis.services import decoding
+    from diagnosis.services.runtime import predictor_for
+    from mlcore.drift import image_features
+    from mlcore.inference import decode_side
+
+    predictor = predictor_for(active_model)
+    side = decode_side(predictor.meta.input_size)
+    data = lesion_jpeg(seed=350, size=300)
+    batched = decoding._decode_and_prepare(data, predictor.spec, side, True)
+    alone = decoding._decode_and_prepare(data, predictor.spec, side)
+    assert alone.features is None and alone.drift_source() is alone.image  # measured after the prediction
+    assert batched.features == image_features(alone.image) and batched.drift_source() is batched.features
+
+    ids = queued_images(clinic, clinician, 2, seed=351)
+    assert process_images(image_ids=[ids[0]], worker_id="pipe:6", gather=1) == dict.fromkeys(ids, "done")
+    for image_id in ids:  # the same values whether measured in a decode thread or after the prediction
+        image = LesionImage.objects.get(pk=image_id)
+        with image.file.open("rb") as handle:
+            expected = image_features(decoding._decode_and_prepare(handle.read(), predictor.spec, side).image)
+        stored = UploadFeatures.objects.get(image=image).values
+        assert {name: stored[name] for name in expected} == pytest.approx(expected, rel=1e-9)

@@ -14,7 +14,7 @@ from concurrent.futures import Future, wait
 from django.conf import settings
 from django.core.files.storage import default_storage
 
-from mlcore.drift import FEATURE_SIZE
+from mlcore.drift import FEATURE_SIZE, image_features
 from mlcore.preprocessing import decode_image, to_tensor
 
 from ..models import LesionImage
@@ -25,12 +25,18 @@ logger = logging.getLogger(__name__)
 
 
 class Prepared:
-    """One photo ready for the model: its input tensor and the picture its drift features are taken from."""
+    """One photo ready for the model: its input tensor, and its drift image features (measured in the
+    decode thread when the photo is decoded as part of a batch) or else the picture they are measured on
+    after its prediction is stored."""
 
-    __slots__ = ("image", "tensor")
+    __slots__ = ("features", "image", "tensor")
 
-    def __init__(self, image, tensor) -> None:
-        self.image, self.tensor = image, tensor
+    def __init__(self, image, tensor, features: dict | None = None) -> None:
+        self.image, self.tensor, self.features = image, tensor, features
+
+    def drift_source(self):
+        """What services.monitoring measures: the features, or the picture."""
+        return self.features if self.features is not None else self.image
 
 
 def _read(image: LesionImage) -> bytes:
@@ -38,17 +44,27 @@ def _read(image: LesionImage) -> bytes:
         return handle.read()
 
 
-def _decode_and_prepare(data: bytes, spec, max_side: int) -> Prepared:
+def _decode_and_prepare(data: bytes, spec, max_side: int, features: bool = False) -> Prepared:
     """The upload's full decode (damage the web tier's header check could not see fails the image), in
-    Pillow's draft mode for large JPEGs, then the model's transform. Pillow and the transform release
-    the GIL, so the pool's threads do this in parallel."""
+    Pillow's draft mode for large JPEGs, then the model's transform, and with `features` the drift image
+    features (mlcore.drift.image_features). Pillow, the transform and NumPy release the GIL, so the
+    pool's threads do this in parallel, and the task's own thread (which records each batch while the
+    next runs on the device) does not. A lone photo leaves its features for after its prediction is
+    stored: they are not on the way to the result."""
     decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
                            max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
-    return Prepared(decoded.image, to_tensor(decoded.image, spec))
+    tensor = to_tensor(decoded.image, spec)
+    return Prepared(decoded.image, tensor, image_features(decoded.image) if features else None)
 
 
-def _read_and_prepare(image: LesionImage, spec, max_side: int) -> Prepared:
-    return _decode_and_prepare(_read(image), spec, max_side)
+def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = False) -> Prepared:
+    return _decode_and_prepare(_read(image), spec, max_side, features)
+
+
+def _measured(prepared: Prepared) -> Prepared:
+    """nvJPEG's thumbnail measured in a decode thread."""
+    prepared.features = image_features(prepared.image)
+    return prepared
 
 
 def tensor_decoding(predictor) -> bool:
@@ -168,7 +184,7 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
         started = {early[1]: early[2]} if early is not None and early[0] is predictor else {}
         if len(claimed) == 1 and not started:  # one image: in this thread, no hand-off
             return [done_future(_read_and_prepare, claimed[0], predictor.spec, max_side)]
-        return [started.get(image.pk) or decoder_pool().submit(_read_and_prepare, image, predictor.spec, max_side)
+        return [started.get(image.pk) or decoder_pool().submit(_read_and_prepare, image, predictor.spec, max_side, True)
                 for image in claimed]  # fmt: skip
 
     from mlcore import tensor_decode  # torch: only in the worker
@@ -185,7 +201,7 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
         if ok:
             batch.append((index, data, orientation))
         else:
-            futures[index] = decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side)
+            futures[index] = decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side, True)
     if batch:
         try:
             results = tensor_decode.decode_batch([data for _, data, _ in batch], [o for _, _, o in batch],
@@ -196,9 +212,9 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
             results = [exc] * len(batch)
         for (index, data, _), result in zip(batch, results, strict=True):
             if isinstance(result, Exception):  # Pillow decides, and says in words what is wrong
-                futures[index] = decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side)
+                futures[index] = decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side, True)
             else:
-                futures[index] = done_future(lambda prepared: prepared, Prepared(result.thumbnail, result.tensor))
+                futures[index] = decoder_pool().submit(_measured, Prepared(result.thumbnail, result.tensor))
     return futures  # type: ignore[return-value]
 
 

@@ -81,8 +81,10 @@ def record_upload_features(
 
 def record_upload_features_many(items, *, model_version: ModelVersion) -> None:
     """record_upload_features for a batch of (image, decoded image, probability, embedding), with one
-    INSERT for the batch. Never raises: monitoring must not undo stored predictions. Each image's
-    features are computed once; when the batch cannot be stored together, each row is tried on its own."""
+    INSERT for the batch. The decoded image may be its image features already (a dict: an inference
+    worker measures them in its decode threads). Never raises: monitoring must not undo stored
+    predictions. Each image's features are computed once; when the batch cannot be stored together,
+    each row is tried on its own."""
     rows = []
     for image, decoded_image, probability, embedding in items:
         try:
@@ -110,7 +112,8 @@ UPLOAD_FEATURE_FIELDS = ["model_version", "values", "placement", "outlier_featur
 
 def _upload_features(image, model_version, decoded_image, probability, embedding) -> UploadFeatures:
     # The photo's own size, not the decoded copy's: the worker may decode a large JPEG at a reduced scale.
-    values = {**drift.image_features(decoded_image),
+    pixels = decoded_image if isinstance(decoded_image, dict) else drift.image_features(decoded_image)
+    values = {**pixels,
               **drift.file_features(width=image.width, height=image.height, file_size=image.upload_bytes)}  # fmt: skip
     values["probability_malignant"] = float(probability)
     projection = drift.Projection.from_dict(model_version.drift_projection)

@@ -246,7 +246,7 @@ def record_batch(group, *, results, cams, embeddings, inference_ms, model_versio
         [(images[i], results[i], cams[i]) for i in kept], model_version=model_version, seconds=inference_ms / 1000
     )
     record_upload_features_many(
-        [(images[i], group[i][1].image, results[i].probability_malignant, embeddings[i]) for i in kept],
+        [(images[i], group[i][1].drift_source(), results[i].probability_malignant, embeddings[i]) for i in kept],
         model_version=model_version,
     )
     request_automatic_explanations_many([(images[i], results[i]) for i in kept], model_version=model_version)
