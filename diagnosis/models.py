@@ -1,3 +1,10 @@
+"""The data model: clinics and their members, patients, lesions and their images, predictions and
+explanations, clinicians' feedback, model versions and training runs, monitoring, tokens and the audit log.
+
+Long because: the architecture puts every model of the app in this one layer module (Django's
+diagnosis.models, imported by services, admin and migrations alike); each model class is short.
+"""
+
 from __future__ import annotations
 
 import uuid

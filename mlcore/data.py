@@ -47,16 +47,36 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
 def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 128) -> SyntheticLesion:
     severity = float(rng.beta(5, 2) if malignant else rng.beta(2, 5))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    # The helpers draw from rng in this order: changing it changes every image of a seed.
+    skin = _skin(rng, size, xx, yy)
+    distance, edge = _outline(rng, size, severity, xx, yy)
+    softness = 0.6 + 2.5 * (1.0 - severity) * rng.uniform(0.5, 1.0)
+    alpha = 1.0 / (1.0 + np.exp((distance - edge) / softness))
+    mask = distance <= edge
+    lesion = _lesion_colours(rng, size, severity, distance, edge)
+    pixels = skin * (1 - alpha[:, :, None]) + lesion * alpha[:, :, None]
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
+    _draw_hairs(rng, image, size)
+    image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.2, 0.7)))
+    return SyntheticLesion(image=image, mask=mask, malignant=malignant, severity=severity)
 
-    # Skin: a tone, a lighting gradient and fine texture, independent of the class.
+
+def _skin(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """Skin: a tone, a lighting gradient and fine texture, independent of the class."""
     tone = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.92, 1.06, size=3)
     angle = rng.uniform(0, 2 * np.pi)
     gradient = ((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size
     lighting = 1.0 + rng.uniform(0.05, 0.2) * gradient
     texture = 1.0 + 0.04 * (_smooth_noise(rng, size, size // 4) - 0.5) + rng.normal(0, 0.012, (size, size))
-    skin = tone[None, None, :] * (lighting * texture)[:, :, None]
+    return tone[None, None, :] * (lighting * texture)[:, :, None]
 
-    # Diameter: grows with severity.
+
+def _outline(
+    rng: np.random.Generator, size: int, severity: float, xx: np.ndarray, yy: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(distance, edge): each pixel's distance from the lesion's centre, and the border's distance in the
+    pixel's direction. The diameter grows with severity; so do asymmetry (low harmonics) and border
+    irregularity (high harmonics)."""
     radius = size * (0.11 + 0.17 * severity + rng.normal(0, 0.025))
     radius = float(np.clip(radius, size * 0.08, size * 0.38))
     cx = size / 2 + rng.normal(0, size * 0.05)
@@ -68,8 +88,6 @@ def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 12
     u = dx * np.cos(rot) + dy * np.sin(rot)
     v = -dx * np.sin(rot) + dy * np.cos(rot)
     distance = np.sqrt((u / elongation) ** 2 + (v * elongation) ** 2)
-
-    # Asymmetry (low harmonics) and border irregularity (high harmonics) grow with severity.
     boundary = np.ones_like(theta)
     for k in (1, 2, 3):
         amplitude = max(0.0, rng.normal(0.02 + 0.16 * severity, 0.03)) / k
@@ -77,12 +95,13 @@ def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 12
     for k in range(5, 17):
         amplitude = max(0.0, rng.normal(0.002 + 0.022 * severity, 0.006))
         boundary += amplitude * np.cos(k * theta + rng.uniform(0, 2 * np.pi))
-    edge = radius * boundary
-    softness = 0.6 + 2.5 * (1.0 - severity) * rng.uniform(0.5, 1.0)
-    alpha = 1.0 / (1.0 + np.exp((distance - edge) / softness))
-    mask = distance <= edge
+    return distance, radius * boundary
 
-    # Colour: one brown with a gentle radial fall-off when benign; several blotchy colours when not.
+
+def _lesion_colours(
+    rng: np.random.Generator, size: int, severity: float, distance: np.ndarray, edge: np.ndarray
+) -> np.ndarray:
+    """Colour: one brown with a gentle radial fall-off when benign; several blotchy colours when not."""
     radial = np.clip(distance / np.maximum(edge, 1e-6), 0, 1)
     base = _BENIGN_BROWNS[rng.integers(len(_BENIGN_BROWNS))] * rng.uniform(0.85, 1.15)
     lesion = base[None, None, :] * (0.9 + 0.2 * radial)[:, :, None]
@@ -94,11 +113,11 @@ def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 12
             weight = np.clip((blotch - rng.uniform(0.45, 0.7)) * 4.0, 0, 1) * (0.5 + 0.5 * severity)
             lesion = lesion * (1 - weight[:, :, None]) + _MALIGNANT_PALETTE[index][None, None, :] * weight[:, :, None]
     lesion *= (1.0 + rng.normal(0, 0.03, (size, size)))[:, :, None]
+    return lesion
 
-    pixels = skin * (1 - alpha[:, :, None]) + lesion * alpha[:, :, None]
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), mode="RGB")
 
-    # Hairs cross skin and lesion alike.
+def _draw_hairs(rng: np.random.Generator, image: Image.Image, size: int) -> None:
+    """Hairs cross skin and lesion alike."""
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(0, 4))):
         points = rng.uniform(-0.1 * size, 1.1 * size, size=(3, 2))
@@ -106,8 +125,6 @@ def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 12
         curve = (1 - ts) ** 2 * points[0] + 2 * (1 - ts) * ts * points[1] + ts**2 * points[2]
         shade = int(rng.integers(20, 70))
         draw.line([tuple(p) for p in curve], fill=(shade, shade - 10 if shade > 10 else 0, 0), width=1)
-    image = image.filter(ImageFilter.GaussianBlur(radius=rng.uniform(0.2, 0.7)))
-    return SyntheticLesion(image=image, mask=mask, malignant=malignant, severity=severity)
 
 
 class SyntheticLesions(Sequence[tuple[Image.Image, int]]):

@@ -113,21 +113,7 @@ def load_image_folder(
         raise DataError(f"The data directory {root} does not exist.")
     has_splits = (root / "train").is_dir()
     train_folder = root / "train" if has_splits else root
-    class_names = _class_names(train_folder)
-    if has_splits and (root / "test").is_dir():
-        test_classes = _class_names(root / "test")
-        if test_classes and test_classes != class_names:
-            raise DataError(f"train/ has classes {list(class_names)} but test/ has {list(test_classes)}.")
-    if len(class_names) < 2:
-        found = f"only {list(class_names)}" if class_names else "no class folders"
-        raise DataError(
-            f"Training needs two class folders (e.g. benign/ and malignant/) in {train_folder}; found {found}."
-        )
-    if len(class_names) > 2:
-        raise DataError(f"Only binary classification is supported; {train_folder} has classes {list(class_names)}.")
-    if positive_class not in class_names:
-        raise DataError(f"The positive class {positive_class!r} is not among the class folders {list(class_names)}.")
-
+    class_names = _checked_class_names(root, train_folder, has_splits, positive_class)
     train_files = _list_files(train_folder, class_names, root)
     test_files = _list_files(root / "test", class_names, root) if has_splits and (root / "test").is_dir() else []
     if not train_files:
@@ -161,6 +147,26 @@ def load_image_folder(
                 f"{', '.join(n for i, n in enumerate(class_names) if i not in present)}."
             )
     return ImageFolderData(root, class_names, train, test, test_split_made, file_list_sha256)
+
+
+def _checked_class_names(root: Path, train_folder: Path, has_splits: bool, positive_class: str) -> tuple[str, ...]:
+    """The class folders of the training folder: exactly two, the same as test/'s when there is one, and
+    the positive class among them; DataError otherwise."""
+    class_names = _class_names(train_folder)
+    if has_splits and (root / "test").is_dir():
+        test_classes = _class_names(root / "test")
+        if test_classes and test_classes != class_names:
+            raise DataError(f"train/ has classes {list(class_names)} but test/ has {list(test_classes)}.")
+    if len(class_names) < 2:
+        found = f"only {list(class_names)}" if class_names else "no class folders"
+        raise DataError(
+            f"Training needs two class folders (e.g. benign/ and malignant/) in {train_folder}; found {found}."
+        )
+    if len(class_names) > 2:
+        raise DataError(f"Only binary classification is supported; {train_folder} has classes {list(class_names)}.")
+    if positive_class not in class_names:
+        raise DataError(f"The positive class {positive_class!r} is not among the class folders {list(class_names)}.")
+    return class_names
 
 
 def load_files(

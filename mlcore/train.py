@@ -135,6 +135,54 @@ def train_classifier(
     generator = seed_everything(config.seed)
     device = select_device(config.device)
     spec = TransformSpec(config.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    train_loader, model = _loader_and_model(train_items, config, spec, generator, device)
+    positive_index = config.class_names.index(config.positive_class)
+    step = _Stepper(model, train_items, config, device, total_steps=max(1, config.epochs * len(train_loader)))
+    val_labels = np.asarray([label for _, label in val_items])
+    best_auc, best_state, stale_epochs, interrupted = -1.0, None, 0, False
+    history: list[dict[str, float]] = []
+    try:
+        for epoch in range(1, config.epochs + 1):
+            bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
+            loss = step.epoch(bar, history)
+            scores = predict_probabilities(model, val_items, spec, positive_index=positive_index)
+            val_auc = metrics.roc_auc(val_labels == positive_index, scores)
+            history.append({"epoch": epoch, "loss": loss, "val_auc": val_auc})
+            summary = f"epoch {epoch}/{config.epochs}  loss {loss:.3f}  val AUC {val_auc:.3f}"
+            if progress:
+                tqdm.write(summary)
+            elif log is not None:
+                log(summary)
+            if val_auc > best_auc:
+                best_auc, best_state, stale_epochs = val_auc, copy.deepcopy(model.state_dict()), 0
+                if on_improve is not None:
+                    extra = {"validation": {"auc": val_auc, "epoch": epoch}}
+                    on_improve(model, _meta(config, device, history, 0.5, 1.0, extra))
+            else:
+                stale_epochs += 1
+                if stale_epochs >= config.patience:
+                    break
+    except KeyboardInterrupt:
+        if best_state is None:
+            raise
+        interrupted = True
+        logger.warning("training interrupted; keeping the best epoch so far")
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    threshold, temperature, validation = _calibrate(model, val_items, spec, config, positive_index)
+    meta = _meta(config, device, history, threshold, temperature, {"validation": validation})
+    meta.training["interrupted"] = interrupted
+    return TrainResult(
+        model=model.cpu(), meta=meta, history=history, seconds=time.perf_counter() - started, interrupted=interrupted
+    )
+
+
+def _loader_and_model(
+    train_items: Sequence[tuple[Image.Image, int]], config: TrainConfig, spec: TransformSpec,
+    generator: torch.Generator, device: torch.device,
+) -> tuple[DataLoader, nn.Module]:  # fmt: skip
+    """The shuffled, augmented training batches (seeded by `generator`) and the model to train, on `device`."""
     augment = augmentation(config.input_size)
     train_loader = DataLoader(
         _TransformedItems(train_items, lambda im: to_tensor(augment(im), spec)),
@@ -149,74 +197,68 @@ def train_classifier(
         pretrained_weights=config.pretrained_weights,
         download_pretrained=config.download_pretrained,
     ).to(device)
-    positive_index = config.class_names.index(config.positive_class)
+    return train_loader, model
 
-    def make_meta(threshold: float, temperature: float, extra: dict[str, Any]) -> CheckpointMeta:
-        return CheckpointMeta(
-            arch=config.arch,
-            input_size=config.input_size,
-            class_names=config.class_names,
-            positive_class=config.positive_class,
-            threshold=threshold,
-            temperature=temperature,
-            metrics=extra,
-            training={"config": asdict(config), "history": history, "device": str(device)},
-        )
 
-    labels = np.asarray([label for _, label in train_items])
-    # Class weighting keeps an imbalanced set from collapsing onto the majority class.
-    counts = np.bincount(labels, minlength=len(config.class_names)).astype(np.float64)
-    weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
-    criterion = nn.CrossEntropyLoss(weight=weights)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * len(train_loader))
+class _Stepper:
+    """The optimisation of one training: class-weighted cross-entropy (an imbalanced set does not collapse
+    onto the majority class), AdamW and a one-cycle schedule, bf16 autocast on CUDA."""
+
+    def __init__(
+        self, model: nn.Module, train_items: Sequence[tuple[Image.Image, int]], config: TrainConfig,
+        device: torch.device, *, total_steps: int,
+    ) -> None:  # fmt: skip
+        self.model = model
+        self.device = device
+        labels = np.asarray([label for _, label in train_items])
+        counts = np.bincount(labels, minlength=len(config.class_names)).astype(np.float64)
+        weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
+        self.criterion = nn.CrossEntropyLoss(weight=weights)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=config.lr, total_steps=total_steps)
+
+    def epoch(self, bar: tqdm, history: list[dict[str, float]]) -> float:
+        """One pass over the training batches (the progress bar); returns the mean training loss."""
+        model, device = self.model, self.device
+        model.train()
+        running, seen = 0.0, 0
+        for images, targets in bar:
+            images, targets = images.to(device), targets.to(device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = self.criterion(model(images), targets)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            running += float(loss.detach()) * len(targets)
+            seen += len(targets)
+            bar.set_postfix(loss=f"{running / seen:.3f}", val_auc=f"{history[-1]['val_auc']:.3f}" if history else "–")
+        return running / max(seen, 1)
+
+
+def _meta(
+    config: TrainConfig, device: torch.device, history: list[dict[str, float]], threshold: float, temperature: float,
+    extra: dict[str, Any],
+) -> CheckpointMeta:  # fmt: skip
+    return CheckpointMeta(
+        arch=config.arch,
+        input_size=config.input_size,
+        class_names=config.class_names,
+        positive_class=config.positive_class,
+        threshold=threshold,
+        temperature=temperature,
+        metrics=extra,
+        training={"config": asdict(config), "history": history, "device": str(device)},
     )
+
+
+def _calibrate(
+    model: nn.Module, val_items: Sequence[tuple[Image.Image, int]], spec: TransformSpec, config: TrainConfig,
+    positive_index: int,
+) -> tuple[float, float, dict[str, Any]]:  # fmt: skip
+    """(threshold, temperature, validation metrics): a temperature fitted on validation, and the operating
+    threshold on the calibrated validation probabilities for the target sensitivity."""
     val_labels = np.asarray([label for _, label in val_items])
-    best_auc, best_state, stale_epochs, interrupted = -1.0, None, 0, False
-    history: list[dict[str, float]] = []
-    try:
-        for epoch in range(1, config.epochs + 1):
-            model.train()
-            running, seen = 0.0, 0
-            bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
-            for images, targets in bar:
-                images, targets = images.to(device), targets.to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = criterion(model(images), targets)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                running += float(loss.detach()) * len(targets)
-                seen += len(targets)
-                bar.set_postfix(
-                    loss=f"{running / seen:.3f}", val_auc=f"{history[-1]['val_auc']:.3f}" if history else "–"
-                )
-            scores = predict_probabilities(model, val_items, spec, positive_index=positive_index)
-            val_auc = metrics.roc_auc(val_labels == positive_index, scores)
-            history.append({"epoch": epoch, "loss": running / max(seen, 1), "val_auc": val_auc})
-            summary = f"epoch {epoch}/{config.epochs}  loss {running / max(seen, 1):.3f}  val AUC {val_auc:.3f}"
-            if progress:
-                tqdm.write(summary)
-            elif log is not None:
-                log(summary)
-            if val_auc > best_auc:
-                best_auc, best_state, stale_epochs = val_auc, copy.deepcopy(model.state_dict()), 0
-                if on_improve is not None:
-                    on_improve(model, make_meta(0.5, 1.0, {"validation": {"auc": val_auc, "epoch": epoch}}))
-            else:
-                stale_epochs += 1
-                if stale_epochs >= config.patience:
-                    break
-    except KeyboardInterrupt:
-        if best_state is None:
-            raise
-        interrupted = True
-        logger.warning("training interrupted; keeping the best epoch so far")
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
     val_logits = predict_logits(model, val_items, spec)
     positives = val_labels == positive_index
     temperature = metrics.fit_temperature(val_logits, val_labels)
@@ -227,8 +269,4 @@ def train_classifier(
         positives, metrics.softmax(val_logits)[:, positive_index]
     )
     validation["ece"] = metrics.expected_calibration_error(positives, calibrated)
-    meta = make_meta(threshold, temperature, {"validation": validation})
-    meta.training["interrupted"] = interrupted
-    return TrainResult(
-        model=model.cpu(), meta=meta, history=history, seconds=time.perf_counter() - started, interrupted=interrupted
-    )
+    return threshold, temperature, validation

@@ -13,6 +13,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
+from mlcore.methods import ExplanationError, validate_params
+
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
 from . import dispatch
 from .audit import record_event
@@ -37,9 +39,7 @@ def canonical_key(method: str, params: dict, target_index: int) -> str:
 
 
 def _validate(method: str, params: dict | None, model_version: ModelVersion) -> dict:
-    # mlcore.explain loads torch and captum: only when a request is validated, not when the web tier starts.
-    from mlcore.explain import ExplanationError, validate_params
-
+    # mlcore.methods is torch-free: validating a request does not load torch into the web process.
     try:
         return validate_params(
             method, params, input_size=model_version.input_size, max_steps=settings.EXPLAIN_MAX_STEPS,

@@ -2,6 +2,9 @@
 
 The statistics live in mlcore.drift (tested without Django); this module chooses the window and the
 reference set, stores reports and their Evidently files, and decides when to tell someone.
+
+Long because: the upload features, the drift report, its alerts and the live performance all read the
+same window and reference set; each function is short, and the module stays just over 400 lines.
 """
 
 from __future__ import annotations

@@ -69,29 +69,14 @@ def register_model(
     """Check that a checkpoint loads and predicts, store it with its plots, and record the
     ModelVersion with its drift reference set in one transaction. On any failure nothing is left:
     no row and no file."""
-
-    from mlcore.inference import Predictor
-    from mlcore.model import CheckpointError, load_checkpoint
-
-    try:
-        model, meta = load_checkpoint(io.BytesIO(checkpoint))
-        smoke = generate_lesion(np.random.default_rng(0), malignant=True, size=64).image
-        Predictor(model, meta, device="cpu").predict([smoke])
-    except CheckpointError as exc:
-        raise ValidationError(f"The checkpoint cannot be used: {exc}") from exc
-
+    meta = _checked_meta(checkpoint)
     sha256 = hashlib.sha256(checkpoint).hexdigest()
     version = version or f"{meta.arch}-{timezone.now():%Y%m%d-%H%M%S}-{sha256[:8]}"
     if ModelVersion.objects.filter(version=version).exists():
         raise ValidationError(f"Model version {version!r} already exists.")
     stored: list[str] = []
     try:
-        stored.append(default_storage.save(f"models/{sha256}.pt", ContentFile(checkpoint)))
-        plot_names = {}
-        plot_folder = uuid.uuid4().hex
-        for name, png in (plots or {}).items():
-            plot_names[name] = default_storage.save(f"models/plots/{plot_folder}/{name}.png", ContentFile(png))
-            stored.append(plot_names[name])
+        plot_names = _store_files(checkpoint, sha256, plots or {}, stored)
         with transaction.atomic():
             model_version = ModelVersion.objects.create(
                 version=version,
@@ -107,16 +92,7 @@ def register_model(
                 provenance=provenance or {},
                 drift_projection=drift_projection or {},
             )
-            ReferenceFeature.objects.bulk_create(
-                [
-                    ReferenceFeature(
-                        model_version=model_version, split=row["split"], label=row["label"], path=row["path"][:500],
-                        values=row["features"],
-                    )
-                    for row in reference_features or []
-                ],
-                batch_size=1000,
-            )  # fmt: skip
+            _create_reference_features(model_version, reference_features or [])
             if activate:
                 activate_model(model_version=model_version, actor=actor, via=via, force=force)
     except BaseException:
@@ -124,6 +100,46 @@ def register_model(
             default_storage.delete(name)
         raise
     return model_version
+
+
+def _checked_meta(checkpoint: bytes):
+    """The checkpoint's metadata, once it has loaded and predicted on a synthetic lesion; ValidationError
+    if it cannot be used."""
+    from mlcore.inference import Predictor
+    from mlcore.model import CheckpointError, load_checkpoint
+
+    try:
+        model, meta = load_checkpoint(io.BytesIO(checkpoint))
+        smoke = generate_lesion(np.random.default_rng(0), malignant=True, size=64).image
+        Predictor(model, meta, device="cpu").predict([smoke])
+    except CheckpointError as exc:
+        raise ValidationError(f"The checkpoint cannot be used: {exc}") from exc
+    return meta
+
+
+def _store_files(checkpoint: bytes, sha256: str, plots: dict[str, bytes], stored: list[str]) -> dict[str, str]:
+    """Save the weights and the plots to storage; each saved name is appended to `stored` as soon as it
+    exists, so that the caller can delete them all on a failure. Returns the plots' stored names."""
+    stored.append(default_storage.save(f"models/{sha256}.pt", ContentFile(checkpoint)))
+    plot_names = {}
+    plot_folder = uuid.uuid4().hex
+    for name, png in plots.items():
+        plot_names[name] = default_storage.save(f"models/plots/{plot_folder}/{name}.png", ContentFile(png))
+        stored.append(plot_names[name])
+    return plot_names
+
+
+def _create_reference_features(model_version: ModelVersion, rows: list[dict]) -> None:
+    ReferenceFeature.objects.bulk_create(
+        [
+            ReferenceFeature(
+                model_version=model_version, split=row["split"], label=row["label"], path=row["path"][:500],
+                values=row["features"],
+            )
+            for row in rows
+        ],
+        batch_size=1000,
+    )  # fmt: skip
 
 
 COMPARED_METRICS = ("auc", "sensitivity", "specificity", "ece")

@@ -63,15 +63,41 @@ def train_and_register(
     Raises ValidationError for unusable data; nothing is registered then. On Ctrl-C during training
     the best epoch so far is evaluated and written to `output`, and is not registered.
     """
-    from mlcore.datasets import DataError
-    from mlcore.model import CheckpointError, save_checkpoint
-    from mlcore.pipeline import finalize, prepare_data, sweep_configs, train_candidate
+    from mlcore.model import save_checkpoint
+    from mlcore.pipeline import finalize
 
     started = time.perf_counter()
     if version and ModelVersion.objects.filter(version=version).exists():
         raise ValidationError(f"Model version {version!r} already exists; choose another --name.")
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
+    prepared, configs = _prepare(data_dir, config, sweep, progress=progress, log=log)
+    sweep_id = uuid.uuid4() if sweep else None
+    trials = _Trials(prepared, output, sweep_id=sweep_id, progress=progress, log=log)
+    for index, candidate in enumerate(configs, start=1):
+        if not trials.run(index, candidate, total=len(configs)):
+            break
+    if trials.best is None:
+        raise ValidationError("Every trial of the sweep failed; see the errors above.")
+    run, result = trials.best
+    outcome = finalize(
+        prepared, result, started=started, extra_provenance={"git_commit": git_commit(), "sweep": str(sweep_id or "")}
+    )
+    save_checkpoint(outcome.model, outcome.meta, output)
+    report = TrainingReport(
+        output, None, outcome.evaluation, trials.runs, trials.interrupted, skipped=prepared.data.skipped
+    )
+    if not trials.interrupted:
+        _register(report, outcome, run, version=version, activate=activate, force=force)
+    return report
+
+
+def _prepare(data_dir: str | Path, config, sweep: dict | None, *, progress: bool, log: Callable[[str], None]):
+    """The data split for training and the configurations to train (one, or a sweep's trials); logs what
+    was found. Unusable data or an invalid sweep raise ValidationError."""
+    from mlcore.datasets import DataError
+    from mlcore.pipeline import prepare_data, sweep_configs
+
     try:
         prepared = prepare_data(data_dir, image_size=config.input_size, seed=config.seed, progress=progress, log=log)
         configs = sweep_configs(sweep, config, seed=config.seed) if sweep else [config]
@@ -84,26 +110,46 @@ def train_and_register(
         f"Data: {len(prepared.train.items)} training, {len(prepared.validation.items)} validation and "
         f"{len(data.test.items)} test images; classes {', '.join(data.class_names)}."
     )
-    sweep_id = uuid.uuid4() if sweep else None
-    runs: list[TrainingRun] = []
-    best: tuple[TrainingRun, object] | None = None
-    interrupted = False
-    for index, candidate in enumerate(configs, start=1):
+    return prepared, configs
+
+
+class _Trials:
+    """The trials of one training (one, or a sweep's): each recorded as a TrainingRun, the best kept on
+    validation AUC. A trial that is interrupted stops the sweep."""
+
+    def __init__(self, prepared, output: Path, *, sweep_id, progress: bool, log: Callable[[str], None]) -> None:
+        self.prepared = prepared
+        self.output = output
+        self.sweep_id = sweep_id
+        self.progress = progress
+        self.log = log
+        self.runs: list[TrainingRun] = []
+        self.best: tuple[TrainingRun, object] | None = None
+        self.interrupted = False
+
+    def run(self, index: int, candidate, *, total: int) -> bool:
+        """Train one candidate; False once training was interrupted (no further trial runs)."""
+        from mlcore.model import CheckpointError, save_checkpoint
+        from mlcore.pipeline import train_candidate
+
+        sweep, output, data = self.sweep_id is not None, self.output, self.prepared.data
         if sweep:
             changed = {k: getattr(candidate, k) for k in ("arch", "lr", "batch_size", "epochs", "weight_decay")}
-            log(f"Trial {index}/{len(configs)}: {changed}")
+            self.log(f"Trial {index}/{total}: {changed}")
         run = TrainingRun.objects.create(
-            sweep=sweep_id, data_directory=str(data.root), data_sha256=data.file_list_sha256,
+            sweep=self.sweep_id, data_directory=str(data.root), data_sha256=data.file_list_sha256,
             config=dataclasses.asdict(candidate),
         )  # fmt: skip
-        runs.append(run)
+        self.runs.append(run)
         trial_output = output if not sweep else output.with_name(f"{output.stem}-trial{index}{output.suffix}")
 
         def keep_best(model, meta, path=trial_output):
             save_checkpoint(model, meta, path)
 
         try:
-            result = train_candidate(prepared, candidate, progress=progress, on_improve=keep_best, log=log)
+            result = train_candidate(
+                self.prepared, candidate, progress=self.progress, on_improve=keep_best, log=self.log
+            )
         except KeyboardInterrupt:
             _finish(run, TrainingRun.Status.INTERRUPTED, error="Interrupted before the first epoch finished.")
             raise
@@ -111,30 +157,28 @@ def train_and_register(
             _finish(run, TrainingRun.Status.FAILED, error=str(exc))
             if not sweep:
                 raise ValidationError(f"Training failed: {exc}") from exc
-            log(f"Trial {index} failed: {exc}")
-            continue
+            self.log(f"Trial {index} failed: {exc}")
+            return True
         validation = result.meta.metrics.get("validation", {})
         _finish(
             run,
             TrainingRun.Status.INTERRUPTED if result.interrupted else TrainingRun.Status.FINISHED,
             metrics={**validation, "history": result.history},
         )
+        best = self.best
         if best is None or validation.get("auc", -1) > best[1].meta.metrics["validation"].get("auc", -1):
-            best = (run, result)
+            self.best = (run, result)
         if result.interrupted:
-            interrupted = True
-            break
-    if best is None:
-        raise ValidationError("Every trial of the sweep failed; see the errors above.")
-    run, result = best
-    outcome = finalize(
-        prepared, result, started=started, extra_provenance={"git_commit": git_commit(), "sweep": str(sweep_id or "")}
-    )
-    save_checkpoint(outcome.model, outcome.meta, output)
-    report = TrainingReport(output, None, outcome.evaluation, runs, interrupted, skipped=data.skipped)
-    if interrupted:
-        return report
-    with open(output, "rb") as handle:
+            self.interrupted = True
+            return False
+        return True
+
+
+def _register(report: TrainingReport, outcome, run: TrainingRun, *, version: str | None, activate: bool,
+              force: bool) -> None:  # fmt: skip
+    """Register the checkpoint written to report.checkpoint_path, mark its run as the selected one, and
+    activate it if asked (a refusal is recorded in the report)."""
+    with open(report.checkpoint_path, "rb") as handle:
         model_version = register_model(
             checkpoint=handle.read(), version=version, plots=outcome.plots, provenance=outcome.provenance,
             reference_features=outcome.reference_features,
@@ -147,7 +191,6 @@ def train_and_register(
             activate_model(model_version=model_version, force=force)
         except PromotionBlocked as exc:
             report.activation_refused = exc.messages[0]
-    return report
 
 
 def _finish(run: TrainingRun, status: str, *, metrics: dict | None = None, error: str = "") -> None:

@@ -1,11 +1,16 @@
-"""Settings shared by every environment. dev.py, test.py and prod.py set the defaults."""
+"""Settings shared by every environment. dev.py, test.py and prod.py set the defaults.
+
+Long because: every setting the project reads is declared here once, each with its environment
+variable, default and a comment on what it does; dev.py, test.py and prod.py only override."""
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from .env import env_bool, env_float, env_int, env_list, env_str
 
@@ -157,8 +162,6 @@ def default_storage_from_env(backend: str, media_root) -> dict:
                 ),
             },
         }
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(f"STORAGE_BACKEND={backend!r} is not supported; use 'local' or 's3'.")
 
 
@@ -214,8 +217,6 @@ INFERENCE_DEVICE = env_str("INFERENCE_DEVICE", "auto")
 # that supports it, else Pillow), "torchvision" (always, on the model's device), "pillow" (never).
 INFERENCE_DECODE = env_str("INFERENCE_DECODE", "auto").strip().lower()
 if INFERENCE_DECODE not in ("auto", "torchvision", "pillow"):
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(f"INFERENCE_DECODE={INFERENCE_DECODE!r}: use auto, torchvision or pillow.")
 # Load the active model and run one batch when an inference worker process starts.
 INFERENCE_WARMUP = env_bool("INFERENCE_WARMUP", True)
@@ -266,8 +267,6 @@ EXPLAIN_BATCH_MAX_STEPS = env_int("EXPLAIN_BATCH_MAX_STEPS", 200)
 # methods always run in fp32.
 EXPLAIN_PRECISION = env_str("EXPLAIN_PRECISION", "auto").strip().lower()
 if EXPLAIN_PRECISION not in ("auto", "fp32", "bf16"):
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(f"EXPLAIN_PRECISION={EXPLAIN_PRECISION!r}: use auto, fp32 or bf16.")
 
 # --- Monitoring -----------------------------------------------------------------------------------
@@ -327,8 +326,6 @@ REST_FRAMEWORK = {
 
 
 def _rate_limit(name: str, default: str) -> str:
-    import os
-
     value = os.environ.get(name)
     if value is None:
         return default
@@ -425,8 +422,6 @@ CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
 # task_id and task_name. "plain": readable text (the default in dev and tests; Celery keeps its own format).
 LOG_FORMAT = env_str("LOG_FORMAT", "plain").strip().lower()
 if LOG_FORMAT not in ("plain", "json"):
-    from django.core.exceptions import ImproperlyConfigured
-
     raise ImproperlyConfigured(f"LOG_FORMAT={LOG_FORMAT!r}: use plain or json.")
 LOGGING = {
     "version": 1,

@@ -62,7 +62,24 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        from mlcore.pipeline import format_metrics_table
+        config = self._config(options)
+        sweep = self._read_yaml(options["sweep"]) if options["sweep"] else None
+        output = options["output"] or Path(settings.VAR_DIR) / "training" / f"{timezone.now():%Y%m%d-%H%M%S}.pt"
+        try:
+            report = train_and_register(
+                data_dir=options["data"], config=config, output=output, version=options["name"],
+                activate=options["activate"], force=options["force"], sweep=sweep,
+                progress=not options["no_progress"], log=self.stdout.write,
+            )  # fmt: skip
+        except ValidationError as exc:
+            raise CommandError(" ".join(exc.messages)) from None
+        except KeyboardInterrupt:
+            raise CommandError("Interrupted before the first epoch finished; nothing was saved.") from None
+        self._write_evaluation(report)
+        self._write_outcome(report, activate=options["activate"])
+
+    def _config(self, options: dict):
+        """The TrainConfig: the command's defaults, overridden by --config FILE.yaml, overridden by the options."""
         from mlcore.train import TrainConfig
 
         values = self._read_yaml(options["config"]) if options["config"] else {}
@@ -87,18 +104,11 @@ class Command(BaseCommand):
         except TypeError as exc:
             raise CommandError(str(exc)) from None
         self._validate(config)
-        sweep = self._read_yaml(options["sweep"]) if options["sweep"] else None
-        output = options["output"] or Path(settings.VAR_DIR) / "training" / f"{timezone.now():%Y%m%d-%H%M%S}.pt"
-        try:
-            report = train_and_register(
-                data_dir=options["data"], config=config, output=output, version=options["name"],
-                activate=options["activate"], force=options["force"], sweep=sweep,
-                progress=not options["no_progress"], log=self.stdout.write,
-            )  # fmt: skip
-        except ValidationError as exc:
-            raise CommandError(" ".join(exc.messages)) from None
-        except KeyboardInterrupt:
-            raise CommandError("Interrupted before the first epoch finished; nothing was saved.") from None
+        return config
+
+    def _write_evaluation(self, report) -> None:
+        """The test metrics (all, and without near-duplicates of training images) and the skipped files."""
+        from mlcore.pipeline import format_metrics_table
 
         evaluation = report.evaluation
         leakage = evaluation["leakage"]
@@ -116,6 +126,9 @@ class Command(BaseCommand):
             self.stdout.write(f"Skipped {len(report.skipped)} unreadable file(s):")
             for path, reason in report.skipped[:20]:
                 self.stdout.write(f"  {path}: {reason}")
+
+    def _write_outcome(self, report, *, activate: bool) -> None:
+        """What became of the model: interrupted (and how to register it), registered, activated or not."""
         if report.interrupted:
             self.stdout.write(
                 self.style.WARNING(
@@ -128,7 +141,7 @@ class Command(BaseCommand):
         self.stdout.write(self.style.SUCCESS(f"Registered {version.version} (checkpoint {report.checkpoint_path})."))
         if report.activation_refused:
             self.stdout.write(self.style.WARNING(f"Not activated: {report.activation_refused}"))
-        elif options["activate"]:
+        elif activate:
             self.stdout.write(self.style.SUCCESS(f"{version.version} is now active."))
 
     def _read_yaml(self, path: Path) -> dict:
