@@ -128,6 +128,35 @@ def test_a_batch_in_flight_when_the_model_is_promoted_finishes_on_the_model_it_s
     assert Prediction.objects.filter(image_id__in=ids).count() == 4  # one each
 
 
+def test_a_later_batch_whose_model_cannot_be_loaded_is_given_back_and_the_task_ends_with_its_own_done(
+    clinic, clinician, active_model, small_batches, tiny_checkpoint, monkeypatch
+):
+    from django.core.files.storage import default_storage
+
+    from diagnosis.models import ModelVersion
+    from diagnosis.services.registry import activate_model, register_model
+
+    broken = register_model(checkpoint=tiny_checkpoint, version="tiny-broken", activate=False)
+    default_storage.delete(broken.weights.name)
+    ModelVersion.objects.filter(pk=broken.pk).update(weights_sha256="e" * 64)  # in no local cache either
+    ids = queued_images(clinic, clinician, 4, seed=360)
+    real_claim = predictions.claim_oldest_queued
+    calls = []
+
+    def promote_then_claim(**kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            activate_model(model_version=ModelVersion.objects.get(pk=broken.pk), force=True, note="broken")
+        return real_claim(**kwargs)
+
+    monkeypatch.setattr(predictions, "claim_oldest_queued", promote_then_claim)
+    outcomes = process_images(image_ids=[ids[0]], worker_id="pipe:7", gather=1)  # does not raise
+    assert outcomes == {ids[0]: "done", ids[1]: "done", ids[2]: "released", ids[3]: "released"}
+    waiting = LesionImage.objects.filter(pk__in=ids[2:])
+    assert set(waiting.values_list("state", flat=True)) == {ImageState.QUEUED}
+    assert set(waiting.values_list("attempts", flat=True)) == {0}  # not counted against them
+
+
 def test_a_database_error_mid_pipeline_gives_back_every_claim_without_an_outcome(
     clinic, clinician, active_model, small_batches, monkeypatch
 ):

@@ -154,9 +154,6 @@ class Engine:
         if exc is not None and item_id in self.own and self.deferred is None:
             self.deferred = TransientError(str(exc))
 
-    def unfinished(self, items) -> list:
-        return [item for item in items if self.work.item_id(item) not in self.outcomes]
-
     # --- the run --------------------------------------------------------------------------------
 
     def run(self) -> dict[str, str]:
@@ -197,10 +194,16 @@ class Engine:
                 batch = self._next_batch() if batch is not None else None
             except (*DATABASE_ERRORS, SoftTimeLimitExceeded):
                 raise  # run() gives back or fails every item without an outcome, the batch in flight's too
-            except BaseException:
-                if in_flight is not None:  # the next batch could not start: the one on the device still ends
+            except Exception as exc:  # the next batch could not start (open() gave its items back)
+                if in_flight is not None:  # the one on the device still ends
                     self._finish(in_flight)
-                raise
+                    in_flight = None
+                if any(item_id not in self.outcomes for item_id in self.own):
+                    raise
+                # The task's own work is done: its retry would have nothing to do. Stop taking batches.
+                logger.warning("%s: no further batch after %d (%s: %s)", self.work.label, self.batches,
+                               type(exc).__name__, exc)  # fmt: skip
+                batch = None
 
     def _first_batch(self) -> Batch | None:
         claimed = {self.work.item_id(item): item for item in self.work.claim(self.own, self.worker_id)}
