@@ -27,7 +27,7 @@ from .explanations import request_automatic_explanations_many
 from .images import claim_images, fail_image, release_image, release_images
 from .monitoring import record_upload_features_many
 from .registry import active_model_version
-from .runtime import predictor_for
+from .runtime import on_device, predictor_for
 from .transactions import update_returning
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def warm_up_worker(consumed_queues) -> float | None:
             return None
         predictor = predictor_for(version)
         decoding._remember(predictor)  # so that the very first upload can be decoded ahead
-        seconds = warm_up(predictor, (1, settings.INFERENCE_BATCH_SIZE))
+        # On the device thread, where the model was loaded and every batch runs (runtime.device_thread).
+        seconds = on_device(warm_up, predictor, (1, settings.INFERENCE_BATCH_SIZE))
         decoding.tensor_decoding(predictor)  # probes nvJPEG once, on a GPU
         logger.info("warmed up model %s on %s in %.2f s", version.version, predictor.device, seconds)
         return seconds

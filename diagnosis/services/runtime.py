@@ -19,7 +19,8 @@ def _load_predictor(model_version: ModelVersion):
     # torch is loaded only in the processes that run a model, never in the web tier.
     from mlcore.inference import Predictor
 
-    predictor = Predictor.from_checkpoint(cached_weights_path(model_version), device=settings.INFERENCE_DEVICE)
+    path = cached_weights_path(model_version)
+    predictor = on_device(Predictor.from_checkpoint, path, device=settings.INFERENCE_DEVICE)
     logger.info("loaded model %s on %s", model_version.version, predictor.device)
     return predictor
 
@@ -37,8 +38,8 @@ def _build_explainer(model_version: ModelVersion):
     from mlcore.explain import Explainer
 
     predictor = predictor_for(model_version)  # share its model: no second copy in memory
-    return Explainer(
-        predictor.model, predictor.meta, device=predictor.device,
+    return on_device(
+        Explainer, predictor.model, predictor.meta, device=predictor.device,
         memory_budget_bytes=settings.EXPLAIN_MEMORY_BUDGET_MB << 20, precision=settings.EXPLAIN_PRECISION,
         executor=decoder_pool(),
     )  # fmt: skip
@@ -65,8 +66,24 @@ def decoder_pool() -> ThreadPoolExecutor:
 def device_thread() -> ThreadPoolExecutor:
     """The one thread that runs batches on the device, so that the task's own thread claims, decodes
     and records the batches before and after the one being run (services.engine). One per process:
-    batches reach the device one at a time, in the order they were handed over."""
-    return _pool("device", 1, initializer=_same_torch_threads, initargs=(_torch_threads(),))
+    batches reach the device one at a time, in the order they were handed over.
+
+    Every torch computation of a worker process runs on this thread: loading a model, the warm-up,
+    the batches, the explanations (on_device). On a CPU, torch's OpenMP threads belong to the thread
+    that starts them: a model loaded or run on another thread as well gave the process a second team,
+    and each forward pass then took 1.5-2x as long (bench/README.md, issue 17)."""
+    return _pool("device", 1, initializer=_device_thread_started, initargs=(_torch_threads(),))
+
+
+_device_thread_ident: int | None = None
+
+
+def on_device(function, *args, **kwargs):
+    """function(*args, **kwargs) on the device thread (at once when called from it), its result or its
+    exception here."""
+    if threading.get_ident() == _device_thread_ident:
+        return function(*args, **kwargs)
+    return device_thread().submit(function, *args, **kwargs).result()
 
 
 def _pool(name: str, workers: int, **options) -> ThreadPoolExecutor:
@@ -84,9 +101,11 @@ def _torch_threads() -> int | None:
     return torch.get_num_threads()
 
 
-def _same_torch_threads(threads: int | None) -> None:
-    """A new thread runs torch's operators with the intra-op thread count the process was given
+def _device_thread_started(threads: int | None) -> None:
+    """The device thread runs torch's operators with the intra-op thread count the process was given
     (webapp.celery sizes it to the child's share of the cores); OpenMP keeps that count per thread."""
+    global _device_thread_ident
+    _device_thread_ident = threading.get_ident()
     if threads:
         import torch
 
