@@ -138,6 +138,7 @@ class Engine:
         self.batches = 0
         self.started = time.monotonic()
         self.first = None  # the first claimed item: later batches are gathered to match it
+        self.drained = False  # the last gather found fewer items than it asked for
 
     # --- outcomes -------------------------------------------------------------------------------
 
@@ -235,10 +236,13 @@ class Engine:
             return []
         gathered = self.work.gather(first, exclude=self.own, limit=limit, worker_id=self.worker_id)
         self.ids += [self.work.item_id(item) for item in gathered]
+        # Fewer than asked for: nothing else was queued. Photos that arrive later have their own
+        # messages, so the task does not look again (a lone upload costs no extra claim on its way).
+        self.drained = len(gathered) < limit
         return gathered
 
     def _next_batch(self) -> Batch | None:
-        if not self.pipeline or self.batches >= settings.PIPELINE_BATCHES:
+        if not self.pipeline or self.drained or self.batches >= settings.PIPELINE_BATCHES:
             return None
         if time.monotonic() - self.started > settings.CELERY_TASK_SOFT_TIME_LIMIT / 2:
             return None
