@@ -23,7 +23,7 @@ from .errors import DATABASE_ERRORS, TransientError, bucket_errors, storage_erro
 from .explanation_files import DISPLAY_MAX_SIDE, store_result
 from .explanations import explain_batch_size
 from .runtime import decoder_pool, explainer_for
-from .transactions import update_returning
+from .transactions import first_of, update_returning
 
 logger = logging.getLogger(__name__)
 
@@ -77,9 +77,9 @@ def claim_compatible(*, explanation: Explanation, limit: int, worker_id: str, ex
     if limit <= 0 or explanation.method not in BATCHED_METHODS:
         return []
     waiting = compatible_queued(explanation).exclude(pk__in=[explanation.pk, *exclude])
-    oldest = waiting.order_by("created_at").values("pk")[:limit]
+    oldest = first_of(waiting.order_by("created_at"), limit)
     now = timezone.now()
-    claimed = update_returning(Explanation.objects.filter(pk__in=oldest, state=Explanation.State.QUEUED, attempts=0),
+    claimed = update_returning(oldest.filter(state=Explanation.State.QUEUED, attempts=0),
                                state=Explanation.State.PROCESSING, claimed_at=now, claimed_by=worker_id,
                                attempts=F("attempts") + 1)  # fmt: skip
     return sorted(_with_relations(claimed), key=lambda row: row.created_at)

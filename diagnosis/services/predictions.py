@@ -28,7 +28,7 @@ from .images import claim_images, fail_image, release_image, release_images
 from .monitoring import record_upload_features_many
 from .registry import active_model_version
 from .runtime import on_device, predictor_for
-from .transactions import update_returning
+from .transactions import first_of, update_returning
 
 logger = logging.getLogger(__name__)
 
@@ -131,8 +131,8 @@ def claim_oldest_queued(*, limit: int, worker_id: str, exclude: list[str] = ()) 
     if limit <= 0:
         return []
     waiting = LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk__in=list(exclude))
-    oldest = waiting.order_by("enqueued_at").values("pk")[:limit]
-    return _claim(LesionImage.objects.filter(pk__in=oldest, state=ImageState.QUEUED, attempts=0), worker_id)
+    oldest = first_of(waiting.order_by("enqueued_at"), limit)
+    return _claim(oldest.filter(state=ImageState.QUEUED, attempts=0), worker_id)
 
 
 def _claim(queryset, worker_id: str) -> list[LesionImage]:

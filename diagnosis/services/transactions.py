@@ -59,3 +59,19 @@ def _has_update_returning(connection) -> bool:
     if connection.vendor == "sqlite":
         return sqlite3.sqlite_version_info >= (3, 35)
     return False
+
+
+def first_of(candidates, limit: int):
+    """The rows of `candidates` (an ordered queryset) among its first `limit`, as a filter to claim them
+    with: on PostgreSQL `pk = ANY(ARRAY(subquery))`, which the planner evaluates once and then finds the
+    rows by primary key, where `pk IN (subquery ... LIMIT n)` made it scan the whole table (a semi-join
+    over every row); elsewhere `pk IN (subquery)`."""
+    model = candidates.model
+    inner = candidates.values("pk")[:limit]
+    connection = connections[router.db_for_write(model)]
+    if connection.vendor != "postgresql":
+        return model._default_manager.filter(pk__in=inner)
+    sql, params = inner.query.get_compiler(connection=connection).as_sql()
+    quote = connection.ops.quote_name
+    column = f"{quote(model._meta.db_table)}.{quote(model._meta.pk.column)}"
+    return model._default_manager.extra(where=[f"{column} = ANY(ARRAY({sql}))"], params=list(params))
