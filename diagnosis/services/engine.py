@@ -5,8 +5,8 @@ rest, once:
     claim (one statement) -> read and decode -> run on the device -> record; or fail, or give back.
 
 **Pipelined.** A task that may take more work (its own item was fresh, and the kind gathers) keeps
-going while compatible work is queued, up to PIPELINE_BATCHES batches and half the task's soft time
-limit. While one batch runs on the device (runtime.device_thread), this thread records the batch
+going while a full batch of compatible work is queued, up to PIPELINE_BATCHES batches and half the
+task's soft time limit. While one batch runs on the device (runtime.device_thread), this thread records the batch
 before it and claims the next one, whose photos the decode threads read meanwhile; the next batch is
 handed to the device thread before the one running is recorded, so the device waits for neither the
 database nor the disk while work is queued. A lone item goes straight through: claimed, decoded in
@@ -72,9 +72,9 @@ class Work:
         """The task's own items: those still claimable (queued, or a stale or redelivered claim)."""
         raise NotImplementedError
 
-    def gather(self, first, *, exclude: list[str], limit: int, worker_id: str) -> list:
+    def gather(self, first, *, exclude: list[str], limit: int, worker_id: str, full: bool = False) -> list:
         """Claim up to `limit` other queued, never-attempted items that can share `first`'s batch, in one
-        statement, oldest first."""
+        statement, oldest first; with `full`, only when `limit` of them are waiting (else none)."""
         return []
 
     def batch_size(self, first) -> int:
@@ -231,10 +231,10 @@ class Engine:
         self.first = items[0]
         return self._open(items)
 
-    def _gather(self, first, limit: int) -> list:
+    def _gather(self, first, limit: int, full: bool = False) -> list:
         if limit <= 0:
             return []
-        gathered = self.work.gather(first, exclude=self.own, limit=limit, worker_id=self.worker_id)
+        gathered = self.work.gather(first, exclude=self.own, limit=limit, worker_id=self.worker_id, full=full)
         self.ids += [self.work.item_id(item) for item in gathered]
         # Fewer than asked for: nothing else was queued. Photos that arrive later have their own
         # messages, so the task does not look again (a lone upload costs no extra claim on its way).
@@ -246,7 +246,10 @@ class Engine:
             return None
         if time.monotonic() - self.started > settings.CELERY_TASK_SOFT_TIME_LIMIT / 2:
             return None
-        items = self._gather(self.first, self.work.batch_size(self.first))
+        # Only a full batch: claimed while the last one still runs, a part batch would be smaller than
+        # what the next task (or this one's next message) takes once it ends, and on a CPU a forward pass
+        # of a few photos costs more per photo than one of a full batch.
+        items = self._gather(self.first, self.work.batch_size(self.first), full=True)
         return self._open(items) if items else None
 
     def _open(self, items: list) -> Batch | None:

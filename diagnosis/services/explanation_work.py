@@ -71,12 +71,15 @@ def gather_queued_explanations(*, explanation: Explanation, limit: int) -> list[
     return [str(pk) for pk in candidates.order_by("created_at").values_list("pk", flat=True)[:limit]]
 
 
-def claim_compatible(*, explanation: Explanation, limit: int, worker_id: str, exclude=()) -> list[Explanation]:
+def claim_compatible(*, explanation: Explanation, limit: int, worker_id: str, exclude=(),
+                     full: bool = False) -> list[Explanation]:  # fmt: skip
     """Claim up to `limit` explanations that can share this one's Captum call, oldest first, in one
-    statement (see predictions.claim_oldest_queued)."""
+    statement (see predictions.claim_oldest_queued); with `full`, only when `limit` are waiting."""
     if limit <= 0 or explanation.method not in BATCHED_METHODS:
         return []
     waiting = compatible_queued(explanation).exclude(pk__in=[explanation.pk, *exclude])
+    if full and waiting.order_by()[:limit].count() < limit:
+        return []
     oldest = first_of(waiting.order_by("created_at"), limit)
     now = timezone.now()
     claimed = update_returning(oldest.filter(state=Explanation.State.QUEUED, attempts=0),
@@ -131,10 +134,10 @@ class ExplanationWork(Work):
     def claim(self, ids, worker_id):
         return claim_explanations(explanation_ids=ids, worker_id=worker_id)
 
-    def gather(self, first, *, exclude, limit, worker_id):
+    def gather(self, first, *, exclude, limit, worker_id, full=False):
         if first is None:
             return []
-        return claim_compatible(explanation=first, limit=limit, worker_id=worker_id, exclude=exclude)
+        return claim_compatible(explanation=first, limit=limit, worker_id=worker_id, exclude=exclude, full=full)
 
     def batch_size(self, first) -> int:
         if first is None or first.method not in BATCHED_METHODS:

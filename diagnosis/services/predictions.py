@@ -120,7 +120,9 @@ def claim_queued(*, image_ids: list[str], worker_id: str) -> list[LesionImage]:
     return _claim(LesionImage.objects.filter(pk__in=image_ids, state=ImageState.QUEUED, attempts=0), worker_id)
 
 
-def claim_oldest_queued(*, limit: int, worker_id: str, exclude: list[str] = ()) -> list[LesionImage]:
+def claim_oldest_queued(
+    *, limit: int, worker_id: str, exclude: list[str] = (), full: bool = False
+) -> list[LesionImage]:
     """Claim up to `limit` queued images, oldest first, in one statement: the batch a worker takes with
     its own image, or its next batch. Only images never attempted: one that was in a batch when its
     worker died goes alone, so a photo that kills workers cannot use up its batch-mates' attempts.
@@ -131,6 +133,8 @@ def claim_oldest_queued(*, limit: int, worker_id: str, exclude: list[str] = ()) 
     if limit <= 0:
         return []
     waiting = LesionImage.objects.filter(state=ImageState.QUEUED, attempts=0).exclude(pk__in=list(exclude))
+    if full and waiting.order_by()[:limit].count() < limit:  # with `full`: a whole batch or nothing
+        return []
     oldest = first_of(waiting.order_by("enqueued_at"), limit)
     return _claim(oldest.filter(state=ImageState.QUEUED, attempts=0), worker_id)
 
@@ -156,8 +160,8 @@ class PredictionWork(Work):
     def claim(self, ids, worker_id):
         return claim_images(image_ids=ids, worker_id=worker_id)
 
-    def gather(self, first, *, exclude, limit, worker_id):
-        return claim_oldest_queued(limit=limit, worker_id=worker_id, exclude=exclude)
+    def gather(self, first, *, exclude, limit, worker_id, full=False):
+        return claim_oldest_queued(limit=limit, worker_id=worker_id, exclude=exclude, full=full)
 
     def batch_size(self, first) -> int:
         return max(1, settings.INFERENCE_BATCH_SIZE)
