@@ -266,6 +266,7 @@ def worker_env(django_db_setup, redis_service, tmp_path_factory):
         "MEDIA_ROOT": str(settings.MEDIA_ROOT),
         "MODEL_CACHE_DIR": str(tmp_path_factory.mktemp("worker-model-cache")),
         "CELERY_WORKER_CONCURRENCY": "1",
+        "PIPELINE_BATCHES": "8",  # the GPU's default, on the CPU too: the real workers exercise the pipeline
         "PYTHONUNBUFFERED": "1",
     }
     from diagnosis.services import wakeups

@@ -5,9 +5,9 @@ rest, once:
     claim (one statement) -> read and decode -> run on the device -> record; or fail, or give back.
 
 **Pipelined.** A task that may take more work (its own item was fresh, and the kind gathers) keeps
-going while a full batch of compatible work is queued, up to PIPELINE_BATCHES batches and half the
-task's soft time limit. While one batch runs on the device (runtime.device_thread), this thread records the batch
-before it and claims the next one, whose photos the decode threads read meanwhile; the next batch is
+going while a full batch of compatible work is queued, up to PIPELINE_BATCHES batches (by default 8 on
+a GPU, 1 on the CPU) and half the task's soft time limit. While one batch runs on the device
+(runtime.device_thread), this thread records the batch before it and claims the next one, whose photos the decode threads read meanwhile; the next batch is
 handed to the device thread before the one running is recorded, so the device waits for neither the
 database nor the disk while work is queued. A lone item goes straight through: claimed, decoded in
 this thread, run and recorded, with no wait for a batch to fill.
@@ -118,6 +118,14 @@ class Work:
     def item_id(self, item) -> str:
         return str(item.pk)
 
+    def pipeline_batches(self, runner) -> int:
+        """How many batches a task takes in a row: PIPELINE_BATCHES, or with 0 (auto) 8 when the runner's
+        model is on a GPU and 1 on the CPU (whose cores the worker's children already share)."""
+        if settings.PIPELINE_BATCHES > 0:
+            return settings.PIPELINE_BATCHES
+        device = getattr(runner, "device", None)
+        return 8 if getattr(device, "type", "cpu") != "cpu" else 1
+
 
 class Engine:
     """One task's work. `ids`: the task's own items (their temporary errors raise for its retry);
@@ -139,6 +147,7 @@ class Engine:
         self.started = time.monotonic()
         self.first = None  # the first claimed item: later batches are gathered to match it
         self.drained = False  # the last gather found fewer items than it asked for
+        self.first_runner = None  # the first batch's runner (its device decides PIPELINE_BATCHES=0)
 
     # --- outcomes -------------------------------------------------------------------------------
 
@@ -242,7 +251,7 @@ class Engine:
         return gathered
 
     def _next_batch(self) -> Batch | None:
-        if not self.pipeline or self.drained or self.batches >= settings.PIPELINE_BATCHES:
+        if not self.pipeline or self.drained or self.batches >= self.work.pipeline_batches(self.first_runner):
             return None
         if time.monotonic() - self.started > settings.CELERY_TASK_SOFT_TIME_LIMIT / 2:
             return None
@@ -258,6 +267,8 @@ class Engine:
         batch.runner = self.work.open(self, batch)
         if batch.runner is None:
             return None
+        if self.first_runner is None:
+            self.first_runner = batch.runner
         batch.jobs = self.work.prepare(self, batch)
         return batch
 

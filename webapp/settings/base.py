@@ -224,10 +224,12 @@ INFERENCE_WARMUP = env_bool("INFERENCE_WARMUP", True)
 # batch (never waiting for more); DECODE_THREADS read and decode a batch's photos in parallel.
 INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 16)
 DECODE_THREADS = env_int("DECODE_THREADS", 2)
-# A task whose own photo (or explanation) was fresh keeps taking batches of queued work while there is
-# some, up to this many batches (and half its soft time limit): one batch on the device while the next
-# is claimed and decoded and the last one recorded (diagnosis.services.engine). 1: one batch per task.
-PIPELINE_BATCHES = env_int("PIPELINE_BATCHES", 8)
+# A task whose own photo (or explanation) was fresh keeps taking batches while a full batch is queued,
+# up to this many batches (and half its soft time limit): one batch on the device while the next is
+# claimed and decoded and the last one recorded (diagnosis.services.engine). 1: one batch per task.
+# 0 (auto): 8 for a model on a GPU, 1 on the CPU, where the worker's prefork children already share the
+# cores between them and pipelining measured 8% fewer images/s on 2 cores (bench/README.md, issue 17).
+PIPELINE_BATCHES = env_int("PIPELINE_BATCHES", 0)
 # Coalesced wake-ups (diagnosis/services/wakeups.py, Redis broker only): at most this many prediction
 # messages wait for a worker at a time; the others' photos are gathered into their batches. 0 publishes
 # one message per upload. The count expires after INFERENCE_COALESCE_SECONDS (bounds a lost message).
