@@ -7,10 +7,11 @@ rest, once:
 **Pipelined.** A task that may take more work (its own item was fresh, and the kind gathers) keeps
 going while a full batch of compatible work is queued, up to PIPELINE_BATCHES batches (by default 8 on
 a GPU, 1 on the CPU) and half the task's soft time limit. While one batch runs on the device
-(runtime.device_thread), this thread records the batch before it and claims the next one, whose photos the decode threads read meanwhile; the next batch is
-handed to the device thread before the one running is recorded, so the device waits for neither the
-database nor the disk while work is queued. A lone item goes straight through: claimed, decoded in
-this thread, run and recorded, with no wait for a batch to fill.
+(runtime.device_thread), this thread records the batch before it and claims the next one, whose
+photos the decode threads read meanwhile; the next batch is handed to the device thread before the
+one running is recorded, so the device waits for neither the database nor the disk while work is
+queued. A lone item goes straight through: claimed, decoded in this thread, run and recorded, with no
+wait for a batch to fill.
 
 **Every claim is the worker's own.** Records are conditional on the claim (a claim taken over writes
 nothing). A database error anywhere gives back every claim of this call that has no outcome yet and
