@@ -117,14 +117,15 @@ class Predictor:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device).contiguous(memory_format=torch.channels_last)
 
-    def predict_with_gradcam_tensors(self, batch: torch.Tensor, *, embeddings: bool = False):
+    def predict_with_gradcam_tensors(self, batch: torch.Tensor, *, embeddings: bool = False, upsample: bool = True):
         """predict_with_gradcam for a batch already preprocessed (on the CPU, or on the model's device
-        when it was decoded there: mlcore.tensor_decode)."""
+        when it was decoded there: mlcore.tensor_decode). upsample=False: the maps at the feature map's
+        own size (7 x 7 for a ResNet at 224 px), for upsample_map later."""
         batch = self.to_device(batch)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         head = linear_head(self.model)
         if head is None:  # a head other than average pooling and one linear layer: let autograd do it
-            return self._gradcam_by_autograd(batch, autocast, embeddings)
+            return self._gradcam_by_autograd(batch, autocast, embeddings, upsample)
         weight, bias = head
         with torch.inference_mode():
             with autocast:
@@ -143,17 +144,18 @@ class Predictor:
             gradients = weight.float()[targets] - shares @ weight.float()
             height, width = features.shape[2:]
             weights = (gradients / (height * width))[:, :, None, None]
-            cams = self._upsample((weights * features).sum(dim=1, keepdim=True))
+            cams = self._upsample((weights * features).sum(dim=1, keepdim=True), upsample)
             if embeddings:
                 return results, cams, pooled.cpu().numpy().astype(np.float32)
             return results, cams
 
-    def _upsample(self, cams: torch.Tensor) -> list[np.ndarray]:
-        size = (self.meta.input_size, self.meta.input_size)
-        cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+    def _upsample(self, cams: torch.Tensor, upsample: bool = True) -> list[np.ndarray]:
+        if upsample:
+            size = (self.meta.input_size, self.meta.input_size)
+            cams = torch.nn.functional.interpolate(cams, size=size, mode="bilinear", align_corners=False)
         return list(cams[:, 0].float().cpu().numpy())  # one copy to the host for the whole batch
 
-    def _gradcam_by_autograd(self, batch: torch.Tensor, autocast, embeddings: bool):
+    def _gradcam_by_autograd(self, batch: torch.Tensor, autocast, embeddings: bool, upsample: bool = True):
         with torch.no_grad(), autocast:
             features = resnet_features(self.model, batch)
         features = features.float().requires_grad_(True)
@@ -167,7 +169,7 @@ class Predictor:
             selected = log_odds(logits).gather(1, targets.unsqueeze(1)).sum()
             (gradients,) = torch.autograd.grad(selected, features)
         weights = gradients.mean(dim=(2, 3), keepdim=True)
-        cams = self._upsample((weights * features.detach()).sum(dim=1, keepdim=True))
+        cams = self._upsample((weights * features.detach()).sum(dim=1, keepdim=True), upsample)
         if embeddings:
             return results, cams, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
         return results, cams
@@ -185,6 +187,15 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     if (size if isinstance(size, tuple) else (size, size)) != (1, 1):
         return None
     return fc.weight, fc.bias
+
+
+def upsample_map(cam: np.ndarray, size: int) -> np.ndarray:
+    """A Grad-CAM map at its feature map's size (predict_with_gradcam_tensors(upsample=False)) brought to
+    the model's input size with the same bilinear interpolation the prediction pass uses."""
+    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[
+        0, 0
+    ].numpy()
 
 
 def warm_up(predictor: Predictor, batch_sizes: Sequence[int] = (1,)) -> float:

@@ -27,6 +27,7 @@ def done_image(api_client, active_model, django_capture_on_commit_callbacks):
     # The callbacks publish the render (default queue) and IG (explain queue) tasks; run the render here.
     gradcam = Explanation.objects.get(image_id=image_id, method="gradcam")
     assert gradcam.state == Explanation.State.PROCESSING and gradcam.raw_map is not None and not gradcam.overlay
+    assert len(gradcam.raw_map) < 1024  # the map at the feature map's size, not at the input size
     assert render_explanation(explanation_id=str(gradcam.pk)) == "done"
     image = LesionImage.objects.get(pk=image_id)
     image.queued_callbacks = callbacks

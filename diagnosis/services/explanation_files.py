@@ -74,9 +74,16 @@ def _gradcam_row(image: LesionImage, model_version: ModelVersion, result, cam, s
     return Explanation(
         image=image, model_version=model_version, method="gradcam", params_key=canonical_key("gradcam", {},
         target_index), params={}, target_index=target_index, target_class=result.label,
-        state=Explanation.State.PROCESSING, claimed_at=timezone.now(), raw_map=attribution_npy(cam),
+        state=Explanation.State.PROCESSING, claimed_at=timezone.now(), raw_map=_map_bytes(cam),
         duration_ms=seconds * 1000,
     )  # fmt: skip
+
+
+def _map_bytes(cam) -> bytes:
+    """The map as kept in the row: a float32 .npy (at the feature map's size, a few hundred bytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(cam, dtype=np.float32), allow_pickle=False)
+    return buffer.getvalue()
 
 
 def record_gradcams(items, *, model_version: ModelVersion, seconds: float) -> None:
@@ -144,7 +151,7 @@ def render_explanations(*, explanation_ids: list[str]) -> dict[str, str]:
 def render_explanation(*, explanation_id: str) -> str:
     """Draw the overlay and heatmap of an explanation whose raw map is stored (Grad-CAM), and write the
     map as the downloadable .npy."""
-    explanation = Explanation.objects.select_related("image").filter(pk=explanation_id).first()
+    explanation = Explanation.objects.select_related("image", "model_version").filter(pk=explanation_id).first()
     if explanation is None or explanation.state == Explanation.State.DONE:
         return "skipped"
     if explanation.raw_map is None and not explanation.attribution:
@@ -173,8 +180,16 @@ def render_explanation(*, explanation_id: str) -> str:
 
 
 def _raw_map(explanation: Explanation) -> np.ndarray:
-    """The map kept in the row, or (drawn by an older release) in its .npy file."""
+    """The map kept in the row, brought to the model's input size, or (stored by an older release) the
+    map in its .npy file."""
     if explanation.raw_map is not None:
-        return np.load(io.BytesIO(bytes(explanation.raw_map)), allow_pickle=False).astype(np.float32)
+        raw = np.load(io.BytesIO(bytes(explanation.raw_map)), allow_pickle=False).astype(np.float32)
+        size = explanation.model_version.input_size
+        if raw.ndim == 2 and raw.shape != (size, size):
+            # torch: the render task's worker runs models anyway; the same interpolation as the prediction pass.
+            from mlcore.inference import upsample_map
+
+            raw = upsample_map(raw, size)
+        return raw
     with explanation.attribution.open("rb") as handle:
         return np.load(handle, allow_pickle=False).astype(np.float32)

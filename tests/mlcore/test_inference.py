@@ -175,3 +175,18 @@ def test_configure_torch_threads_follows_the_environment(monkeypatch):
         assert configure_torch_threads(default=2) == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_gradcam_maps_at_the_feature_size_upsample_to_the_prediction_pass_maps(model, images):
+    from mlcore.inference import upsample_map
+
+    predictor = Predictor(model, tiny_meta(), device="cpu")
+    batch = torch.stack([predictor.preprocess(image) for image in images])
+    results, maps = predictor.predict_with_gradcam_tensors(batch)
+    small_results, small = predictor.predict_with_gradcam_tensors(batch, upsample=False)
+    size = predictor.meta.input_size
+    assert [r.probability_malignant for r in small_results] == [r.probability_malignant for r in results]
+    assert all(m.shape[0] < size and m.shape == m.shape[::-1] for m in small)  # the feature map's own size
+    for full, low in zip(maps, small, strict=True):
+        assert full.shape == (size, size)
+        assert torch.allclose(torch.from_numpy(upsample_map(low, size)), torch.from_numpy(full), atol=1e-6)
