@@ -21,10 +21,9 @@ app.autodiscover_tasks()
 def _size_torch_threads(**_: object) -> None:
     # Each prefork child shares the machine's cores with its siblings; torch would otherwise
     # start one thread per core in every child and oversubscribe the CPU.
-    from mlcore.inference import configure_torch_threads
+    from diagnosis.services.runtime import size_torch_threads
 
-    concurrency = int(os.environ.get("CELERY_WORKER_CONCURRENCY", "1") or 1)
-    configure_torch_threads(max(1, (os.cpu_count() or 1) // concurrency))
+    size_torch_threads(int(os.environ.get("CELERY_WORKER_CONCURRENCY", "1") or 1))
 
 
 @worker_process_init.connect

@@ -12,10 +12,9 @@ from django.conf import settings
 from django.db.models import Prefetch
 from django.urls import reverse
 
-from mlcore.methods import method_label
-
 from ..models import Explanation, Feedback, ImageState, Lesion, LesionImage, Prediction
 from ..services import feedback as feedback_services
+from ..services.explanations import method_label
 from ..services.status import FINAL_STATES
 
 

@@ -27,8 +27,6 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
-from mlcore.methods import METHOD_LABELS, method_label
-
 from ..models import ApiToken, AuditEvent, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
@@ -38,6 +36,7 @@ from ..services import patients as patient_services
 from ..services import tokens as token_services
 from ..services.audit import record_event
 from ..services.clinics import clinic_of
+from ..services.explanations import METHOD_LABELS, method_label
 from ..services.previews import PreviewUnavailable, preview_jpeg
 from .forms import AssessmentForm, HistoryFilterForm, LesionForm, OutcomeForm, PatientForm, TokenForm
 from .results import explanation_payload, result_explanations, result_of, status_payload, timeline, with_predictions

@@ -13,7 +13,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import IntegrityError, transaction
 
-from mlcore.methods import ExplanationError, validate_params
+from mlcore.methods import METHOD_LABELS, ExplanationError, method_label, validate_params
 
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
 from . import dispatch
@@ -21,6 +21,8 @@ from .audit import record_event
 from .transactions import savepoint_if_inside
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["METHOD_LABELS", "method_label"]  # for the portal: the methods' names for people (torch-free)
 
 
 class ExplanationRefused(ValidationError):

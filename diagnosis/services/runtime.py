@@ -4,6 +4,7 @@ read and decode photos, and the one thread that runs batches on the device (serv
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,6 +27,15 @@ def _load_predictor(model_version: ModelVersion):
 
 
 predictors = VersionCache(_load_predictor)
+
+
+def size_torch_threads(concurrency: int) -> int:
+    """At a worker child's start: torch's intra-op threads sized to the cores this child really has
+    (its siblings share the machine's), so that torch does not start one thread per core in every child."""
+    # torch: loaded in worker children only.
+    from mlcore.inference import configure_torch_threads
+
+    return configure_torch_threads(max(1, (os.cpu_count() or 1) // max(1, concurrency)))
 
 
 def predictor_for(model_version: ModelVersion):

@@ -218,3 +218,26 @@ def evaluate_registered_model(*, model_version: ModelVersion, data_dir: str | Pa
     report.pop("_scores")
     report["skipped"] = split.skipped
     return report
+
+
+# --- what the training commands need from mlcore (torch: loaded only when a command trains) --------------
+
+
+def train_config(**values):
+    """A mlcore.train.TrainConfig."""
+    from mlcore.train import TrainConfig
+
+    return TrainConfig(**values)
+
+
+def architectures() -> tuple[str, ...]:
+    from mlcore.model import ARCHITECTURES
+
+    return tuple(ARCHITECTURES)
+
+
+def metrics_table(metrics: dict) -> str:
+    """The test metrics as the table training prints."""
+    from mlcore.pipeline import format_metrics_table
+
+    return format_metrics_table(metrics)

@@ -4,7 +4,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
 from diagnosis.models import ModelVersion
-from diagnosis.services.training import evaluate_registered_model
+from diagnosis.services.training import evaluate_registered_model, metrics_table
 
 
 class Command(BaseCommand):
@@ -16,8 +16,6 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
-        from mlcore.pipeline import format_metrics_table
-
         try:
             model_version = ModelVersion.objects.get(version=options["version"])
         except ModelVersion.DoesNotExist:
@@ -33,6 +31,6 @@ class Command(BaseCommand):
         if recorded:
             columns["at registration (test)"] = recorded
         self.stdout.write(f"{model_version.version} at threshold {model_version.threshold:.3f}")
-        self.stdout.write(format_metrics_table(columns))
+        self.stdout.write(metrics_table(columns))
         if report["skipped"]:
             self.stdout.write(f"Skipped {len(report['skipped'])} unreadable file(s).")

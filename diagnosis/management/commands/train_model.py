@@ -11,6 +11,7 @@ from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from diagnosis.services import training
 from diagnosis.services.training import train_and_register
 
 OPTION_FIELDS = {
@@ -80,8 +81,6 @@ class Command(BaseCommand):
 
     def _config(self, options: dict):
         """The TrainConfig: the command's defaults, overridden by --config FILE.yaml, overridden by the options."""
-        from mlcore.train import TrainConfig
-
         values = self._read_yaml(options["config"]) if options["config"] else {}
         unknown = set(values) - set(OPTION_FIELDS) - {"pretrained"}
         if unknown:
@@ -91,7 +90,7 @@ class Command(BaseCommand):
                 values[option] = options[option]
         if options["pretrained"]:
             values["pretrained"] = True
-        config = TrainConfig(arch="resnet18", input_size=224, epochs=20, batch_size=32, lr=1e-3, patience=4)
+        config = training.train_config(arch="resnet18", input_size=224, epochs=20, batch_size=32, lr=1e-3, patience=4)
         changes = {OPTION_FIELDS[key]: value for key, value in values.items() if key in OPTION_FIELDS}
         if "pretrained_weights" in changes:
             path = Path(changes["pretrained_weights"])
@@ -108,8 +107,6 @@ class Command(BaseCommand):
 
     def _write_evaluation(self, report) -> None:
         """The test metrics (all, and without near-duplicates of training images) and the skipped files."""
-        from mlcore.pipeline import format_metrics_table
-
         evaluation = report.evaluation
         leakage = evaluation["leakage"]
         self.stdout.write("")
@@ -118,7 +115,7 @@ class Command(BaseCommand):
             "near-duplicate in the training folder."
         )
         self.stdout.write(
-            format_metrics_table(
+            training.metrics_table(
                 {"test (all)": evaluation["test"], "test (de-duplicated)": evaluation["test_deduplicated"]}
             )
         )
@@ -154,10 +151,9 @@ class Command(BaseCommand):
         return {key.replace("-", "_"): value for key, value in data.items()}
 
     def _validate(self, config) -> None:
-        from mlcore.model import ARCHITECTURES
-
-        if config.arch not in ARCHITECTURES:
-            raise CommandError(f"Unknown architecture {config.arch!r}; choose one of {', '.join(ARCHITECTURES)}.")
+        known = training.architectures()
+        if config.arch not in known:
+            raise CommandError(f"Unknown architecture {config.arch!r}; choose one of {', '.join(known)}.")
         for name in ("epochs", "batch_size", "input_size", "patience"):
             if getattr(config, name) < 1:
                 raise CommandError(f"{name} must be at least 1.")
