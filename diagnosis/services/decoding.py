@@ -4,6 +4,7 @@ claimed (decode_ahead) or while the rest of its batch is gathered (_start_early)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
@@ -218,22 +219,16 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
     return futures  # type: ignore[return-value]
 
 
+@contextlib.contextmanager
 def working():
-    """Marks a batch of this process as in progress while the returned context is open (decode_ahead
-    starts no early decode meanwhile, nor within INFERENCE_DECODE_AHEAD_IDLE_MS after)."""
-    return _Working()
-
-
-class _Working:
-    def __enter__(self):
-        global _in_flight
-        with _in_flight_lock:
-            _in_flight += 1
-        return self
-
-    def __exit__(self, *exc_info):
-        global _in_flight, _finished_at
+    """Marks a batch of this process as in progress while the context is open (decode_ahead starts no
+    early decode meanwhile, nor within INFERENCE_DECODE_AHEAD_IDLE_MS after)."""
+    global _in_flight, _finished_at
+    with _in_flight_lock:
+        _in_flight += 1
+    try:
+        yield
+    finally:
         with _in_flight_lock:
             _in_flight -= 1
             _finished_at = time.monotonic()
-        return False

@@ -45,11 +45,6 @@ def claim_explanations(*, explanation_ids: list[str], worker_id: str) -> list[Ex
                                             attempts=F("attempts") + 1))  # fmt: skip
 
 
-def claim_explanation(*, explanation_id: str, worker_id: str) -> Explanation | None:
-    claimed = claim_explanations(explanation_ids=[explanation_id], worker_id=worker_id)
-    return claimed[0] if claimed else None
-
-
 def compatible_queued(explanation: Explanation):
     """The queued, never-attempted explanations that can share this one's Captum call: the same method,
     model version and parameters (targets may differ). One that was in a batch when its worker died

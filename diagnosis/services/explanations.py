@@ -115,19 +115,11 @@ def enqueue_explanation(explanation_id: str, *others: str) -> None:
     dispatch.send(dispatch.EXPLAIN, args=[explanation_id, *others])
 
 
-def request_automatic_explanations(*, image: LesionImage) -> None:
-    """Queue the explanations every prediction gets (Integrated Gradients by default)."""
-    for method in settings.AUTO_EXPLAIN_METHODS:
-        try:
-            request_explanation(image=image, method=method)
-        except ExplanationRefused as exc:  # a misconfigured setting must not fail predictions
-            logger.error("automatic %s explanation refused: %s", method, exc.reason)
-
-
 def request_automatic_explanations_many(items, *, model_version: ModelVersion) -> None:
-    """request_automatic_explanations for a batch of just-predicted (image, result) pairs: one INSERT for
-    the batch's rows and one message per EXPLAIN_BATCH_SIZE of them (an explain task computes its
-    message's explanations in one Captum call). When the INSERT fails (an image predicted again already
+    """The explanations every prediction gets (AUTO_EXPLAIN_METHODS, Integrated Gradients by default),
+    for a batch of just-predicted (image, result) pairs: one INSERT for the batch's rows and one message
+    per EXPLAIN_BATCH_SIZE of them (an explain task computes its message's explanations in one Captum
+    call). When the INSERT fails (an image predicted again already
     has its explanation, say), each image is requested on its own. Never raises."""
     if not items:
         return

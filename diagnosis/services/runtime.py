@@ -82,7 +82,8 @@ def device_thread() -> ThreadPoolExecutor:
     the batches, the explanations (on_device). On a CPU, torch's OpenMP threads belong to the thread
     that starts them: a model loaded or run on another thread as well gave the process a second team,
     and each forward pass then took 1.5-2x as long (bench/README.md, issue 17)."""
-    return _pool("device", 1, initializer=_device_thread_started, initargs=(_torch_threads(),))
+    return _pools.get("device") or _pool("device", 1, initializer=_device_thread_started,
+                                          initargs=(_torch_threads(),))  # fmt: skip
 
 
 _device_thread_ident: int | None = None
