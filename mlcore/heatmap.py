@@ -134,6 +134,28 @@ def render(
     return overlay_jpeg.getvalue(), heat_png.getvalue()
 
 
+def upsample_bilinear(cam: np.ndarray, size: int) -> np.ndarray:
+    """A 2-D map (a Grad-CAM map at its feature map's size) brought to size x size with bilinear
+    interpolation, corners not aligned: what the prediction pass would compute
+    (torch.nn.functional.interpolate, mode="bilinear", align_corners=False), in NumPy and without BLAS.
+    The render task runs no torch: in a worker process every torch operator belongs on the device thread
+    (services.runtime), and one run on another thread slows every later forward pass (bench/README.md)."""
+    cam = np.asarray(cam, dtype=np.float32)
+    low, high, fraction = _bilinear_taps(cam.shape[0], size)
+    rows = cam[low] * (1 - fraction)[:, None] + cam[high] * fraction[:, None]
+    low, high, fraction = _bilinear_taps(cam.shape[1], size)
+    return (rows[:, low] * (1 - fraction) + rows[:, high] * fraction).astype(np.float32)
+
+
+def _bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per target pixel: the two source pixels it lies between and the weight of the second, with
+    half-pixel centres (positions before the first centre clamp to it)."""
+    positions = np.maximum((np.arange(target, dtype=np.float32) + 0.5) * np.float32(source / target) - 0.5, 0)
+    low = np.minimum(positions.astype(np.int64), source - 1)
+    high = np.minimum(low + 1, source - 1)
+    return low, high, (positions - low).astype(np.float32)
+
+
 def attribution_npy(raw: np.ndarray) -> bytes:
     """The raw attribution as a compact float16 .npy file."""
     buffer = io.BytesIO()

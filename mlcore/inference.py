@@ -120,7 +120,7 @@ class Predictor:
     def predict_with_gradcam_tensors(self, batch: torch.Tensor, *, embeddings: bool = False, upsample: bool = True):
         """predict_with_gradcam for a batch already preprocessed (on the CPU, or on the model's device
         when it was decoded there: mlcore.tensor_decode). upsample=False: the maps at the feature map's
-        own size (7 x 7 for a ResNet at 224 px), for upsample_map later."""
+        own size (7 x 7 for a ResNet at 224 px), for mlcore.heatmap.upsample_bilinear later."""
         batch = self.to_device(batch)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         head = linear_head(self.model)
@@ -187,15 +187,6 @@ def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | No
     if (size if isinstance(size, tuple) else (size, size)) != (1, 1):
         return None
     return fc.weight, fc.bias
-
-
-def upsample_map(cam: np.ndarray, size: int) -> np.ndarray:
-    """A Grad-CAM map at its feature map's size (predict_with_gradcam_tensors(upsample=False)) brought to
-    the model's input size with the same bilinear interpolation the prediction pass uses."""
-    tensor = torch.from_numpy(np.ascontiguousarray(cam, dtype=np.float32))[None, None]
-    return torch.nn.functional.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False)[
-        0, 0
-    ].numpy()
 
 
 def warm_up(predictor: Predictor, batch_sizes: Sequence[int] = (1,)) -> float:

@@ -20,7 +20,7 @@ from mlcore.preprocessing import decode_image, to_tensor
 
 from ..models import LesionImage
 from .engine import done_future
-from .runtime import decoder_pool
+from .runtime import decoder_pool, on_device
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +204,12 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
         else:
             futures[index] = decoder_pool().submit(_decode_and_prepare, data, predictor.spec, max_side, True)
     if batch:
+        # On a GPU, from this thread: the batch on the device meanwhile keeps running. On the CPU, on the
+        # device thread like every torch operator of a worker (runtime.device_thread says why).
+        run = on_device if predictor.device.type == "cpu" else _call
         try:
-            results = tensor_decode.decode_batch([data for _, data, _ in batch], [o for _, _, o in batch],
-                                                 spec=predictor.spec, feature_size=FEATURE_SIZE,
-                                                 device=predictor.device)  # fmt: skip
+            results = run(tensor_decode.decode_batch, [data for _, data, _ in batch], [o for _, _, o in batch],
+                          spec=predictor.spec, feature_size=FEATURE_SIZE, device=predictor.device)  # fmt: skip
         except Exception as exc:  # out of GPU memory, say: Pillow decodes the whole batch instead
             logger.warning("batch decoding on %s failed (%s); decoding with Pillow", predictor.device, exc)
             results = [exc] * len(batch)
@@ -217,6 +219,10 @@ def _prepare_all(claimed: list[LesionImage], predictor, early=None) -> list[Futu
             else:
                 futures[index] = decoder_pool().submit(_measured, Prepared(result.thumbnail, result.tensor))
     return futures  # type: ignore[return-value]
+
+
+def _call(function, *args, **kwargs):
+    return function(*args, **kwargs)
 
 
 @contextlib.contextmanager

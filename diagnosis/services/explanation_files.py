@@ -20,7 +20,7 @@ from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from mlcore.heatmap import attribution_npy, render
+from mlcore.heatmap import attribution_npy, render, upsample_bilinear
 from mlcore.methods import METHOD_LABELS, PIXEL_LEVEL
 from mlcore.preprocessing import ImageValidationError, decode_image
 
@@ -186,10 +186,7 @@ def _raw_map(explanation: Explanation) -> np.ndarray:
         raw = np.load(io.BytesIO(bytes(explanation.raw_map)), allow_pickle=False).astype(np.float32)
         size = explanation.model_version.input_size
         if raw.ndim == 2 and raw.shape != (size, size):
-            # torch: the render task's worker runs models anyway; the same interpolation as the prediction pass.
-            from mlcore.inference import upsample_map
-
-            raw = upsample_map(raw, size)
+            raw = upsample_bilinear(raw, size)  # the prediction pass's interpolation, without torch
         return raw
     with explanation.attribution.open("rb") as handle:
         return np.load(handle, allow_pickle=False).astype(np.float32)

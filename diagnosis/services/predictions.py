@@ -220,7 +220,8 @@ class PredictionWork(Work):
         # nvJPEG's tensors are on the GPU, Pillow's fallbacks on the CPU: one device for the batch
         inputs = torch.stack([prepared.tensor.to(predictor.device) for _, prepared in group])
         # Grad-CAM at the feature map's size (7 x 7): a few hundred bytes to keep in the row; the render
-        # task upsamples it to the input size (mlcore.inference.upsample_map) when it draws the pictures.
+        # task upsamples it to the input size (mlcore.heatmap.upsample_bilinear, without torch) when it
+        # draws the pictures.
         results, cams, embeddings = predictor.predict_with_gradcam_tensors(inputs, embeddings=True, upsample=False)
         return results, cams, embeddings, (time.perf_counter() - started) * 1000 / len(group)
 

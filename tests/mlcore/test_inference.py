@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 
+from mlcore.heatmap import upsample_bilinear
 from mlcore.inference import Predictor, configure_torch_threads, select_device
 from mlcore.model import checkpoint_bytes, save_checkpoint
 
@@ -178,8 +179,6 @@ def test_configure_torch_threads_follows_the_environment(monkeypatch):
 
 
 def test_gradcam_maps_at_the_feature_size_upsample_to_the_prediction_pass_maps(model, images):
-    from mlcore.inference import upsample_map
-
     predictor = Predictor(model, tiny_meta(), device="cpu")
     batch = torch.stack([predictor.preprocess(image) for image in images])
     results, maps = predictor.predict_with_gradcam_tensors(batch)
@@ -189,4 +188,4 @@ def test_gradcam_maps_at_the_feature_size_upsample_to_the_prediction_pass_maps(m
     assert all(m.shape[0] < size and m.shape == m.shape[::-1] for m in small)  # the feature map's own size
     for full, low in zip(maps, small, strict=True):
         assert full.shape == (size, size)
-        assert torch.allclose(torch.from_numpy(upsample_map(low, size)), torch.from_numpy(full), atol=1e-6)
+        assert torch.allclose(torch.from_numpy(upsample_bilinear(low, size)), torch.from_numpy(full), atol=1e-6)
