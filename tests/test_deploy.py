@@ -483,6 +483,18 @@ def test_migrate_role_migrates_and_exits_and_runs_again_as_a_no_op(stack):
     assert "No migrations to apply." in again.stdout
 
 
+def test_collected_static_files_are_readable_by_the_apps_own_user(stack):
+    """The image collects static files as root and runs the app as uid 10001: with the media's private
+    modes (0600 files, 0700 folders) every gunicorn worker died on PermissionError at its first start."""
+    static = stack.folder / "static"
+    paths = [static, *static.rglob("*")]
+    assert len(paths) > 10
+    needed = {True: 0o005, False: 0o004}  # others may list and enter folders, and read files
+    private = [f"{path.relative_to(static)} {path.stat().st_mode & 0o777:o}" for path in paths
+               if path.stat().st_mode & needed[path.is_dir()] != needed[path.is_dir()]]  # fmt: skip
+    assert private == []
+
+
 def test_web_role_serves_healthz_readyz_and_static_files_with_production_settings(stack):
     with stack.client() as client:
         assert client.get("/healthz").json() == {"status": "ok"}

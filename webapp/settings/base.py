@@ -167,7 +167,12 @@ def default_storage_from_env(backend: str, media_root) -> dict:
 
 STORAGES = {
     "default": default_storage_from_env(STORAGE_BACKEND, MEDIA_ROOT),
-    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedStaticFilesStorage"},
+    # Static files are public and are collected at build time, as root, for an app that runs as another
+    # user: they must not take the media's private modes (FILE_UPLOAD_*_PERMISSIONS below).
+    "staticfiles": {
+        "BACKEND": "whitenoise.storage.CompressedStaticFilesStorage",
+        "OPTIONS": {"file_permissions_mode": 0o644, "directory_permissions_mode": 0o755},
+    },
 }
 FILE_UPLOAD_PERMISSIONS = 0o600
 FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
