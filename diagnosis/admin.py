@@ -268,15 +268,15 @@ class ModelVersionAdmin(admin.ModelAdmin):
             return
         self.message_user(request, f"{model_version.version} is now active.")
 
-    @admin.action(description="Activate the selected version (refused if its AUC is lower)")
+    @admin.action(description="Activate the selected version (refused if its AUC is lower)", permissions=["change"])
     def activate(self, request, queryset):
         self._activate(request, queryset, force=False)
 
-    @admin.action(description="Activate the selected version even if its AUC is lower (forced)")
+    @admin.action(description="Activate the selected version even if its AUC is lower (forced)", permissions=["change"])
     def activate_forced(self, request, queryset):
         self._activate(request, queryset, force=True)
 
-    @admin.action(description="Roll back to the previously active version")
+    @admin.action(description="Roll back to the previously active version", permissions=["change"])
     def roll_back(self, request, queryset):
         try:
             model_version = rollback_model(actor=request.user, via="admin")

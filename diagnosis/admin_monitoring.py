@@ -1,9 +1,11 @@
-"""The drift dashboard: a staff-only page inside the Django admin (wrapped by admin_view)."""
+"""The drift dashboard: a page inside the Django admin (wrapped by admin_view: staff only), for users with
+the view permission on drift reports; "run now" needs the change permission (services.drift_requests)."""
 
 from __future__ import annotations
 
 from django.conf import settings
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404, redirect
 from django.template.response import TemplateResponse
@@ -13,13 +15,14 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
 from .models import DriftReport, MonitoringAlert, UploadFeatures
-from .services import dispatch, drift_plots, monitoring
+from .services import drift_plots, drift_requests, monitoring
 from .services.registry import active_model_version
 
 TIMELINE_REPORTS = 60
 
 
 def dashboard(request):
+    drift_requests.require_view(request.user)
     reports = DriftReport.objects.select_related("model_version")
     selected_id = request.GET.get("report")
     report = None
@@ -52,6 +55,7 @@ def dashboard(request):
             "min_uploads": settings.DRIFT_MIN_UPLOADS, "alpha": settings.DRIFT_ALPHA,
             "interval_hours": settings.DRIFT_REPORT_INTERVAL_SECONDS / 3600,
         },
+        "can_run": request.user.has_perm(drift_requests.RUN_PERMISSION),
         "recent_outliers": UploadFeatures.objects.exclude(outlier_features=[]).select_related("image")
         .order_by("-computed_at")[:10],
     }  # fmt: skip
@@ -67,7 +71,11 @@ def _grouped(features: list[dict]) -> list[tuple[str, list[dict]]]:
 @require_POST
 def run_now(request):
     try:
-        dispatch.send(dispatch.DRIFT_REPORT, kwargs={"triggered_by": request.user.get_username()})
+        drift_requests.request_report(request.user)
+    except drift_requests.TooSoon as exc:
+        messages.warning(request, str(exc))
+    except PermissionDenied:
+        raise
     except Exception as exc:  # the broker is down: say so instead of a 500
         messages.error(request, f"The report could not be queued ({exc}). Is the broker running?")
     else:
@@ -76,6 +84,7 @@ def run_now(request):
 
 
 def evidently_html(request, pk: int):
+    drift_requests.require_view(request.user)
     report = get_object_or_404(DriftReport, pk=pk)
     if not report.html:
         raise Http404("This report has no Evidently HTML (too few uploads, or it failed).")

@@ -56,3 +56,14 @@ class LesionFactory(factory.django.DjangoModelFactory):
 
     patient = factory.SubFactory(PatientFactory)
     body_site = BodySite.BACK
+
+
+def grant(user, *codenames: str):
+    """Give `user` these permissions of the diagnosis app (e.g. "view_driftreport") and return it, read
+    again so that no permission cache of the old object hides them."""
+    from django.contrib.auth.models import Permission
+
+    permissions = list(Permission.objects.filter(content_type__app_label="diagnosis", codename__in=codenames))
+    assert {permission.codename for permission in permissions} == set(codenames), codenames
+    user.user_permissions.add(*permissions)
+    return type(user).objects.get(pk=user.pk)

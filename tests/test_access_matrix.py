@@ -5,8 +5,10 @@ The patterns are listed from the URL conf itself (Django admin's own model pages
 TABLE does not describe, so a new URL cannot be added without saying who may use it.
 
 Users: anonymous; a clinician of clinic A (owner of every object below); a clinician of clinic B;
-a staff user without a clinic. API patterns are called with `Authorization: Token ...` (the staff
-user has a token too), the rest with a session (`force_login`).
+a staff user without a clinic or any permission; a view-only staff user (every view permission of the
+app, no other); an operator (staff who may view and change drift reports and model versions). API
+patterns are called with `Authorization: Token ...` (the staff users have tokens too), the rest with a
+session (`force_login`).
 
 Clinic A's objects (built once for the module, inside a transaction rolled back at its end; each
 test runs in its own savepoint, so POSTs leave nothing behind and no on-commit task is published):
@@ -30,6 +32,8 @@ from types import SimpleNamespace
 
 import pytest
 from django.conf import settings
+from django.contrib.auth.models import Permission
+from django.core.exceptions import PermissionDenied
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
@@ -45,14 +49,15 @@ from diagnosis.services.predictions import process_image
 from diagnosis.services.registry import register_model
 from diagnosis.services.tokens import create_api_token
 from tests.conftest import lesion_jpeg, upload_file
-from tests.factories import ClinicFactory, ClinicianFactory, LesionFactory, PatientFactory, UserFactory
+from tests.factories import ClinicFactory, ClinicianFactory, LesionFactory, PatientFactory, UserFactory, grant
 
 PASSWORD = "correct-horse-battery"  # tests.factories.UserFactory's password
 NEW_PASSWORD = "a-much-longer-Passw0rd-for-tests"
 PATIENT_REFERENCE = "PT-MATRIX-A-7731"  # unique text: it must never show up in clinic B's pages
 LESION_NOTE = "matrix-lesion-note-c41b"
 NO_CLINIC_TEXT = "not attached to a clinic"
-USERS = ("anon", "a", "b", "staff")
+USERS = ("anon", "a", "b", "staff", "viewer", "operator")
+STAFF_USERS = ("staff", "viewer", "operator")
 
 # Expectations that are more than a status code.
 LOGIN = "302 to the portal login"
@@ -96,6 +101,16 @@ def build_world(tiny_checkpoint: bytes) -> SimpleNamespace:
     a = ClinicianFactory(membership__clinic=clinic_a)
     b = ClinicianFactory(membership__clinic=clinic_b)
     staff = UserFactory(is_staff=True, username=f"matrix-staff-{uuid.uuid4().hex[:8]}")
+    viewer = grant(
+        UserFactory(is_staff=True, username=f"matrix-viewer-{uuid.uuid4().hex[:8]}"),
+        *Permission.objects.filter(content_type__app_label="diagnosis", codename__startswith="view_").values_list(
+            "codename", flat=True
+        ),
+    )
+    operator = grant(
+        UserFactory(is_staff=True, username=f"matrix-operator-{uuid.uuid4().hex[:8]}"),
+        "view_driftreport", "change_driftreport", "view_modelversion", "change_modelversion",
+    )  # fmt: skip
     model = register_model(checkpoint=tiny_checkpoint, version=f"matrix-{uuid.uuid4().hex[:8]}", activate=True)
     patient = PatientFactory(clinic=clinic_a, reference=PATIENT_REFERENCE, created_by=a)
     lesion = LesionFactory(patient=patient, note=LESION_NOTE, created_by=a)
@@ -117,6 +132,8 @@ def build_world(tiny_checkpoint: bytes) -> SimpleNamespace:
     token_a, plain_a = create_api_token(user=a, name="matrix A")
     _, plain_b = create_api_token(user=b, name="matrix B")
     _, plain_staff = create_api_token(user=staff, name="matrix staff")
+    _, plain_viewer = create_api_token(user=viewer, name="matrix viewer")
+    _, plain_operator = create_api_token(user=operator, name="matrix operator")
     now = timezone.now()
     report = DriftReport.objects.create(
         model_version=model, window_start=now - timedelta(days=7), window_end=now,
@@ -129,9 +146,11 @@ def build_world(tiny_checkpoint: bytes) -> SimpleNamespace:
     )
     report.save(update_fields=["html"])
     return SimpleNamespace(
-        clinic_a=clinic_a, clinic_b=clinic_b, a=a, b=b, staff=staff, model=model, patient=patient, lesion=lesion,
+        clinic_a=clinic_a, clinic_b=clinic_b, a=a, b=b, staff=staff, viewer=viewer, operator=operator, model=model,
+        patient=patient, lesion=lesion,
         image=image, gradcam=gradcam, batch=batch, batch_image=accepted[0][1], token_a=token_a,
-        tokens={"a": plain_a, "b": plain_b, "staff": plain_staff}, report=report,
+        tokens={"a": plain_a, "b": plain_b, "staff": plain_staff, "viewer": plain_viewer, "operator": plain_operator},
+        report=report,
     )  # fmt: skip
 
 
@@ -159,8 +178,12 @@ def world(django_db_setup, django_db_blocker, tiny_checkpoint):
 # --- the table -----------------------------------------------------------------------------------
 
 
-def expect(anon, a, b, staff) -> dict[str, object]:
-    return {"anon": anon, "a": a, "b": b, "staff": staff}
+SAME = object()  # the viewer and the operator: as the plain staff user, unless said otherwise
+
+
+def expect(anon, a, b, staff, viewer=SAME, operator=SAME) -> dict[str, object]:
+    return {"anon": anon, "a": a, "b": b, "staff": staff, "viewer": staff if viewer is SAME else viewer,
+            "operator": staff if operator is SAME else operator}  # fmt: skip
 
 
 # Shorthands for the usual rows. Clinic A's object: A sees it, B gets 404.
@@ -172,8 +195,8 @@ def api_object(a=200, b=404):
     return expect(401, a, b, API_NO_CLINIC)
 
 
-def admin_only(staff=200):
-    return expect(ADMIN_LOGIN, ADMIN_LOGIN, ADMIN_LOGIN, staff)
+def admin_only(staff=200, viewer=SAME, operator=SAME):
+    return expect(ADMIN_LOGIN, ADMIN_LOGIN, ADMIN_LOGIN, staff, viewer, operator)
 
 
 @dataclass(frozen=True)
@@ -227,9 +250,10 @@ BASE_TABLE: dict[str, Entry] = {
     "schema": Entry(PUBLIC, none, get=expect(200, 200, 200, 200)),
     "api-docs": Entry(PUBLIC, none, get=expect(200, 200, 200, 200)),
     # --- the project's admin views (staff only) ---
-    "drift-dashboard": Entry(ADMIN, none, get=admin_only()),
-    "drift-run": Entry(ADMIN, none, get=admin_only(405), post=admin_only(302)),
-    "drift-evidently": Entry(ADMIN, lambda w: [{"pk": w.report.pk}], get=admin_only()),
+    # Seeing the drift dashboard needs the view permission on drift reports; "run now" the change one.
+    "drift-dashboard": Entry(ADMIN, none, get=admin_only(403, viewer=200, operator=200)),
+    "drift-run": Entry(ADMIN, none, get=admin_only(405), post=admin_only(403, viewer=403, operator=302)),
+    "drift-evidently": Entry(ADMIN, lambda w: [{"pk": w.report.pk}], get=admin_only(403, viewer=200, operator=200)),
     # --- portal (session) ---
     "portal:index": Entry(PORTAL, none, get=expect(LOGIN, 302, 302, 302)),
     "portal:patients": Entry(
@@ -475,7 +499,7 @@ def test_access(world, key, method, user, django_capture_on_commit_callbacks):
         problems.append(check(response, expected, kind=entry.kind, url=url))
         if key == "drift-run" and method == "POST":
             withdraw_drift_runs(triggered_by=getattr(world, user).get_username() if user != "anon" else "")
-        if user in ("b", "staff"):  # whatever they get, it never shows clinic A's data
+        if user in ("b", *STAFF_USERS):  # whatever they get, it never shows clinic A's data
             text = body_text(response)
             assert PATIENT_REFERENCE not in text and LESION_NOTE not in text, url
             assert str(world.image.pk) not in text and str(world.batch.pk) not in text, url
@@ -542,7 +566,7 @@ def csrf_cells():
         if entry.post is None or entry.kind == API:
             continue
         user = next(
-            u for u in ("a", "staff", "anon")
+            u for u in ("a", "operator", "staff", "anon")
             if isinstance(entry.post[u], Redirect) or (isinstance(entry.post[u], int) and entry.post[u] < 400)
         )  # fmt: skip
         yield pytest.param(key, user, id=f"{key}|{user}")
@@ -584,7 +608,7 @@ DOWNLOADS = [
     ("a", API, lambda w: f"/api/v1/explanations/{w.gradcam.pk}/overlay/", "image/jpeg", False),
     ("a", API, lambda w: f"/api/v1/explanations/{w.gradcam.pk}/heatmap/", "image/png", False),
     ("a", API, lambda w: f"/api/v1/explanations/{w.gradcam.pk}/attribution/", "application/octet-stream", True),
-    ("staff", ADMIN, lambda w: f"/admin/monitoring/drift/{w.report.pk}/evidently/", "text/html", False),
+    ("viewer", ADMIN, lambda w: f"/admin/monitoring/drift/{w.report.pk}/evidently/", "text/html", False),
 ]
 
 
@@ -621,3 +645,47 @@ def test_portal_pages_with_patient_data_are_not_cached(world, url):
     assert "no-store" in response["Cache-Control"] and "private" in response["Cache-Control"]
     if response["Content-Type"].startswith("application/json"):
         json.loads(response.content)
+
+
+# --- the admin's model actions ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def second_model(world, tiny_checkpoint):
+    from diagnosis.models import ModelVersion
+
+    other = register_model(checkpoint=tiny_checkpoint, version=f"matrix-other-{uuid.uuid4().hex[:8]}")
+    yield other
+    weights = ModelVersion.objects.filter(pk=other.pk).values_list("weights", flat=True).first()
+    if weights:
+        default_storage.delete(weights)
+
+
+@pytest.mark.parametrize("action", ["activate", "activate_forced", "roll_back"])
+def test_a_view_only_staff_user_cannot_change_the_active_model(world, second_model, action):
+    from diagnosis.models import ModelVersion
+    from diagnosis.services.registry import activate_model, rollback_model
+
+    changelist = reverse("admin:diagnosis_modelversion_changelist")
+    client = client_for(world, "viewer", ADMIN)
+    page = client.get(changelist)
+    assert page.status_code == 200 and world.model.version in body_text(page)
+    assert f'value="{action}"' not in body_text(page)  # not offered
+    response = client.post(changelist, {"action": action, "_selected_action": [second_model.pk]}, follow=True)
+    assert response.status_code == 200
+    assert ModelVersion.objects.get(is_active=True) == world.model
+    with pytest.raises(PermissionDenied):  # nor through the service the action calls
+        activate_model(model_version=second_model, actor=world.viewer, via="admin", force=True)
+    with pytest.raises(PermissionDenied):
+        rollback_model(to=second_model, actor=world.viewer, via="admin")
+    assert ModelVersion.objects.get(is_active=True) == world.model
+
+
+def test_an_operator_may_change_the_active_model(world, second_model):
+    from diagnosis.models import ModelVersion
+
+    changelist = reverse("admin:diagnosis_modelversion_changelist")
+    client = client_for(world, "operator", ADMIN)
+    assert 'value="activate_forced"' in body_text(client.get(changelist))
+    client.post(changelist, {"action": "activate_forced", "_selected_action": [second_model.pk]})
+    assert ModelVersion.objects.get(is_active=True) == second_model

@@ -15,6 +15,7 @@ import threading
 import uuid
 from datetime import timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ from diagnosis.services.monitoring import live_performance, record_upload_featur
 from diagnosis.services.registry import register_model
 from mlcore import drift
 from tests.conftest import lesion_jpeg, upload_file, wait_for
-from tests.factories import UserFactory
+from tests.factories import UserFactory, grant
 
 DASHBOARD = "/admin/monitoring/drift/"
 RUN_NOW = "/admin/monitoring/drift/run/"
@@ -111,9 +112,10 @@ def monitored_model(db, tiny_checkpoint, drift_settings) -> ModelVersion:
 @pytest.fixture
 def ops_user(db, django_user_model):
     """The staff member who receives alerts (active staff with an e-mail address)."""
-    return django_user_model.objects.create_user(
+    user = django_user_model.objects.create_user(
         "ops", email="ops@example.org", password="correct-horse-battery", is_staff=True
     )
+    return grant(user, "view_driftreport", "change_driftreport")
 
 
 def upload_images(count: int, *, clinician, clinic, capture, start=None, state=ImageState.DONE, wait_s: float = 2.0):
@@ -798,10 +800,49 @@ def test_run_now_needs_staff_and_post(client, clinician, ops_user):
     assert client.get(RUN_NOW).status_code == 405
 
 
+def test_the_dashboard_needs_the_view_permission_and_run_now_the_change_permission(
+    client, two_reports, django_user_model, settings
+):
+    """Staff alone see nothing of it (alerts name their recipients); viewers see it without the button."""
+    settings.DRIFT_RUN_COOLDOWN_SECONDS = 60
+    newer = two_reports[1]
+    evidently = f"/admin/monitoring/drift/{newer.pk}/evidently/"
+    staff = django_user_model.objects.create_user("plain-staff", is_staff=True)
+    client.force_login(staff)
+    assert [client.get(url).status_code for url in (DASHBOARD, evidently)] == [403, 403]
+    assert client.post(RUN_NOW).status_code == 403
+    viewer = grant(staff, "view_driftreport")
+    client.force_login(viewer)
+    html = client.get(DASHBOARD).content.decode()
+    assert "Drift dashboard" in html and "Run a report now" not in html
+    assert client.get(evidently).status_code == 200
+    with mock.patch("diagnosis.services.dispatch.send") as send:  # the broker: the outside world here
+        assert client.post(RUN_NOW).status_code == 403
+        send.assert_not_called()
+
+
+def test_run_now_queues_one_report_per_cooldown(client, ops_user, settings):
+    from django.core.cache import cache
+
+    settings.DRIFT_RUN_COOLDOWN_SECONDS = 60
+    cache.delete("drift-run-cooldown")
+    client.force_login(ops_user)
+    assert "Run a report now" in client.get(DASHBOARD).content.decode()
+    with mock.patch("diagnosis.services.dispatch.send") as send:
+        first = client.post(RUN_NOW, follow=True).content.decode()
+        second = client.post(RUN_NOW, follow=True).content.decode()
+    assert send.call_count == 1
+    assert "A drift report was queued;" in first
+    assert "Try again in" in second and "A drift report was queued;" not in second
+    cache.delete("drift-run-cooldown")
+
+
 @pytest.mark.e2e
 @pytest.mark.django_db(transaction=True)
-def test_run_now_queues_a_report_that_a_real_worker_computes(celery_worker, redis_service, client):
-    staff = UserFactory(username=f"staff-{uuid.uuid4().hex[:6]}", is_staff=True)
+def test_run_now_queues_a_report_that_a_real_worker_computes(celery_worker, redis_service, client, settings):
+    settings.DRIFT_RUN_COOLDOWN_SECONDS = 0  # whatever other tests pressed the button just before
+    staff = grant(UserFactory(username=f"staff-{uuid.uuid4().hex[:6]}", is_staff=True), "view_driftreport",
+                  "change_driftreport")  # fmt: skip
     client.force_login(staff)
 
     response = client.post(RUN_NOW, follow=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 from django.conf import settings
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import transaction
@@ -179,7 +179,10 @@ def activate_model(
     *, model_version: ModelVersion, actor=None, via: str = "cli", force: bool = False, note: str = ""
 ) -> ModelVersion:
     """Make one version active. Workers read the active version before every task, so they switch
-    without a restart. A version with a lower AUC than the active one is refused unless forced."""
+    without a restart. A version with a lower AUC than the active one is refused unless forced.
+    A user as the actor needs the change permission on model versions (PermissionDenied otherwise);
+    the command line (no actor) has the server's trust."""
+    require_model_change(actor)
     current = ModelVersion.objects.select_for_update().filter(is_active=True).first()
     if current is not None and current.pk == model_version.pk:
         return model_version  # already active: nothing changes, and the rollback history stays intact
@@ -205,10 +208,17 @@ def activate_model(
     return model_version
 
 
+def require_model_change(actor) -> None:
+    """PermissionDenied unless `actor` (a user; None for the command line) may change which model runs."""
+    if actor is not None and not actor.has_perm("diagnosis.change_modelversion"):
+        raise PermissionDenied("Changing the active model needs the change permission on model versions.")
+
+
 def rollback_model(*, to: ModelVersion | None = None, actor=None, via: str = "cli") -> ModelVersion:
     """Return to the version that was active before the current one, or to a named version.
 
     A rollback goes back to a version that was trusted before, so the AUC guard does not apply."""
+    require_model_change(actor)
     current = active_model_version()
     if to is None:
         last = ModelActivation.objects.filter(model_version=current).first() if current else None

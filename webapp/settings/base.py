@@ -286,6 +286,8 @@ DRIFT_MIN_REFERENCE = env_int("DRIFT_MIN_REFERENCE", 100)
 # Family-wise false-alarm rate of one report (Holm's correction over the features).
 DRIFT_ALPHA = env_float("DRIFT_ALPHA", 0.05)
 DRIFT_REPORT_INTERVAL_SECONDS = env_float("DRIFT_REPORT_INTERVAL_SECONDS", 6 * 3600.0)
+# The dashboard's "run now": at most one report queued per this many seconds, for the whole deployment.
+DRIFT_RUN_COOLDOWN_SECONDS = env_int("DRIFT_RUN_COOLDOWN_SECONDS", 60)
 # Alerts: e-mail (ALERT_EMAILS, else every active staff user with an address) and an optional webhook.
 ALERT_EMAILS = env_list("ALERT_EMAILS", [])
 ALERT_WEBHOOK_URL = env_str("ALERT_WEBHOOK_URL", "")
