@@ -194,3 +194,65 @@ def test_automatic_explanations_can_be_turned_off(
         response = api_client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg(seed=8))}, format="multipart")
     assert process_image(image_id=response.json()["id"], worker_id="w1") == "done"
     assert list(Explanation.objects.values_list("method", flat=True)) == ["gradcam"]
+
+
+# --- limits on requested explanations (security review: one token could flood the explain queue) ---
+
+
+def occlusion(window: int) -> dict:
+    return {"method": "occlusion", "params": {"window": window}}
+
+
+@pytest.fixture
+def limits(settings, clinician):
+    from diagnosis.services import rates
+
+    settings.EXPLAIN_RATE_LIMIT = ""
+    settings.EXPLAIN_MAX_PENDING_PER_USER = 100
+    settings.EXPLAIN_MAX_PER_IMAGE = 100
+    rates.reset("explanations", clinician.pk)
+    yield settings
+    rates.reset("explanations", clinician.pk)
+
+
+def test_requests_over_the_rate_get_429_with_retry_after(done_image, api_client, limits):
+    limits.EXPLAIN_RATE_LIMIT = "2/hour"
+    assert [api_client.post(url(done_image), occlusion(w), format="json").status_code for w in (8, 12)] == [202, 202]
+    before = Explanation.objects.count()
+    refused = api_client.post(url(done_image), occlusion(16), format="json")
+    assert refused.status_code == 429 and refused.json()["code"] == "throttled"
+    assert 0 < int(refused["Retry-After"]) <= 3600 and "Try again in" in refused.json()["detail"]
+    assert Explanation.objects.count() == before  # nothing queued
+    # Asking again for one that exists makes no new work: answered, not counted.
+    assert api_client.post(url(done_image), occlusion(8), format="json").status_code == 200
+
+
+def test_too_many_pending_explanations_of_one_user_get_429(done_image, api_client, limits):
+    limits.EXPLAIN_MAX_PENDING_PER_USER = 2
+    assert [api_client.post(url(done_image), occlusion(w), format="json").status_code for w in (8, 12)] == [202, 202]
+    refused = api_client.post(url(done_image), occlusion(16), format="json")
+    assert refused.status_code == 429 and refused.json()["code"] == "too_many_pending"
+    assert "Retry-After" in refused
+    Explanation.objects.filter(method="occlusion").update(state=Explanation.State.DONE)  # the worker caught up
+    assert api_client.post(url(done_image), occlusion(16), format="json").status_code == 202
+
+
+def test_too_many_requested_explanations_of_one_photo_get_409(done_image, api_client, limits):
+    limits.EXPLAIN_MAX_PER_IMAGE = 2
+    for window in (8, 12):
+        assert api_client.post(url(done_image), occlusion(window), format="json").status_code == 202
+    Explanation.objects.filter(method="occlusion").update(state=Explanation.State.DONE)
+    refused = api_client.post(url(done_image), occlusion(16), format="json")
+    assert refused.status_code == 409 and refused.json()["code"] == "too_many_explanations"
+    # The automatic ones (Grad-CAM, Integrated Gradients) do not count towards it.
+    assert Explanation.objects.filter(image=done_image).count() == 4
+
+
+def test_the_portal_says_why_a_request_is_refused(done_image, client, clinician, limits):
+    limits.EXPLAIN_RATE_LIMIT = "1/hour"
+    client.force_login(clinician)
+    page = f"/images/{done_image.pk}/explanations/"
+    client.post(page, {"method": "occlusion"})
+    response = client.post(page, {"method": "lime"}, follow=True)
+    assert "Too many explanation requests" in response.content.decode()
+    assert not Explanation.objects.filter(image=done_image, method="lime").exists()

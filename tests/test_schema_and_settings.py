@@ -40,7 +40,7 @@ def test_schema_describes_every_endpoint_with_its_errors(schema):
         ("/api/v1/lesions/", "post"): {"201", "400", "401", "403"},
         ("/api/v1/lesions/{id}/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/images/{id}/explanations/", "get"): {"200", "401", "403", "404"},
-        ("/api/v1/images/{id}/explanations/", "post"): {"200", "202", "400", "401", "403", "404", "409"},
+        ("/api/v1/images/{id}/explanations/", "post"): {"200", "202", "400", "401", "403", "404", "409", "429"},
         ("/api/v1/images/batch/", "post"): {"202", "400", "401", "403", "429", "503"},
         ("/api/v1/batches/{id}/", "get"): {"200", "401", "403", "404"},
         ("/api/v1/images/{id}/feedback/", "get"): {"200", "401", "403", "404"},

@@ -111,6 +111,7 @@ class RequestRefused(exceptions.APIException):
     status_code = status.HTTP_400_BAD_REQUEST
     default_code = "invalid"
 
-    def __init__(self, message: str, *, code: str, status_code: int = 400) -> None:
+    def __init__(self, message: str, *, code: str, status_code: int = 400, wait: int | None = None) -> None:
         super().__init__(detail=message, code=code)
         self.status_code = status_code
+        self.wait = wait  # DRF's handler turns it into Retry-After

@@ -16,7 +16,7 @@ from django.db import IntegrityError, transaction
 from mlcore.methods import METHOD_LABELS, ExplanationError, method_label, validate_params
 
 from ..models import AuditEvent, Explanation, ImageState, LesionImage, ModelVersion, Prediction
-from . import dispatch
+from . import dispatch, rates
 from .audit import record_event
 from .transactions import savepoint_if_inside
 
@@ -28,11 +28,12 @@ __all__ = ["METHOD_LABELS", "method_label"]  # for the portal: the methods' name
 class ExplanationRefused(ValidationError):
     """A request the API answers with 400 (bad method or parameters) or 409 (no prediction yet)."""
 
-    def __init__(self, message: str, *, code: str, status: int = 400) -> None:
+    def __init__(self, message: str, *, code: str, status: int = 400, retry_after: int | None = None) -> None:
         super().__init__(message, code=code)
         self.status = status
         self.reason = message
         self.error_code = code
+        self.retry_after = retry_after  # with 429: the seconds until the user may ask again
 
 
 def canonical_key(method: str, params: dict, target_index: int) -> str:
@@ -81,6 +82,8 @@ def request_explanation(
         image=image, model_version=model_version, method=method, params_key=key
     ).first()
     created = False
+    if explanation is None or explanation.state == Explanation.State.FAILED:
+        _check_limits(image=image, model_version=model_version, requested_by=requested_by)
     if explanation is None:
         try:
             with transaction.atomic():
@@ -113,6 +116,37 @@ def enqueue_explanation(explanation_id: str, *others: str) -> None:
     """One message for one explanation, or for several that share one Captum call (the first is the
     task's own, the others join it)."""
     dispatch.send(dispatch.EXPLAIN, args=[explanation_id, *others])
+
+
+def _check_limits(*, image: LesionImage, model_version: ModelVersion, requested_by) -> None:
+    """A clinician's requests that make new work: at most EXPLAIN_MAX_PER_IMAGE explanations requested
+    by hand per image and model version (409), EXPLAIN_MAX_PENDING_PER_USER of theirs waiting or running
+    (429), and EXPLAIN_RATE_LIMIT of them over time (429 with Retry-After). Each is a Captum job and
+    three stored files; without these, one token could fill the explain queue that every clinic's
+    automatic heatmaps wait in, and the storage. The automatic explanations are not counted."""
+    if not getattr(requested_by, "is_authenticated", False):
+        return
+    requested = Explanation.objects.filter(image=image, model_version=model_version, requested_by__isnull=False)
+    if requested.count() >= settings.EXPLAIN_MAX_PER_IMAGE:
+        raise ExplanationRefused(
+            f"This photo already has {settings.EXPLAIN_MAX_PER_IMAGE} requested explanations, the most one photo "
+            "may have. Use one of them, or ask an administrator.", code="too_many_explanations", status=409,
+        )  # fmt: skip
+    pending = Explanation.objects.filter(
+        requested_by=requested_by, state__in=[Explanation.State.QUEUED, Explanation.State.PROCESSING]
+    ).count()
+    if pending >= settings.EXPLAIN_MAX_PENDING_PER_USER:
+        raise ExplanationRefused(
+            f"You have {pending} explanations waiting or being computed. Request more when they are done.",
+            code="too_many_pending", status=429, retry_after=30,
+        )  # fmt: skip
+    try:
+        rates.take("explanations", requested_by.pk, settings.EXPLAIN_RATE_LIMIT)
+    except rates.RateExceeded as exc:
+        raise ExplanationRefused(
+            f"Too many explanation requests ({settings.EXPLAIN_RATE_LIMIT}). Try again in {exc.retry_after} s.",
+            code="throttled", status=429, retry_after=exc.retry_after,
+        ) from None  # fmt: skip
 
 
 def request_automatic_explanations_many(items, *, model_version: ModelVersion) -> None:

@@ -343,6 +343,11 @@ def _rate_limit(name: str, default: str) -> str:
 
 API_RATE_LIMIT = _rate_limit("API_RATE_LIMIT", "1200/minute")
 API_UPLOAD_RATE_LIMIT = _rate_limit("API_UPLOAD_RATE_LIMIT", "300/minute")
+# Explanations a clinician requests by hand (API and portal alike; services.explanations): new jobs
+# per user over time, jobs of theirs waiting or running at once, and requested per photo and model.
+EXPLAIN_RATE_LIMIT = _rate_limit("EXPLAIN_RATE_LIMIT", "60/hour")
+EXPLAIN_MAX_PENDING_PER_USER = env_int("EXPLAIN_MAX_PENDING_PER_USER", 10)
+EXPLAIN_MAX_PER_IMAGE = env_int("EXPLAIN_MAX_PER_IMAGE", 12)
 KNOX_TOKEN_MODEL = "diagnosis.ApiToken"
 # knox's own migrations create its default AuthToken table even when the model is swapped out;
 # that stray table references auth_user and breaks TRUNCATE. Our ApiToken replaces it entirely.

@@ -263,13 +263,15 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         description=(
             "Answers 202 with the new explanation and its status URL, or 200 with the stored one when an identical "
             "request (method, canonical parameters, target, model version) was made before. 400 for an unknown "
-            "method, bad parameters or a cost over the budget; 409 while the image has no prediction."
+            "method, bad parameters or a cost over the budget; 409 while the image has no prediction or already "
+            "has EXPLAIN_MAX_PER_IMAGE requested explanations; 429 (with Retry-After) over EXPLAIN_RATE_LIMIT or "
+            "with EXPLAIN_MAX_PENDING_PER_USER of the user's explanations still waiting."
         ),
         request=ExplanationRequestSerializer,
         responses={
             200: ExplanationSerializer,
             202: ExplanationSerializer,
-            **error_responses(400, 401, 403, 404, 409),
+            **error_responses(400, 401, 403, 404, 409, 429),
         },
     )
     @action(
@@ -288,7 +290,9 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 target=body.validated_data.get("target"), requested_by=request.user, via=VIA,
             )  # fmt: skip
         except explanation_services.ExplanationRefused as exc:
-            raise RequestRefused(exc.reason, code=exc.error_code, status_code=exc.status) from None
+            raise RequestRefused(
+                exc.reason, code=exc.error_code, status_code=exc.status, wait=exc.retry_after
+            ) from None
         data = ExplanationSerializer(explanation, context={"request": request}).data
         return Response(
             data,
