@@ -240,8 +240,9 @@ _TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 
 
 def prepare_upload(
-    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS
-) -> PreparedUpload:
+    data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_convert_pixels: int | None = None, convert_slot=contextlib.nullcontext,
+) -> PreparedUpload:  # fmt: skip
     """The web tier's validation: only as much decoding as it needs.
 
     A JPEG or PNG is checked from its header (format, size, pixel count) and its segment structure
@@ -255,7 +256,11 @@ def prepare_upload(
 
     Anything else (WebP, arithmetic-coded or 12-bit JPEG, a PNG with an EXIF block, a colour profile
     that is broken or over 64 KB, a file whose structure is not clean) is decoded in full here and
-    re-encoded from its pixels, as before: encode_for_storage. Raises ImageValidationError.
+    re-encoded from its pixels, as before: encode_for_storage. That costs about 20 bytes of memory per
+    pixel, whatever the file's size (a 422-byte lossless WebP of 3000 x 3000 took 195 MB), so the caller
+    bounds it: a file over `max_convert_pixels` is refused (code too_large_to_convert), and the decode
+    runs inside `convert_slot()` (a context manager: the web tier's semaphore). Raises
+    ImageValidationError.
     """
     with _quiet_bomb_warnings():
         header = _open_checked(data, max_bytes=max_bytes, max_pixels=max_pixels)
@@ -276,8 +281,17 @@ def prepare_upload(
                 data=stripped, extension="png" if png else "jpg", content_type="image/png" if png else "image/jpeg",
                 width=width, height=height, source_format="PNG" if png else "JPEG", lossless=True,
             )  # fmt: skip
-    decoded = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
-    clean, extension, content_type = encode_for_storage(decoded)
+    width, height = header.size
+    if max_convert_pixels is not None and width * height > max_convert_pixels:
+        kind = "JPEG or PNG" if header.format in ("JPEG", "MPO", "PNG") else header.format or "image"
+        raise ImageValidationError(
+            "too_large_to_convert",
+            f"This {kind} file ({width} x {height} pixels) has to be converted on the server, which takes photos "
+            f"of up to {max_convert_pixels / 1e6:.0f} megapixels. Send it as a plain JPEG or PNG, or smaller.",
+        )
+    with convert_slot():
+        decoded = decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels)
+        clean, extension, content_type = encode_for_storage(decoded)
     return PreparedUpload(
         data=clean, extension=extension, content_type=content_type, width=decoded.width, height=decoded.height,
         source_format=decoded.source_format, lossless=False,

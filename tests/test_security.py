@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import secrets
 import subprocess
 import sys
+import threading
 
 import pytest
 from django.core.cache import cache
+from PIL import Image
 
 from diagnosis.models import LesionImage
+from diagnosis.services import images
 from diagnosis.services.patients import create_lesion, create_patient
 from tests.conftest import ROOT, lesion_jpeg, stored_image_files, upload_file
 
@@ -113,6 +117,90 @@ def test_uploads_over_the_rate_limit_get_429_with_retry_after(api_client, settin
     assert 0 < int(refused["Retry-After"]) <= 60
     assert LesionImage.objects.count() == 2
     assert api_client.get(UPLOAD).status_code == 200  # reading is not an upload
+
+
+def portal_lesion(clinician, reference: str):
+    from diagnosis.services.clinics import clinic_of
+
+    patient = create_patient(clinic=clinic_of(clinician), reference=reference, created_by=clinician)
+    return create_lesion(patient=patient, body_site="back", created_by=clinician)
+
+
+def test_portal_uploads_share_the_upload_rate_limit(client, clinician, api_client, settings,
+                                                    django_capture_on_commit_callbacks):  # fmt: skip
+    settings.API_UPLOAD_RATE_LIMIT = "3/minute"
+    lesion = portal_lesion(clinician, "PT-RATE")
+    client.force_login(clinician)
+    url = f"/lesions/{lesion.pk}/upload/"
+    with django_capture_on_commit_callbacks():
+        first = client.post(url, {"images": [upload_file(lesion_jpeg(seed=50 + i)) for i in range(2)]},
+                            HTTP_ACCEPT="application/json")  # fmt: skip
+        assert post_image(api_client, lesion_jpeg(seed=53)).status_code == 202  # the third, through the API
+        refused = client.post(url, {"images": upload_file(lesion_jpeg(seed=54))}, HTTP_ACCEPT="application/json")
+        page = client.post(url, {"images": upload_file(lesion_jpeg(seed=55))}, follow=True)
+    assert first.status_code == 202
+    assert refused.status_code == 429 and refused.json()["code"] == "throttled" and int(refused["Retry-After"]) > 0
+    assert "Too many uploads" in page.content.decode()
+    assert LesionImage.objects.count() == 3
+
+
+# --- files the web tier must convert (security review: a tiny file, a huge decode) ------------------
+
+
+def webp(width: int, height: int) -> bytes:
+    """A lossless WebP of one colour: a few hundred bytes for millions of pixels."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (180, 120, 100)).save(buffer, format="WEBP", lossless=True)
+    return buffer.getvalue()
+
+
+def test_a_tiny_file_of_too_many_pixels_to_convert_is_refused_before_decoding(api_client, settings):
+    settings.WEB_CONVERT_MAX_PIXELS = 4_000_000
+    data = webp(3000, 3000)
+    assert len(data) < 2000
+    response = post_image(api_client, data)
+    assert response.status_code == 400, response.content
+    assert response.json()["code"] == "too_large_to_convert"
+    assert "JPEG or PNG" in response.json()["detail"] and "4 megapixels" in response.json()["detail"]
+    assert LesionImage.objects.count() == 0 and stored_image_files() == []
+    # A JPEG of as many pixels is stored as it came (its metadata stripped, nothing decoded): accepted.
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (3000, 3000), (180, 120, 100)).save(buffer, format="JPEG", quality=50)
+    with pytest.MonkeyPatch.context():
+        assert post_image(api_client, buffer.getvalue()).status_code in (202,)
+
+
+def test_conversions_wait_for_a_slot_then_get_503_with_retry_after(api_client, settings,
+                                                                   django_capture_on_commit_callbacks):  # fmt: skip
+    settings.WEB_CONVERT_CONCURRENCY = 1
+    settings.WEB_CONVERT_WAIT_SECONDS = 0.2
+    images._convert_slots = None  # sized from the settings above
+    taken, release = threading.Event(), threading.Event()
+
+    def hold():  # another request of this process converting a large file
+        with images.convert_slot():
+            taken.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(5)
+        busy = post_image(api_client, webp(64, 64))
+        jpeg = post_image(api_client, lesion_jpeg(seed=60))  # a JPEG needs no slot
+    finally:
+        release.set()
+        holder.join()
+        images._convert_slots = None
+    assert busy.status_code == 503 and busy.json()["code"] == "server_busy" and int(busy["Retry-After"]) > 0
+    assert jpeg.status_code == 202
+    with django_capture_on_commit_callbacks():
+        assert post_image(api_client, webp(64, 64)).status_code == 202  # the slot is free again
+    assert LesionImage.objects.count() == 2
 
 
 def test_api_calls_over_the_general_limit_get_429(api_client, other_api_client, settings):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from django.conf import settings
 from rest_framework.throttling import UserRateThrottle
 
+from ..services import rates
+
 
 class ApiRateThrottle(UserRateThrottle):
     """Every API call, per user (or per address when anonymous)."""
@@ -17,7 +19,8 @@ class ApiRateThrottle(UserRateThrottle):
 
 
 class UploadRateThrottle(UserRateThrottle):
-    """Uploads, per user: each photo costs a model run, so a batch of n photos counts n times."""
+    """Uploads, per user: each photo costs a model run, so a batch of n photos counts n times. The count is
+    the one portal uploads take from too (services.rates, scope "uploads")."""
 
     scope = "uploads"
 
@@ -25,18 +28,15 @@ class UploadRateThrottle(UserRateThrottle):
         return settings.API_UPLOAD_RATE_LIMIT or None
 
     def allow_request(self, request, view):
-        if self.rate is None:
+        if self.rate is None or not request.user.is_authenticated:
             return True
-        self.key = self.get_cache_key(request, view)
-        if self.key is None:
-            return True
-        self.history = self.cache.get(self.key, [])
-        self.now = self.timer()
-        while self.history and self.history[-1] <= self.now - self.duration:
-            self.history.pop()
         cost = max(1, len(request.FILES.getlist("images"))) if hasattr(request, "FILES") else 1
-        if len(self.history) + cost > self.num_requests:
-            return self.throttle_failure()
-        self.history[:0] = [self.now] * cost
-        self.cache.set(self.key, self.history, self.duration)
+        try:
+            rates.take("uploads", request.user.pk, settings.API_UPLOAD_RATE_LIMIT, cost=cost)
+        except rates.RateExceeded as exc:
+            self._wait = exc.retry_after
+            return False
         return True
+
+    def wait(self):
+        return getattr(self, "_wait", None)

@@ -33,6 +33,7 @@ from ..services import feedback as feedback_services
 from ..services import files as file_services
 from ..services import images as image_services
 from ..services import patients as patient_services
+from ..services import rates
 from ..services import tokens as token_services
 from ..services.audit import record_event
 from ..services.clinics import clinic_of
@@ -160,6 +161,16 @@ def lesion_upload(request, pk):
     files at once and the answer is the lesion page with a message per file."""
     lesion = lesion_or_404(request, pk)
     files = request.FILES.getlist("images")
+    try:  # the API's upload limit, counted together with the user's API uploads
+        rates.take("uploads", request.user.pk, settings.API_UPLOAD_RATE_LIMIT, cost=max(1, len(files)))
+    except rates.RateExceeded as exc:
+        message = f"Too many uploads in a short time. Try again in {exc.retry_after} s."
+        if wants_json(request):
+            response = JsonResponse({"error": message, "code": "throttled", "files": []}, status=429)
+            response["Retry-After"] = str(exc.retry_after)
+            return response
+        messages.error(request, message)
+        return redirect("portal:lesion", pk=lesion.pk)
     # The script sends each file with its own Idempotency-Key, so a retried or double-sent request
     # returns the image already stored instead of a second one.
     key = request.headers.get("Idempotency-Key", "").strip() if len(files) == 1 else ""
@@ -175,6 +186,8 @@ def lesion_upload(request, pk):
         except (image_services.IdempotencyConflict, ValidationError) as exc:
             message = exc.messages[0] if isinstance(exc, ValidationError) else str(exc)
             results.append({"name": upload.name, "ok": False, "code": "idempotency_key", "error": message})
+        except image_services.UploadBusy as exc:
+            results.append({"name": upload.name, "ok": False, "code": "server_busy", "error": str(exc)})
         else:
             results.append({"name": upload.name, "ok": True, **status_payload(image)})
     accepted = sum(result["ok"] for result in results)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
+import threading
 import uuid
 from datetime import timedelta
 
@@ -30,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "IdempotencyConflict",
+    "UploadBusy",
     "ImageValidationError",
     "submit_image",
     "claim_image",
@@ -57,6 +60,38 @@ def read_upload(upload, *, max_bytes: int) -> bytes:
 
 class IdempotencyConflict(Exception):
     """The Idempotency-Key was used before for a different file."""
+
+
+class UploadBusy(Exception):
+    """Every slot for converting a file in this web process stayed taken for WEB_CONVERT_WAIT_SECONDS:
+    not the file's fault; the client retries after `retry_after` seconds (503)."""
+
+    retry_after = 5
+
+    def __init__(self) -> None:
+        super().__init__("The server is busy converting other photos. Send this one again in a few seconds.")
+
+
+_convert_slots: threading.BoundedSemaphore | None = None
+_convert_slots_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def convert_slot():
+    """One of WEB_CONVERT_CONCURRENCY slots of this web process for a file that is decoded and re-encoded
+    here (WebP, a PNG with EXIF, ...: mlcore.preprocessing.prepare_upload), so that a burst of small files
+    of many pixels cannot take the web process's memory. UploadBusy after WEB_CONVERT_WAIT_SECONDS."""
+    global _convert_slots
+    with _convert_slots_lock:
+        if _convert_slots is None:
+            _convert_slots = threading.BoundedSemaphore(max(1, settings.WEB_CONVERT_CONCURRENCY))
+        slots = _convert_slots
+    if not slots.acquire(timeout=settings.WEB_CONVERT_WAIT_SECONDS):
+        raise UploadBusy()
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
@@ -114,7 +149,10 @@ def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", 
     """Check the header (prepare_upload: the header and the file's structure only; the worker's full
     decode reports damage in the pixels), strip the metadata, store the file under a random key, and
     return the unsaved row that describes it."""
-    prepared = prepare_upload(data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS)
+    prepared = prepare_upload(
+        data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS,
+        max_convert_pixels=settings.WEB_CONVERT_MAX_PIXELS, convert_slot=convert_slot,
+    )  # fmt: skip
     stored_name = default_storage.save(f"images/{uuid.uuid4().hex}.{prepared.extension}", ContentFile(prepared.data))
     return LesionImage(
         clinic=clinic, lesion=lesion, uploaded_by=uploader, file=stored_name, content_type=prepared.content_type,
@@ -276,6 +314,8 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
                 accepted.append((position, _store(data, clinic=clinic, lesion=lesion, uploader=uploader)))
             except ImageValidationError as exc:
                 rejected.append((position, exc.code, exc.message))
+            except UploadBusy as exc:
+                rejected.append((position, "server_busy", str(exc)))
         batch = UploadBatch(clinic=clinic, created_by=uploader, submitted=len(uploads),
                             rejected=[{"position": p, "code": c, "detail": m} for p, c, m in rejected])  # fmt: skip
         images = [image for _, image in accepted]

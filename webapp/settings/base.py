@@ -345,6 +345,13 @@ API_RATE_LIMIT = _rate_limit("API_RATE_LIMIT", "1200/minute")
 API_UPLOAD_RATE_LIMIT = _rate_limit("API_UPLOAD_RATE_LIMIT", "300/minute")
 # Explanations a clinician requests by hand (API and portal alike; services.explanations): new jobs
 # per user over time, jobs of theirs waiting or running at once, and requested per photo and model.
+# Files the web tier must decode and re-encode itself (WebP, a PNG with an EXIF block, a JPEG it cannot
+# strip in place: mlcore.preprocessing.prepare_upload) cost about 20 bytes of memory per pixel, however
+# small the file: at most this many pixels, and this many at once per web process (a request waits up to
+# WEB_CONVERT_WAIT_SECONDS for a slot, then gets 503 with Retry-After).
+WEB_CONVERT_MAX_PIXELS = env_int("WEB_CONVERT_MAX_PIXELS", 16_000_000)
+WEB_CONVERT_CONCURRENCY = env_int("WEB_CONVERT_CONCURRENCY", 1)
+WEB_CONVERT_WAIT_SECONDS = env_float("WEB_CONVERT_WAIT_SECONDS", 10.0)
 EXPLAIN_RATE_LIMIT = _rate_limit("EXPLAIN_RATE_LIMIT", "60/hour")
 EXPLAIN_MAX_PENDING_PER_USER = env_int("EXPLAIN_MAX_PENDING_PER_USER", 10)
 EXPLAIN_MAX_PER_IMAGE = env_int("EXPLAIN_MAX_PER_IMAGE", 12)

@@ -149,6 +149,8 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             raise InvalidImage(exc.code, exc.message) from None
         except image_services.IdempotencyConflict as exc:
             raise RequestRefused(str(exc), code="idempotency_key_reused", status_code=409) from None
+        except image_services.UploadBusy as exc:
+            raise RequestRefused(str(exc), code="server_busy", status_code=503, wait=exc.retry_after) from None
         if image.replayed:
             image = self.get_queryset().get(pk=image.pk)
             data = ImageSerializer(image, context={"request": request}).data
