@@ -37,7 +37,7 @@ LOGS="${CHECK_IMAGES_LOGS:-test-artifacts/check-images}"
 RUN_ID="melanoma-images-check-$$"
 DATABASE="melanoma_images_check_$$"
 SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-PODMAN=($SUDO podman)
+PODMAN=(${SUDO:+"$SUDO"} podman)
 STARTED=$SECONDS
 
 if [ "$MODE" = build ]; then
@@ -73,6 +73,7 @@ IMAGES_BUILT=()
 DATABASE_CREATED=""
 REDIS_TOUCHED=""
 BUILD_TIMES=()
+BUILDING=""
 PASSED=""
 
 cleanup() {
@@ -103,6 +104,13 @@ cleanup() {
     fi
     if [ -n "$REDIS_TOUCHED" ]; then
         redis-cli -u "$REDIS" FLUSHDB >/dev/null && removed+=("the keys of $REDIS")
+    fi
+    if [ -n "$BUILDING" ] && [ -f "$WORK/containers-before-build" ]; then
+        # An interrupted build leaves buildah's working container (podman ps --external) behind.
+        for name in $("${PODMAN[@]}" ps --all --external --format '{{.ID}}:{{.Names}}' \
+            | grep -v -F -f "$WORK/containers-before-build" | grep -- '-working-container$'); do
+            "${PODMAN[@]}" rm --force "${name%%:*}" >/dev/null 2>&1 && removed+=("build container ${name#*:}")
+        done
     fi
     [ -n "$WORK" ] && $SUDO rm -rf "$WORK"
     if [ ${#removed[@]} -gt 0 ]; then
@@ -140,10 +148,11 @@ install_missing() {
         fi
     done
     [ ${#missing[@]} -eq 0 ] && return 0
-    echo "  installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    $SUDO apt-get install -y -q "${missing[@]}" >/dev/null \
-        || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q "${missing[@]}" >/dev/null; }
+    echo "  installing ${missing[*]} (log: $LOGS/apt.log)"
+    local apt=(${SUDO:+"$SUDO"} env DEBIAN_FRONTEND=noninteractive NEEDRESTART_SUSPEND=1 apt-get -q)
+    {
+        "${apt[@]}" install -y "${missing[@]}" || { "${apt[@]}" update && "${apt[@]}" install -y "${missing[@]}"; }
+    } >"$LOGS/apt.log" 2>&1 || fail "apt-get install ${missing[*]}" "$(tail -n 5 "$LOGS/apt.log")"
 }
 
 # This VM refuses to set rlimits: containers keep the engine's own instead of podman's defaults.
@@ -185,8 +194,8 @@ debian_mirror() {
             read -ra words <<<"${line%%#*}"
             [ "${words[0]:-}" = deb ] || continue
             words=("${words[@]:1}")
-            if [[ "${words[0]:-}" == \[* ]]; then
-                while [ ${#words[@]} -gt 0 ] && [[ "${words[0]}" != *\] ]]; do words=("${words[@]:1}"); done
+            if [ "${words[0]:0:1}" = "[" ]; then # [ options ]
+                while [ ${#words[@]} -gt 0 ] && [ "${words[0]: -1}" != "]" ]; do words=("${words[@]:1}"); done
                 words=("${words[@]:1}")
             fi
             if [[ "${words[0]:-}" == http* ]] && [ "${words[1]:-}" = bookworm ]; then
@@ -228,7 +237,11 @@ ensure_base_image() {
     local from base rootfs mirror started=$SECONDS
     from="$(awk '$1 == "FROM" { print $2; exit }' docker/Dockerfile)"
     base="$from"
-    [[ "${base%%/*}" == *.* ]] || base="docker.io/$([[ "$base" == */* ]] || echo library/)$base"
+    if [[ "$base" != */* ]]; then
+        base="docker.io/library/$base"
+    elif [[ "${base%%/*}" != *[.:]* ]] && [ "${base%%/*}" != localhost ]; then
+        base="docker.io/$base"
+    fi
     if "${PODMAN[@]}" image exists "$base"; then
         ok "base image $from: $base is present (the stand-in from an earlier run, or the real one)"
         return
@@ -315,14 +328,17 @@ build_image() {
     log="$LOGS/build-$label.log"
     echo "  $dockerfile -> $tag (log: $log)"
     IMAGES_BUILT+=("$tag")
+    "${PODMAN[@]}" ps --all --external --format '{{.ID}}' >"$WORK/containers-before-build"
+    BUILDING=1
     set +e
-    timeout "${CHECK_IMAGES_BUILD_TIMEOUT:-1200}" "${PODMAN[@]}" build "${BUILD_ARGS[@]}" -f "$dockerfile" -t "$tag" . 2>&1 \
+    timeout --foreground "${CHECK_IMAGES_BUILD_TIMEOUT:-1200}" "${PODMAN[@]}" build "${BUILD_ARGS[@]}" -f "$dockerfile" -t "$tag" . 2>&1 \
         | tee "$log" | awk '/^(STEP|COMMIT)/ { print "    " substr($0, 1, 110); fflush() }'
     local status=${PIPESTATUS[0]}
     set -e
-    if [ "$status" != 0 ]; then
+    if [ "$status" != 0 ] || ! "${PODMAN[@]}" image exists "$tag"; then
         fail "build of $dockerfile (exit $status)" "$(grep -v 'is ignored: it is neither' "$log" | tail -n 15)"
     fi
+    BUILDING=""
     BUILD_TIMES+=("$label $(seconds "$started")")
     ok "$dockerfile builds ($(seconds "$started"), $("${PODMAN[@]}" image inspect --format '{{.Size}}' "$tag" \
         | awk '{ printf "%.1f GB", $1 / 1e9 }'))"
@@ -473,7 +489,7 @@ wait_for "web answers web-health" 120 web "${PODMAN[@]}" exec "$RUN_ID-web" /app
 ok "web: gunicorn up, entrypoint.sh web-health exits 0 ($(seconds "$started"))"
 web_users="$("${PODMAN[@]}" top "$RUN_ID-web" user | tail -n +2 | sort -u | tr '\n' ' ')"
 web_uid="$("${PODMAN[@]}" exec "$RUN_ID-web" id -u)"
-[ "$web_uid" = 10001 ] && [ "$web_users" = "app " ] \
+{ [ "$web_uid" = 10001 ] && [ "$web_users" = "app " ]; } \
     || fail "web runs as its non-root user" "uid $web_uid, process users: $web_users"
 gunicorn_workers="$("${PODMAN[@]}" top "$RUN_ID-web" args | grep -c 'gunicorn' || true)"
 ok "web runs as uid 10001 (app): $gunicorn_workers gunicorn processes, none as root"
@@ -482,7 +498,7 @@ ok "web runs as uid 10001 (app): $gunicorn_workers gunicorn processes, none as r
 http() { curl -sS --max-time 30 -H "Host: localhost" -H "X-Forwarded-Proto: https" -w '%{http_code}' "$@" || true; }
 BASE="http://127.0.0.1:$WEB_PORT"
 code="$(http -o "$WORK/static.css" "$BASE/static/admin/css/base.css")"
-[ "$code" = 200 ] && [ -s "$WORK/static.css" ] || fail "a static file is served" "GET /static/admin/css/base.css: $code"
+{ [ "$code" = 200 ] && [ -s "$WORK/static.css" ]; } || fail "a static file is served" "GET /static/admin/css/base.css: $code"
 ok "WhiteNoise serves the collected static files (GET /static/admin/css/base.css: 200)"
 
 wait_for "worker ready" 180 worker in_log worker " ready."
@@ -508,18 +524,18 @@ code="$(http "${API[@]}" -o "$WORK/upload.json" \
 IMAGE_ID="$(jq -r .id "$WORK/upload.json")"
 ok "POST /api/v1/images/: 202, image $IMAGE_ID $(jq -r .state "$WORK/upload.json")"
 state=""
-until [ "$state" = done ] || [ "$state" = failed ]; do
+until [ "$state" = "done" ] || [ "$state" = "failed" ]; do
     [ $((SECONDS - started)) -lt 180 ] || fail "the upload is processed within 180s" "state: $state"
     running worker || fail "the upload is processed: the worker exited"
     sleep 1
     [ "$(http "${API[@]}" -o "$WORK/status.json" "$BASE/api/v1/images/$IMAGE_ID/status/")" = 200 ] || continue
     state="$(jq -r .state "$WORK/status.json")"
 done
-[ "$state" = done ] || fail "the upload's state is done" "$(head -c 500 "$WORK/status.json")"
+[ "$state" = "done" ] || fail "the upload's state is done" "$(head -c 500 "$WORK/status.json")"
 ok "state done after $(seconds "$started"): probability $(jq -r .prediction.probability_malignant "$WORK/status.json"), model $(jq -r .prediction.model_version "$WORK/status.json")"
 code="$(http "${API[@]}" -o "$WORK/photo.jpg" "$BASE/api/v1/images/$IMAGE_ID/file/")"
 magic="$(head -c 3 "$WORK/photo.jpg" | od -An -tx1 | tr -d ' \n')"
-[ "$code" = 200 ] && [ "$magic" = ffd8ff ] || fail "GET .../file/ returns the photo" "HTTP $code, starts with $magic"
+{ [ "$code" = 200 ] && [ "$magic" = ffd8ff ]; } || fail "GET .../file/ returns the photo" "HTTP $code, starts with $magic"
 ok "GET /api/v1/images/$IMAGE_ID/file/: 200, a JPEG of $(wc -c <"$WORK/photo.jpg") bytes"
 
 step "The GPU image (no GPU here: its packages and settings only)"
@@ -528,7 +544,8 @@ GPU_CHECK='import os, torch, torchvision; print("uid", os.getuid(), "torch", tor
 "${PODMAN[@]}" run --rm --name "$RUN_ID-gpu" "${RUN_ARGS[@]}" "$GPU_IMAGE" manage shell -c "$GPU_CHECK" \
     >"$LOGS/$RUN_ID-gpu.log" 2>"$LOGS/$RUN_ID-gpu.err" || fail "GPU image: manage shell" "$(tail -n 15 "$LOGS/$RUN_ID-gpu.err")"
 gpu_line="$(tail -n 1 "$LOGS/$RUN_ID-gpu.log")"
-[[ "$gpu_line" == "uid 10001 "* ]] && [[ "$gpu_line" != *"CUDA None"* ]] || fail "GPU image: a CUDA build of torch, as uid 10001" "$gpu_line"
+{ [[ "$gpu_line" == "uid 10001 "* ]] && [[ "$gpu_line" != *"CUDA None"* ]]; } \
+    || fail "GPU image: a CUDA build of torch, as uid 10001" "$gpu_line"
 ok "GPU image: settings load, $gpu_line ($(seconds "$started"))"
 
 PASSED=1

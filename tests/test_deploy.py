@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -516,6 +517,37 @@ def test_web_role_serves_healthz_readyz_and_static_files_with_production_setting
             assert bare.get(probe, headers={"Host": stack.variables["ALLOWED_HOSTS"]}).status_code == 200
         assert bare.get("/healthz", headers={"X-Forwarded-Proto": "https"}).status_code == 400
     assert stack.run("web", "web-health").returncode == 0
+
+
+def raw_request(stack, head: str, first_body: bytes) -> tuple[bytes, bool]:
+    """Send a request's head and the start of its body over a plain socket, as a client that would go on
+    sending; return what gunicorn answers and whether it then closed the connection."""
+    host, port = stack.overrides["web"]["GUNICORN_BIND"].split(":")
+    with socket.create_connection((host, int(port)), timeout=15) as connection:
+        connection.sendall(head.replace("\n", "\r\n").encode() + b"\r\n" + first_body)
+        answer, closed = b"", False
+        connection.settimeout(5)
+        try:
+            while chunk := connection.recv(65536):
+                answer += chunk
+            closed = True  # gunicorn closed it: the rest of the body is never read
+        except TimeoutError:
+            pass
+    return answer, closed
+
+
+def test_gunicorn_refuses_an_oversized_or_chunked_body_without_reading_it(stack):
+    host = stack.variables["ALLOWED_HOSTS"].split(",")[0]
+    common = f"Host: {host}\nX-Forwarded-Proto: https\nAuthorization: Token {stack.token}\n"
+    # A client announcing 315 MB: answered after the first kilobyte, not after the whole body.
+    answer, closed = raw_request(stack, f"POST /api/v1/images/ HTTP/1.1\n{common}Content-Type: multipart/form-data; "
+                                 "boundary=x\nContent-Length: 330301440\n", b"--x\r\n" + b"\0" * 1024)  # fmt: skip
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:300]
+    assert b"request_too_large" in answer and closed
+    chunked_head = f"POST /api/v1/images/batch/ HTTP/1.1\n{common}Content-Type: multipart/form-data; boundary=x\n"
+    answer, closed = raw_request(stack, chunked_head + "Transfer-Encoding: chunked\n", b"400\r\n" + b"\0" * 1024)
+    assert answer.startswith(b"HTTP/1.1 411"), answer[:300]
+    assert closed
 
 
 def test_worker_roles_process_an_upload_made_through_the_api(stack):

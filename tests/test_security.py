@@ -12,6 +12,7 @@ import threading
 
 import pytest
 from django.core.cache import cache
+from django.test.client import FakePayload
 from PIL import Image
 
 from diagnosis.models import LesionImage
@@ -290,3 +291,31 @@ def test_tokens_never_reach_the_logs(api_client, clinician, caplog, django_captu
                        for record in caplog.records)  # fmt: skip
     assert caplog.records, "the requests above are logged"
     assert token not in logged and token[:-4] not in logged
+
+
+# --- request bodies over their limit (security review: read in full before the size check) ---------
+
+
+def test_a_body_over_its_limit_is_refused_from_its_content_length_unread(api_client, settings):
+    settings.MAX_UPLOAD_BYTES = 1_000_000
+    small = lesion_jpeg(seed=70)
+    # The header claims 315 MB; the body is a small photo. Nothing of it is read: 413 at once.
+    response = api_client.post(UPLOAD, {"image": upload_file(small)}, format="multipart", CONTENT_LENGTH="330301440")
+    assert response.status_code == 413
+    assert response.json()["code"] == "request_too_large" and "1 MB" in response.json()["detail"]
+    assert LesionImage.objects.count() == 0
+    # A single-photo upload is held to MAX_UPLOAD_BYTES and a little, however large MAX_REQUEST_BYTES is.
+    settings.MAX_REQUEST_BYTES = 500_000_000
+    big = api_client.post(UPLOAD, {"image": upload_file(small)}, format="multipart", CONTENT_LENGTH="2000000")
+    assert big.status_code == 413
+
+
+def test_a_chunked_body_is_refused_with_411_unread(api_client):
+    payload = FakePayload(b"5\r\nhello\r\n0\r\n\r\n")
+    response = api_client.generic(
+        "POST", "/api/v1/images/batch/", content_type="multipart/form-data; boundary=BoUnDaRy",
+        CONTENT_LENGTH="", HTTP_TRANSFER_ENCODING="chunked", **{"wsgi.input": payload},
+    )  # fmt: skip
+    assert response.status_code == 411 and response.json()["code"] == "length_required"
+    assert response["Connection"] == "close"
+    assert LesionImage.objects.count() == 0

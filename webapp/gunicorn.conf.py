@@ -42,6 +42,23 @@ def child_exit(server, worker):
     multiprocess.mark_process_dead(worker.pid)  # its live gauges go; its counters stay in the sums
 
 
+def pre_request(worker, req):
+    """A body the app refuses unread (webapp.middleware.RequestSizeLimitMiddleware: 413 over its limit,
+    411 when chunked): close the connection after the answer. On a kept-alive connection gunicorn
+    would otherwise read the rest of the body, however large, to find the next request; the app cannot
+    ask for the close itself (gunicorn drops a Connection header from the application)."""
+    from webapp.middleware import body_limit  # the worker has loaded the app (and Django) by now
+
+    chunked = any(name == "TRANSFER-ENCODING" and "chunked" in value.lower() for name, value in req.headers)
+    length = next((value for name, value in req.headers if name == "CONTENT-LENGTH"), "0")
+    try:
+        too_long = int(length) > body_limit(req.path)
+    except ValueError:
+        too_long = False
+    if chunked or too_long:
+        req.must_close = True
+
+
 def on_exit(server):
     if _metrics_dir_is_ours:
         shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)

@@ -43,6 +43,8 @@ MIDDLEWARE = [
     "django_prometheus.middleware.PrometheusBeforeMiddleware",
     # Early, so every later log line of the request carries its request id.
     "webapp.request_id.RequestIdMiddleware",
+    # Before anything reads the body: an oversized one is refused unread (413).
+    "webapp.middleware.RequestSizeLimitMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -213,6 +215,10 @@ MAX_IMAGE_PIXELS = env_int("MAX_IMAGE_PIXELS", 40_000_000)
 IMAGE_RETENTION_DAYS = env_int("IMAGE_RETENTION_DAYS", 0)
 # POST /api/v1/images/batch/: at most this many files per request.
 MAX_BATCH_FILES = env_int("MAX_BATCH_FILES", 100)
+# The largest request body of any kind (a batch of photos; webapp.middleware.RequestSizeLimitMiddleware
+# answers 413 above it without reading it). A single-photo upload is held to MAX_UPLOAD_BYTES and a little.
+# Set the reverse proxy's limit (nginx client_max_body_size) to the same.
+MAX_REQUEST_BYTES = env_int("MAX_REQUEST_BYTES", 200 * 1024 * 1024)
 DATA_UPLOAD_MAX_NUMBER_FILES = MAX_BATCH_FILES + 1
 # Django only buffers this much of a file in memory; larger uploads go to a temporary file.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
