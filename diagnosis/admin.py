@@ -63,11 +63,19 @@ class PatientAdmin(admin.ModelAdmin):
     list_filter = ["clinic"]
     search_fields = ["reference"]
 
+    def get_readonly_fields(self, request, obj=None):
+        # A patient never changes clinic: their lesions' photos, predictions and notes belong to the clinic
+        # that took them (LesionImage.clinic), and moving the patient would mix two clinics' records.
+        return ["clinic"] if obj is not None else []
+
 
 @admin.register(Lesion)
 class LesionAdmin(admin.ModelAdmin):
     list_display = ["id", "patient", "body_site", "created_at"]
     list_filter = ["body_site"]
+
+    def get_readonly_fields(self, request, obj=None):
+        return ["patient"] if obj is not None else []  # as PatientAdmin: a lesion never changes patient
 
 
 class PredictionInline(admin.TabularInline):

@@ -689,3 +689,38 @@ def test_an_operator_may_change_the_active_model(world, second_model):
     assert 'value="activate_forced"' in body_text(client.get(changelist))
     client.post(changelist, {"action": "activate_forced", "_selected_action": [second_model.pk]})
     assert ModelVersion.objects.get(is_active=True) == second_model
+
+
+# --- records never cross clinics through the admin ----------------------------------------------------
+
+
+def test_the_admin_cannot_move_a_patient_or_lesion_to_another_clinic(world, django_user_model):
+    root = django_user_model.objects.create_superuser(f"root-{uuid.uuid4().hex[:6]}", "root@example.org", "x")
+    client = Client(raise_request_exception=False)
+    client.force_login(root)
+    patient_page = reverse("admin:diagnosis_patient_change", args=[world.patient.pk])
+    form = client.get(patient_page)
+    assert form.status_code == 200 and 'name="clinic"' not in body_text(form)
+    client.post(patient_page, {"reference": PATIENT_REFERENCE, "clinic": world.clinic_b.pk})
+    lesion_page = reverse("admin:diagnosis_lesion_change", args=[world.lesion.pk])
+    assert 'name="patient"' not in body_text(client.get(lesion_page))
+    other = PatientFactory(clinic=world.clinic_b)
+    client.post(lesion_page, {"patient": other.pk, "body_site": world.lesion.body_site, "note": LESION_NOTE})
+    world.patient.refresh_from_db()
+    world.lesion.refresh_from_db()
+    assert world.patient.clinic == world.clinic_a and world.lesion.patient == world.patient
+
+
+def test_a_lesion_moved_anyway_shows_no_photo_of_the_other_clinic(world):
+    """Had a lesion been moved by hand (the database, an older release's admin), clinic B's pages must
+    still show none of clinic A's photos, predictions, notes or explanations."""
+    other = PatientFactory(clinic=world.clinic_b, reference="PT-MATRIX-B-MOVED")
+    Lesion.objects.filter(pk=world.lesion.pk).update(patient=other)
+    client = client_for(world, "b", PORTAL)
+    for url in (f"/lesions/{world.lesion.pk}/", f"/patients/{other.pk}/", f"/lesions/{world.lesion.pk}/report/"):
+        response = client.get(url)
+        assert response.status_code == 200, url
+        text = body_text(response)
+        assert str(world.image.pk) not in text and str(world.gradcam.pk) not in text, url
+    listed = client_for(world, "b", API).get(f"/api/v1/lesions/{world.lesion.pk}/").json()
+    assert listed["image_count"] == 0

@@ -93,7 +93,10 @@ class TimelineRow:
 
 def timeline(lesion: Lesion) -> list[TimelineRow]:
     """The lesion's images, newest first, each with its risk and the change since the previous one."""
-    images = with_predictions(lesion.images.order_by("created_at")).prefetch_related(
+    # Only the images of the lesion's own clinic: LesionImage.clinic is what every scoping query uses, and
+    # it stays true to where the photo was taken even if a lesion were ever moved to another clinic.
+    own = lesion.images.filter(clinic_id=lesion.patient.clinic_id)
+    images = with_predictions(own.order_by("created_at")).prefetch_related(
         Prefetch("feedback", queryset=Feedback.objects.select_related("recorded_by")),
         Prefetch("explanations", queryset=Explanation.objects.order_by("created_at")),
     )

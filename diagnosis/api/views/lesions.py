@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.db.models import Count
+from django.db.models import Count, F, Q
 from drf_spectacular.utils import OpenApiParameter, extend_schema, extend_schema_view
 from rest_framework import mixins, viewsets
 
@@ -27,7 +27,9 @@ class LesionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Cre
 
     def get_queryset(self):
         queryset = (
-            Lesion.objects.visible_to(self.request.user).select_related("patient").annotate(image_count=Count("images"))
+            Lesion.objects.visible_to(self.request.user)
+            .select_related("patient")
+            .annotate(image_count=Count("images", filter=Q(images__clinic=F("patient__clinic"))))
         )
         patient = self.request.query_params.get("patient")
         if patient:
