@@ -292,7 +292,7 @@ BASE_TABLE: dict[str, Entry] = {
     "portal:history": Entry(PORTAL, none, get=portal_object(200, 200), queries=("", "?state=done")),
     "portal:tokens": Entry(
         PORTAL, none, get=portal_object(200, 200), post=portal_object(200, 200),
-        post_data=lambda w: {"name": "matrix token", "expires_in_days": "30"},
+        post_data=lambda w: {"name": "matrix token", "expires_in_days": "30", "password": PASSWORD},
     ),
     "portal:token-revoke": Entry(
         PORTAL, lambda w: [{"key": w.token_a.token_key}], get=portal_object(405, 405), post=portal_object(302)
@@ -591,7 +591,9 @@ def test_the_same_form_post_with_its_csrf_token_is_accepted(world):
     client = client_for(world, "a", PORTAL, enforce_csrf=True)
     assert client.get("/tokens/").status_code == 200
     token = client.cookies[settings.CSRF_COOKIE_NAME].value
-    response = client.post("/tokens/", {"name": "with csrf", "expires_in_days": "30", "csrfmiddlewaretoken": token})
+    response = client.post(
+        "/tokens/", {"name": "with csrf", "expires_in_days": "30", "password": PASSWORD, "csrfmiddlewaretoken": token}
+    )
     assert response.status_code == 200
 
 

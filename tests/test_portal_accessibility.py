@@ -16,7 +16,7 @@ from django.urls import reverse
 from diagnosis.models import ImageState
 from diagnosis.services.tokens import create_api_token
 from tests.factories import LesionFactory, PatientFactory, UserFactory
-from tests.test_portal_views import add_explanation, add_image
+from tests.test_portal_views import PASSWORD, add_explanation, add_image
 
 # Every test uses the database (through the pages rendered once for the module); the mark also makes
 # pytest-django create the test database when this file runs alone.
@@ -161,7 +161,9 @@ def render_all(checkpoint: bytes) -> dict[str, tuple[int, str]]:
             reverse("portal:history"), {"date_from": "2030-01-01", "date_to": "2020-01-01"}
         ),
         "tokens": lambda: client.get(reverse("portal:tokens")),
-        "tokens-created": lambda: client.post(reverse("portal:tokens"), {"name": "Lab", "expires_in_days": "30"}),
+        "tokens-created": lambda: client.post(
+            reverse("portal:tokens"), {"name": "Lab", "expires_in_days": "30", "password": PASSWORD}
+        ),
         "password-change": lambda: client.get(reverse("password_change")),
         "no-clinic": lambda: no_clinic.get(reverse("portal:patients")),
         "not-found": lambda: client.get(reverse("portal:patient", args=["00000000-0000-0000-0000-000000000000"])),

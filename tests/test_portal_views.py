@@ -16,6 +16,7 @@ import uuid
 from datetime import timedelta
 
 import pytest
+from django.contrib.auth.hashers import make_password
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.urls import reverse
@@ -199,7 +200,7 @@ def test_every_page_sends_anonymous_visitors_to_the_login_page(client, object_ur
         ("post", url("patients"), {"reference": "PT-0099"}),
         ("get", url("history"), None),
         ("get", url("tokens"), None),
-        ("post", url("tokens"), {"name": "EHR", "expires_in_days": "30"}),
+        ("post", url("tokens"), {"name": "EHR", "expires_in_days": "30", "password": PASSWORD}),
         ("post", url("token-revoke", token.token_key), None),
         ("get", url("password_change"), None),
     ]
@@ -950,7 +951,7 @@ def test_history_is_paginated_and_keeps_the_filters(portal, history_images, sett
 
 
 def test_token_is_created_shown_once_and_listed(portal, clinician):
-    response = portal.post(url("tokens"), {"name": "EHR integration", "expires_in_days": "30"})
+    response = portal.post(url("tokens"), {"name": "EHR integration", "expires_in_days": "30", "password": PASSWORD})
     assert response.status_code == 200
     page = text_of(response)
     plain = re.search(r'id="new-token" readonly value="([^"]+)"', page).group(1)
@@ -970,10 +971,10 @@ def test_token_is_created_shown_once_and_listed(portal, clinician):
 
 
 def test_token_with_no_name_is_refused_on_the_form(portal, clinician):
-    response = portal.post(url("tokens"), {"name": "  ", "expires_in_days": "30"})
+    response = portal.post(url("tokens"), {"name": "  ", "expires_in_days": "30", "password": PASSWORD})
     assert response.status_code == 400
     assert "This field is required." in text_of(response)
-    response = portal.post(url("tokens"), {"name": "x", "expires_in_days": "7"})
+    response = portal.post(url("tokens"), {"name": "x", "expires_in_days": "7", "password": PASSWORD})
     assert response.status_code == 400 and "Select a valid choice." in text_of(response)
     assert not ApiToken.objects.filter(user=clinician).exists()
 
@@ -1127,6 +1128,57 @@ def test_login_page_states_the_configured_failure_limit(client, clinician, setti
 def test_password_change_requires_a_login(client):
     response = client.get(url("password_change"))
     assert response.status_code == 302 and response["Location"].startswith(url("login") + "?next=")
+
+
+def test_creating_a_token_asks_for_the_password_again(portal, clinician):
+    from diagnosis.models import ApiToken
+
+    for data in (
+        {"name": "EHR", "expires_in_days": "30"},
+        {"name": "EHR", "expires_in_days": "30", "password": "guess"},
+    ):
+        response = portal.post(url("tokens"), data)
+        assert response.status_code == 400
+    assert "That is not your password." in text_of(response)
+    assert not ApiToken.objects.filter(user=clinician).exists()
+    created = portal.post(url("tokens"), {"name": "EHR", "expires_in_days": "30", "password": PASSWORD})
+    assert created.status_code == 200 and ApiToken.objects.filter(user=clinician).count() == 1
+
+
+def test_a_password_change_revokes_every_token_of_the_user(client, clinician, settings):
+    from rest_framework.test import APIClient
+
+    from diagnosis.models import ApiToken, AuditEvent
+    from diagnosis.services.tokens import create_api_token
+
+    _, plain = create_api_token(user=clinician, name="minted by a stolen session")
+    _, second = create_api_token(user=clinician, name="EHR")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {plain}")
+    assert api.get("/api/v1/patients/").status_code == 200
+    client.force_login(clinician)
+    new = "Lesion-Triage-2024-new"
+    client.post(url("password_change"), {"old_password": PASSWORD, "new_password1": new, "new_password2": new})
+    assert "Your API tokens have been revoked" in text_of(client.get("/accounts/password/done/"))
+    assert api.get("/api/v1/patients/").status_code == 401
+    assert not ApiToken.objects.filter(user=clinician).exists()
+    revoked = AuditEvent.objects.filter(action=AuditEvent.Action.REVOKE_TOKEN, via="password_change")
+    assert revoked.count() == 2
+    # Any way the password changes (the admin, a reset, changepassword all end in set_password and save).
+    create_api_token(user=clinician, name="after")
+    clinician.set_password("Another-long-Passw0rd")
+    clinician.save()
+    assert not ApiToken.objects.filter(user=clinician).exists()
+    # A hash upgrade on sign-in is no password change: the tokens stay.
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.PBKDF2PasswordHasher",
+                                 "django.contrib.auth.hashers.MD5PasswordHasher"]  # fmt: skip
+    create_api_token(user=clinician, name="kept")
+    clinician.password = make_password("Another-long-Passw0rd", hasher="md5")
+    clinician.save()
+    assert clinician.check_password("Another-long-Passw0rd")  # Django re-hashes it with the default hasher
+    clinician.refresh_from_db()
+    assert clinician.password.startswith("pbkdf2_")
+    assert ApiToken.objects.filter(user=clinician, name="kept").exists()
 
 
 def test_password_change_changes_the_password(client, clinician):

@@ -58,6 +58,23 @@ class TokenForm(forms.Form):
         coerce=int,
         initial="90",
     )
+    # A token outlives the session: whoever holds a session (a stolen one, say) must also know the password.
+    password = forms.CharField(
+        label="Your password",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+        help_text="A token works without you being signed in, so creating one asks for your password again.",
+    )
+
+    def __init__(self, *args, user=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.user = user
+
+    def clean_password(self) -> str:
+        password = self.cleaned_data["password"]
+        if self.user is None or not self.user.check_password(password):
+            raise forms.ValidationError("That is not your password.")
+        return password
 
 
 RISK_BANDS = [("", "Any risk"), ("above", "Above referral threshold"), ("below", "Below referral threshold")]

@@ -392,7 +392,7 @@ def history(request):
 
 @clinic_required
 def tokens(request):
-    form = TokenForm(request.POST or None)
+    form = TokenForm(request.POST or None, user=request.user)
     created = None
     if request.method == "POST" and form.is_valid():
         token, plain = token_services.create_api_token(
@@ -400,7 +400,7 @@ def tokens(request):
             via=VIA,
         )  # fmt: skip
         created = {"token": token, "plain": plain}
-        form = TokenForm()
+        form = TokenForm(user=request.user)
     user_tokens = ApiToken.objects.filter(user=request.user).order_by("-created")
     status = 400 if request.method == "POST" and created is None else 200
     return render(request, "portal/tokens.html", {"form": form, "tokens": user_tokens, "created": created,

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from django.conf import settings
@@ -9,6 +10,8 @@ from django.utils import timezone
 from ..models import ApiToken, AuditEvent
 from .audit import record_event
 from .clinics import clinic_of
+
+logger = logging.getLogger(__name__)
 
 
 def create_api_token(
@@ -50,6 +53,33 @@ def revoke_api_token(*, token: ApiToken, actor=None, via: str = "cli") -> None:
             via=via,
         )
         token.delete()
+
+
+def revoke_all_tokens(*, user, via: str) -> int:
+    """Revoke every API token of `user` (each with its audit event). Returns how many there were."""
+    tokens = list(ApiToken.objects.filter(user=user))
+    for token in tokens:
+        revoke_api_token(token=token, actor=user, via=via)
+    if tokens:
+        logger.info("revoked %d API token(s) of user %s: %s", len(tokens), user.pk, via)
+    return len(tokens)
+
+
+class RevokeTokensOnPasswordChange:
+    """Listed last in AUTH_PASSWORD_VALIDATORS for Django's password_changed() hook, which runs on every
+    real password change and never on a hash upgrade: the portal's form, the admin's, a reset and the
+    changepassword command alike. A stolen session may have minted tokens; a new password ends them too.
+    It never refuses a password."""
+
+    def validate(self, password, user=None) -> None:
+        return None
+
+    def password_changed(self, password, user=None) -> None:
+        if user is not None and user.pk is not None:
+            revoke_all_tokens(user=user, via="password_change")
+
+    def get_help_text(self) -> str:
+        return "Changing your password revokes your API tokens."
 
 
 def delete_expired_tokens(*, now=None) -> int:

@@ -100,6 +100,8 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator", "OPTIONS": {"min_length": 10}},
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+    # Not a rule: its password_changed() revokes the user's API tokens on every password change.
+    {"NAME": "diagnosis.services.tokens.RevokeTokensOnPasswordChange"},
 ]
 
 LANGUAGE_CODE = "en-gb"
