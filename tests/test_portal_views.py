@@ -19,6 +19,7 @@ import pytest
 from django.contrib.auth.hashers import make_password
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
+from django.test import Client
 from django.urls import reverse
 from django.utils import timezone
 from PIL import Image
@@ -1120,6 +1121,50 @@ def test_login_page_states_the_configured_failure_limit(client, clinician, setti
     assert "After 3 failed attempts" in page, re.search(r"After \S+ failed attempts", page).group(0)
     fail_logins(client, clinician.username, 3)
     assert client.post(url("login"), {"username": clinician.username, "password": PASSWORD}).status_code == 429
+
+
+# --- behind the TLS proxy: the client's address ------------------------------------------------------------
+
+PROXY = "10.0.0.2"  # REMOTE_ADDR of every request that comes through the reverse proxy
+
+
+def via_proxy(client_address: str, spoofed: str = "") -> dict:
+    """What the proxy (nginx: proxy_add_x_forwarded_for) hands gunicorn for a client at client_address."""
+    forwarded = f"{spoofed}, {client_address}" if spoofed else client_address
+    return {"REMOTE_ADDR": PROXY, "HTTP_X_FORWARDED_FOR": forwarded}
+
+
+def test_behind_a_trusted_proxy_a_lockout_is_keyed_by_the_real_client(client, clinician, settings):
+    settings.TRUSTED_PROXY_COUNT = 1
+    attacker = Client()
+    for _ in range(5):  # the attacker even writes the victim's address into the header: ignored
+        attacker.post(url("login"), {"username": clinician.username, "password": "wrong"},
+                      **via_proxy("203.0.113.5", spoofed="198.51.100.7"))  # fmt: skip
+    locked = attacker.post(url("login"), {"username": clinician.username, "password": PASSWORD},
+                           **via_proxy("203.0.113.5"))  # fmt: skip
+    assert locked.status_code == 429
+    own = client.post(url("login"), {"username": clinician.username, "password": PASSWORD},
+                      **via_proxy("198.51.100.7"))  # fmt: skip
+    assert own.status_code == 302  # the clinician, from their own address, is not locked out
+
+
+def test_without_a_trusted_proxy_the_forwarded_header_is_ignored(client, clinician, settings):
+    settings.TRUSTED_PROXY_COUNT = 0
+    for address in ("203.0.113.5", "203.0.113.6", "203.0.113.7", "203.0.113.8", "203.0.113.9"):
+        Client().post(url("login"), {"username": clinician.username, "password": "wrong"}, **via_proxy(address))
+    # One address (the proxy's) for everyone: the header cannot be used to dodge the lockout.
+    assert client.post(url("login"), {"username": clinician.username, "password": PASSWORD},
+                       **via_proxy("198.51.100.7")).status_code == 429  # fmt: skip
+
+
+def test_the_audit_log_records_the_client_behind_the_proxy(portal, clinic, settings):
+    from diagnosis.models import AuditEvent
+
+    settings.TRUSTED_PROXY_COUNT = 1
+    patient = PatientFactory(clinic=clinic)
+    assert portal.get(url("patient", patient.pk), **via_proxy("198.51.100.7", spoofed="192.0.2.1")).status_code == 200
+    event = AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_PATIENT).latest("at")
+    assert event.ip_address == "198.51.100.7"
 
 
 # --- password change -----------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
+from ..client_address import client_ip
 from ..models import ApiToken, AuditEvent, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
@@ -71,7 +72,7 @@ def wants_json(request) -> bool:
 
 def audit(request, action: str, obj) -> None:
     record_event(actor=request.user, action=action, obj=obj, clinic=request.clinic, via=VIA,
-                 ip_address=request.META.get("REMOTE_ADDR"))  # fmt: skip
+                 ip_address=client_ip(request))  # fmt: skip
 
 
 # --- pages -------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ def serve_file(request, download: file_services.Download, *, audited: bool):
     """A stored file, through the one implementation the API uses too (services.files). Streamed, never
     a redirect to the bucket: the portal's pages load pictures from their own origin only (CSP)."""
     try:
-        return file_services.serve(download, actor=request.user, via=VIA, ip_address=request.META.get("REMOTE_ADDR"),
+        return file_services.serve(download, actor=request.user, via=VIA, ip_address=client_ip(request),
                                    audited=audited, presign=False)  # fmt: skip
     except file_services.FileUnavailable as exc:
         raise Http404(str(exc)) from None
@@ -381,7 +382,7 @@ def history(request):
         queryset = queryset.none()
     page = Paginator(queryset, settings.PORTAL_PAGE_SIZE).get_page(request.GET.get("page"))
     record_event(actor=request.user, action=AuditEvent.Action.VIEW_HISTORY, clinic=request.clinic, via=VIA,
-                 ip_address=request.META.get("REMOTE_ADDR"))  # fmt: skip
+                 ip_address=client_ip(request))  # fmt: skip
     filters = request.GET.copy()
     filters.pop("page", None)
     rows = [{"image": image, "decision": result_of(image)} for image in page.object_list]

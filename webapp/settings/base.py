@@ -196,6 +196,12 @@ AUTHENTICATION_BACKENDS = [
 AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
 AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+# The reverse proxies in front of gunicorn (1 with the documented Caddy or nginx): the client's address is
+# then taken from the trusted end of X-Forwarded-For, for the lockout above and the audit log alike
+# (diagnosis.client_address). 0: REMOTE_ADDR, no proxy header trusted. Behind a proxy with 0, every client
+# has the proxy's address, and five bad logins lock a username out for everyone.
+TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 0)
+AXES_CLIENT_IP_CALLABLE = "diagnosis.client_address.client_ip"
 AXES_RESET_ON_SUCCESS = True
 AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
 AXES_VERBOSE = False

@@ -8,6 +8,7 @@ from drf_spectacular.utils import OpenApiResponse
 from rest_framework.exceptions import NotFound, ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 
+from ...client_address import client_ip
 from ...services import files as file_services
 
 VIA = "api"
@@ -18,10 +19,6 @@ PRESIGNED_REDIRECT = {
         "valid for S3_PRESIGNED_URL_SECONDS (60 s by default). Do not forward the Authorization header to it."
     )
 }
-
-
-def client_ip(request) -> str | None:
-    return request.META.get("REMOTE_ADDR")
 
 
 def uuid_param(name: str, value: str) -> uuid.UUID:

@@ -11,6 +11,7 @@ from rest_framework.exceptions import NotFound, Throttled, ValidationError
 from rest_framework.renderers import JSONRenderer
 from rest_framework.response import Response
 
+from ...client_address import client_ip
 from ...models import AuditEvent, ImageState, LesionImage, Prediction
 from ...services import events as event_services
 from ...services import explanations as explanation_services
@@ -32,7 +33,7 @@ from ..serializers import (
     ImageUploadSerializer,
 )
 from ..throttling import UploadRateThrottle
-from .common import PRESIGNED_REDIRECT, VIA, JSONRefusals, client_ip, serve_file, uuid_param
+from .common import PRESIGNED_REDIRECT, VIA, JSONRefusals, serve_file, uuid_param
 
 
 @extend_schema_view(

@@ -6,13 +6,14 @@ from rest_framework import mixins, viewsets
 from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
+from ...client_address import client_ip
 from ...models import AuditEvent, Patient
 from ...services import patients as patient_services
 from ...services.audit import record_event
 from ...services.clinics import clinic_of
 from ..errors import error_responses
 from ..serializers import PatientSerializer
-from .common import VIA, client_ip
+from .common import VIA
 
 
 @extend_schema_view(
