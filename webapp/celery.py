@@ -10,7 +10,9 @@ from webapp import (
     worker_memory,
 )
 
-os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings.dev")
+# Production unless told otherwise: a bare `gunicorn webapp.wsgi` or `celery -A webapp` must never run
+# the development settings (DEBUG, a public SECRET_KEY). `make run` and manage.py choose dev themselves.
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "webapp.settings.prod")
 
 app = Celery("webapp")
 app.config_from_object("django.conf:settings", namespace="CELERY")

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ImproperlyConfigured
+
 from .base import *  # noqa: F403
 from .base import VAR_DIR, database_from_env
 from .env import env_bool, env_float, env_int, env_str
 
 DEBUG = env_bool("DJANGO_DEBUG", True)
 SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-do-not-use-in-production")
+
+LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1", "testserver"}
+_public_hosts = sorted(set(ALLOWED_HOSTS) - LOCAL_HOSTS)  # noqa: F405
+if DEBUG and _public_hosts:
+    # DEBUG pages show settings and code, and this SECRET_KEY is public: never for a real host name.
+    raise ImproperlyConfigured(
+        f"The development settings (DEBUG on, a public SECRET_KEY) refuse to serve {_public_hosts}: use "
+        "DJANGO_SETTINGS_MODULE=webapp.settings.prod for a real deployment (docs/deployment.md)."
+    )
 
 DATABASES = {"default": database_from_env(f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 
