@@ -188,3 +188,29 @@ def test_a_refused_stream_reads_and_audits_nothing(api_client, active_model, set
     assert process_image(image_id=image_id, worker_id="w") == "done"
     assert api_client.get(f"/api/v1/images/{image_id}/events/").status_code == 429
     assert not AuditEvent.objects.filter(action=AuditEvent.Action.VIEW_IMAGE, object_id=image_id).exists()
+
+
+def test_one_user_cannot_take_every_stream_of_the_process(api_client, clinician, settings, monkeypatch):
+    from diagnosis.services import events as event_services
+
+    settings.STATUS_STREAM_MAX_PER_USER = 1
+    assert event_services._STREAMS._value >= 2  # two slots free: a refusal below is the user's share
+
+    def queued():
+        return {"state": "queued"}
+
+    held = event_services.open_status_stream(read=queued, user_id=clinician.pk)  # a stream of this user
+    try:
+        image_id = post_unannounced(api_client, monkeypatch)
+        refused = api_client.get(f"/api/v1/images/{image_id}/events/")
+        assert refused.status_code == 429 and refused["Retry-After"] == "5"
+        other = event_services.open_status_stream(read=queued, user_id=clinician.pk + 1000)  # another user: served
+        other.close()
+    finally:
+        held.close()
+    again = event_services.open_status_stream(read=queued, user_id=clinician.pk)  # the share came back
+    again.close()
+    settings.STATUS_STREAM_MAX_PER_USER = 2
+    both = [event_services.open_status_stream(read=queued, user_id=clinician.pk) for _ in range(2)]
+    for stream in both:
+        stream.close()

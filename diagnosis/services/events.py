@@ -5,7 +5,8 @@ than poll.
 follows a final state, `event: timeout` closes a stream that saw none within STATUS_STREAM_SECONDS, and
 `event: error` one whose image went away (or the database did). The status is read every
 STATUS_STREAM_INTERVAL_MS; a comment line (`: ping`) keeps a quiet stream alive. Each stream holds a web
-thread while it lasts, so a process serves at most STATUS_STREAM_MAX at once.
+thread while it lasts, so a process serves at most STATUS_STREAM_MAX at once, and at most
+STATUS_STREAM_MAX_PER_USER of them to one user: one client cannot take every stream of the process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .status import FINAL_STATES, NO_SUCH_IMAGE
 
 # Status streams this process serves at once: each holds a gunicorn thread while it lasts.
 _STREAMS = threading.BoundedSemaphore(max(1, settings.STATUS_STREAM_MAX))
+_per_user: dict[object, int] = {}  # streams this process serves to each user now
+_per_user_lock = threading.Lock()
 STREAM_PING_SECONDS = 5.0  # a comment line when nothing else was sent for this long
 END_EVENT_ID = "end"  # a browser's EventSource reconnecting with this Last-Event-ID is told to stop
 GONE = {"detail": NO_SUCH_IMAGE, "code": "not_found"}
@@ -33,7 +36,8 @@ DATABASE_DOWN = {
 
 
 class StreamsBusy(Exception):
-    """Every stream slot of this process is taken (or streams are off): try again in a few seconds."""
+    """Every stream slot of this process is taken, or this user's share of them (or streams are off): try
+    again in a few seconds."""
 
 
 class _Closing:
@@ -59,7 +63,7 @@ class _Closing:
 
 
 def open_status_stream(
-    *, read: Callable[[], dict | None], present: Callable[[dict], dict] = dict
+    *, read: Callable[[], dict | None], present: Callable[[dict], dict] = dict, user_id=None
 ) -> Iterator[str] | None:
     """The events of one image's status, or None when the first `read()` finds no image (a 404, before any
     stream starts). `read` returns the status (services.status.image_status) or None once the image is gone;
@@ -69,14 +73,27 @@ def open_status_stream(
     The slot is given back once, whichever comes first: the stream's end, or the server closing the
     iterator (also when the client left before the first event, where a generator that never started
     would not run its finally)."""
-    if settings.STATUS_STREAM_MAX <= 0 or not _STREAMS.acquire(blocking=False):
+    if settings.STATUS_STREAM_MAX <= 0:
         raise StreamsBusy
+    with _per_user_lock:
+        if _per_user.get(user_id, 0) >= max(1, settings.STATUS_STREAM_MAX_PER_USER):
+            raise StreamsBusy
+        if not _STREAMS.acquire(blocking=False):
+            raise StreamsBusy
+        _per_user[user_id] = _per_user.get(user_id, 0) + 1
     released = threading.Event()
 
     def release() -> None:
-        if not released.is_set():
+        with _per_user_lock:
+            if released.is_set():
+                return
             released.set()
             _STREAMS.release()
+            left = _per_user.get(user_id, 1) - 1
+            if left > 0:
+                _per_user[user_id] = left
+            else:
+                _per_user.pop(user_id, None)
 
     try:
         first = read()

@@ -272,6 +272,7 @@ AUTO_EXPLAIN_METHODS = [m for m in env_list("AUTO_EXPLAIN_METHODS", ["integrated
 STATUS_STREAM_SECONDS = env_float("STATUS_STREAM_SECONDS", 55.0)
 STATUS_STREAM_INTERVAL_MS = env_int("STATUS_STREAM_INTERVAL_MS", 250)
 STATUS_STREAM_MAX = env_int("STATUS_STREAM_MAX", 2)
+STATUS_STREAM_MAX_PER_USER = env_int("STATUS_STREAM_MAX_PER_USER", 1)
 EXPLAIN_MAX_STEPS = env_int("EXPLAIN_MAX_STEPS", 300)
 EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)
 # Memory one explanation may take for its batched passes (activations and gradients); the batch

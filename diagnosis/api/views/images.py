@@ -189,7 +189,8 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "state (`done` or `failed`); `event: timeout` closes a stream that saw none within "
             "`STATUS_STREAM_SECONDS` (reconnect, or poll). The server reads the state with the status endpoint's "
             "single statement every `STATUS_STREAM_INTERVAL_MS`. Each web process serves at most "
-            "`STATUS_STREAM_MAX` streams at once; beyond that the answer is 429 with `Retry-After`. A comment "
+            "`STATUS_STREAM_MAX` streams at once, `STATUS_STREAM_MAX_PER_USER` of them to one user; beyond that the "
+            "answer is 429 with `Retry-After`. A comment "
             "line (`: ping`) keeps a quiet stream alive. The `end` event has the id `end`: a browser's EventSource "
             "reconnecting with `Last-Event-ID: end` gets 204 and stops."
         ),
@@ -211,6 +212,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             stream = event_services.open_status_stream(
                 read=lambda: self._read_status(request, image_id),
                 present=lambda data: ImageStatusSerializer(data).data,
+                user_id=request.user.pk,
             )
         except event_services.StreamsBusy:
             raise Throttled(wait=5, detail="Too many status streams are open on this server; poll GET .../status/ "
