@@ -301,9 +301,12 @@ def main() -> None:
            "VAR_DIR")  # fmt: skip
     os.environ.update({key: env[key] for key in own})
     os.environ["CELERY_BROKER_URL"] = "memory://"
+    import logging
+
     import django
 
     django.setup()
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per recorded upload otherwise
     from django.core.management import call_command
 
     call_command("migrate", verbosity=0)
