@@ -11,7 +11,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 # Browser tests drive the system Chromium; playwright cannot download browsers here.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: run test lint format install install-dev clean-var chromium docker-compose load images check-images
+.PHONY: run test lint format install install-dev clean-var chromium docker-compose load chaos images check-images
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,11 @@ $(VENV)/.installed-load: requirements/base.txt requirements/prod.txt requirement
 ## make load: the load test (locust, 50 users, 5 minutes) against gunicorn, PostgreSQL, Redis and a worker.
 load: $(VENV)/.installed-load
 	$(PY) bench/run_load.py --users 50 --minutes 5
+
+## make chaos: the fault run under load (bench/chaos.py: 20 locust users for 5 minutes; the worker killed,
+## Redis stopped, PostgreSQL cut), then every accepted upload checked; figures in bench/README.md.
+chaos: $(VENV)/.installed-dev $(VENV)/.installed-load
+	$(PY) bench/chaos.py --users 20 --minutes 5
 
 ## make images: build docker/Dockerfile and docker/Dockerfile.gpu with podman, as lesion-triage:latest and
 ## lesion-triage-gpu:latest (needs root or sudo: installs podman; docs/deployment.md, "Checking the images").

@@ -15,11 +15,12 @@
 # TORCH_INDEX_URL (the PyTorch wheel index cannot be reached), and `default_ulimits = []` in
 # /etc/containers/containers.conf (this VM refuses to set rlimits).
 #
-# Settings (environment):
-#   CHECK_IMAGES_POSTGRES  the PostgreSQL server, trust auth      (postgres://postgres@127.0.0.1:5432)
-#   CHECK_IMAGES_REDIS     the Redis database this check owns     (redis://127.0.0.1:6379/14; flushed)
-#   CHECK_IMAGES_LOGS      where build and container logs go      (test-artifacts/check-images)
-#   CHECK_IMAGES_MIRROR    Debian mirror for the stand-in base    (the one the apt sources name)
+# It runs podman and apt-get as root (sudo when not root). Settings (environment):
+#   CHECK_IMAGES_POSTGRES       the PostgreSQL server, trust auth    (postgres://postgres@127.0.0.1:5432)
+#   CHECK_IMAGES_REDIS          the Redis database this check owns   (redis://127.0.0.1:6379/14; flushed)
+#   CHECK_IMAGES_LOGS           where build and container logs go    (test-artifacts/check-images)
+#   CHECK_IMAGES_MIRROR         Debian mirror for the stand-in base  (the one the apt sources name)
+#   CHECK_IMAGES_BUILD_TIMEOUT  seconds each image's build may take  (1200)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,7 @@ MODE=check
 case "${1:-}" in
     "") ;;
     --build-only) MODE=build ;;
-    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
     *) echo "usage: $0 [--build-only]" >&2; exit 64 ;;
 esac
 
@@ -59,7 +60,7 @@ ok() {
 fail() {
     printf '  FAIL  %s\n' "$1" >&2
     shift
-    for detail in "$@"; do printf '        %s\n' "$detail" >&2; done
+    for detail in "$@"; do printf '%s\n' "$detail" | sed 's/^/        /' >&2; done
     exit 1
 }
 seconds() { echo "$((SECONDS - $1))s"; }
@@ -129,6 +130,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 mkdir -p "$LOGS"
+rm -f "$LOGS"/*.log "$LOGS"/*.err # the previous run's
 WORK="$(mktemp -d "${TMPDIR:-/var/tmp}/$RUN_ID.XXXXXX")"
 
 # --- podman on this machine ---------------------------------------------------------------------------
@@ -336,6 +338,7 @@ build_image() {
     local status=${PIPESTATUS[0]}
     set -e
     if [ "$status" != 0 ] || ! "${PODMAN[@]}" image exists "$tag"; then
+        [ "$status" = 124 ] && status="timed out after ${CHECK_IMAGES_BUILD_TIMEOUT:-1200}s"
         fail "build of $dockerfile (exit $status)" "$(grep -v 'is ignored: it is neither' "$log" | tail -n 15)"
     fi
     BUILDING=""
@@ -348,6 +351,11 @@ build_image() {
 
 step "Podman"
 install_missing
+if [ "$MODE" = check ]; then # before the builds, so that a missing server fails in seconds
+    psql "$POSTGRES/postgres" -Atqc 'SELECT 1' >/dev/null 2>&1 || fail "PostgreSQL answers at $POSTGRES"
+    [ "$(redis-cli -u "$REDIS" PING 2>/dev/null)" = PONG ] || fail "Redis answers at $REDIS"
+    ok "PostgreSQL ($POSTGRES) and Redis ($REDIS) answer"
+fi
 configure_ulimits
 ok "podman $("${PODMAN[@]}" version --format '{{.Client.Version}}') with default_ulimits = [] (this VM refuses rlimits)"
 ensure_base_image
@@ -476,6 +484,7 @@ ok "manage register_model --activate: $(tail -n 1 "$LOGS/$RUN_ID-register.log") 
 run_role token manage create_api_token image-check --name image-check \
     || fail "manage create_api_token" "$(tail -n 15 "$LOGS/$RUN_ID-token.err")"
 TOKEN="$(tail -n 1 "$LOGS/$RUN_ID-token.log")"
+echo "(the token is not kept)" >"$LOGS/$RUN_ID-token.log"
 [ -n "$TOKEN" ] || fail "manage create_api_token prints the token"
 ok "manage create_api_token prints a token"
 
