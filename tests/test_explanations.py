@@ -244,6 +244,9 @@ def test_too_many_requested_explanations_of_one_photo_get_409(done_image, api_cl
     Explanation.objects.filter(method="occlusion").update(state=Explanation.State.DONE)
     refused = api_client.post(url(done_image), occlusion(16), format="json")
     assert refused.status_code == 409 and refused.json()["code"] == "too_many_explanations"
+    # A failed one asked for again adds no row: still allowed at the cap.
+    Explanation.objects.filter(method="occlusion", params__window=8).update(state=Explanation.State.FAILED)
+    assert api_client.post(url(done_image), occlusion(8), format="json").status_code == 202
     # The automatic ones (Grad-CAM, Integrated Gradients) do not count towards it.
     assert Explanation.objects.filter(image=done_image).count() == 4
 

@@ -1190,6 +1190,19 @@ def test_creating_a_token_asks_for_the_password_again(portal, clinician):
     assert created.status_code == 200 and ApiToken.objects.filter(user=clinician).count() == 1
 
 
+def test_guessing_the_password_on_the_token_page_locks_the_account_out(portal, clinician, settings):
+    """A stolen session must not be able to try passwords there at will: wrong ones count like failed
+    sign-ins (django-axes), and after the limit even the right one is refused."""
+    from diagnosis.models import ApiToken
+
+    settings.AXES_FAILURE_LIMIT = 3
+    for guess in ("one", "two", "three"):
+        portal.post(url("tokens"), {"name": "EHR", "expires_in_days": "30", "password": guess})
+    right = portal.post(url("tokens"), {"name": "EHR", "expires_in_days": "30", "password": PASSWORD})
+    assert right.status_code in (400, 429)
+    assert not ApiToken.objects.filter(user=clinician).exists()
+
+
 def test_a_password_change_revokes_every_token_of_the_user(client, clinician, settings):
     from rest_framework.test import APIClient
 

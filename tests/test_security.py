@@ -170,7 +170,7 @@ def test_a_tiny_file_of_too_many_pixels_to_convert_is_refused_before_decoding(ap
     assert post_image(api_client, buffer.getvalue()).status_code == 202
 
 
-def test_conversions_wait_for_a_slot_then_get_503_with_retry_after(api_client, settings,
+def test_conversions_wait_for_a_slot_then_get_503_with_retry_after(api_client, client, clinician, settings,
                                                                    django_capture_on_commit_callbacks):  # fmt: skip
     settings.WEB_CONVERT_CONCURRENCY = 1
     settings.WEB_CONVERT_WAIT_SECONDS = 0.2
@@ -194,6 +194,27 @@ def test_conversions_wait_for_a_slot_then_get_503_with_retry_after(api_client, s
         images._convert_slots = None
     assert busy.status_code == 503 and busy.json()["code"] == "server_busy" and int(busy["Retry-After"]) > 0
     assert jpeg.status_code == 202
+    # A batch and the portal while the slot is taken: every file that needs converting is refused as busy
+    # (after the first, without waiting again); the portal's script is told to send them again (503).
+    taken.clear()
+    release.clear()
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert taken.wait(5)
+        batch = api_client.post("/api/v1/images/batch/", {"images": [upload_file(webp(32 + i, 32)) for i in range(3)]},
+                                format="multipart")  # fmt: skip
+        lesion = portal_lesion(clinician, "PT-BUSY")
+        client.force_login(clinician)
+        portal = client.post(f"/lesions/{lesion.pk}/upload/", {"images": upload_file(webp(40, 40))},
+                             HTTP_ACCEPT="application/json")  # fmt: skip
+    finally:
+        release.set()
+        holder.join()
+        images._convert_slots = None
+    assert batch.status_code == 400 and [r["code"] for r in batch.json()["rejected"]] == ["server_busy"] * 3
+    assert portal.status_code == 503 and int(portal["Retry-After"]) > 0
+    assert portal.json()["files"][0]["code"] == "server_busy"
     with django_capture_on_commit_callbacks():
         assert post_image(api_client, webp(64, 64)).status_code == 202  # the slot is free again
     assert LesionImage.objects.count() == 2
@@ -292,6 +313,11 @@ def test_the_development_settings_refuse_a_public_host_name():
                             text=True, timeout=120)  # fmt: skip
     assert result.returncode != 0
     assert "refuse to serve ['triage.example.org']" in result.stderr
+    # With DEBUG off, the public development SECRET_KEY must not serve a real host either.
+    env["DJANGO_DEBUG"] = "false"
+    result = subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "refuse to serve" in result.stderr
     env["ALLOWED_HOSTS"] = "localhost,127.0.0.1"
     assert subprocess.run([sys.executable, "manage.py", "check"], cwd=ROOT, env=env, capture_output=True,
                           timeout=120).returncode == 0  # fmt: skip
@@ -343,5 +369,4 @@ def test_a_chunked_body_is_refused_with_411_unread(api_client):
         CONTENT_LENGTH="", HTTP_TRANSFER_ENCODING="chunked", **{"wsgi.input": payload},
     )  # fmt: skip
     assert response.status_code == 411 and response.json()["code"] == "length_required"
-    assert response["Connection"] == "close"
     assert LesionImage.objects.count() == 0

@@ -48,7 +48,8 @@ class RequestSizeLimitMiddleware:
     Content-Length is over (a 315 MB upload used to be streamed to a temporary file in full before the
     upload's own size check refused it). A chunked body (no Content-Length) gets 411: Django reads no
     body without a length, and gunicorn would otherwise read the whole of it to find the next request.
-    Both answers close the connection, so the unread body is never read. The reverse proxy should refuse
+    Under gunicorn both answers close the connection (its pre_request hook), so the unread body is never
+    read. The reverse proxy should refuse
     them even earlier (docs/deployment.md: client_max_body_size)."""
 
     def __init__(self, get_response):
@@ -75,5 +76,6 @@ def refused(request, status: int, code: str, message: str):
         response = JsonResponse({"detail": message, "code": code}, status=status)
     else:
         response = HttpResponse(message, status=status, content_type="text/plain; charset=utf-8")
-    response["Connection"] = "close"  # the unread body must not be read as the next request
+    # No Connection header: WSGI forbids hop-by-hop headers (runserver refuses them with a 500). Under
+    # gunicorn the pre_request hook of webapp/gunicorn.conf.py closes the connection instead.
     return response

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from django import forms
+from django.contrib.auth import authenticate
 
 from ..models import BodySite, Diagnosis, ImageState, pseudonymous_reference
 
@@ -66,13 +67,16 @@ class TokenForm(forms.Form):
         help_text="A token works without you being signed in, so creating one asks for your password again.",
     )
 
-    def __init__(self, *args, user=None, **kwargs) -> None:
+    def __init__(self, *args, request=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.user = user
+        self.request = request
 
     def clean_password(self) -> str:
+        """Through authenticate(), so that django-axes counts a wrong guess like a failed sign-in and locks
+        the account out after AXES_FAILURE_LIMIT: a stolen session cannot try passwords here at will."""
         password = self.cleaned_data["password"]
-        if self.user is None or not self.user.check_password(password):
+        user = self.request.user if self.request is not None else None
+        if user is None or authenticate(self.request, username=user.get_username(), password=password) is None:
             raise forms.ValidationError("That is not your password.")
         return password
 

@@ -195,6 +195,10 @@ def lesion_upload(request, pk):
     if wants_json(request):
         if not files:
             return JsonResponse({"error": "Choose at least one image to upload.", "files": []}, status=400)
+        if not accepted and all(result.get("code") == "server_busy" for result in results):
+            response = JsonResponse({"files": results}, status=503)  # not the files' fault: send them again
+            response["Retry-After"] = str(image_services.UploadBusy.retry_after)
+            return response
         return JsonResponse({"files": results}, status=202 if accepted else 400)
     if not files:
         messages.error(request, "Choose at least one image to upload.")
@@ -393,7 +397,7 @@ def history(request):
 
 @clinic_required
 def tokens(request):
-    form = TokenForm(request.POST or None, user=request.user)
+    form = TokenForm(request.POST or None, request=request)
     created = None
     if request.method == "POST" and form.is_valid():
         token, plain = token_services.create_api_token(
@@ -401,7 +405,7 @@ def tokens(request):
             via=VIA,
         )  # fmt: skip
         created = {"token": token, "plain": plain}
-        form = TokenForm(user=request.user)
+        form = TokenForm(request=request)
     user_tokens = ApiToken.objects.filter(user=request.user).order_by("-created")
     status = 400 if request.method == "POST" and created is None else 200
     return render(request, "portal/tokens.html", {"form": form, "tokens": user_tokens, "created": created,

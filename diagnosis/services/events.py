@@ -25,7 +25,7 @@ from .status import FINAL_STATES, NO_SUCH_IMAGE
 # Status streams this process serves at once: each holds a gunicorn thread while it lasts.
 _STREAMS = threading.BoundedSemaphore(max(1, settings.STATUS_STREAM_MAX))
 _per_user: dict[object, int] = {}  # streams this process serves to each user now
-_per_user_lock = threading.Lock()
+_per_user_lock = threading.RLock()  # reentrant: release() may run from __del__ on a thread holding it
 STREAM_PING_SECONDS = 5.0  # a comment line when nothing else was sent for this long
 END_EVENT_ID = "end"  # a browser's EventSource reconnecting with this Last-Event-ID is told to stop
 GONE = {"detail": NO_SUCH_IMAGE, "code": "not_found"}
@@ -59,7 +59,7 @@ class _Closing:
             self.on_close()
 
     def __del__(self) -> None:  # dropped without close(): the slot is still given back
-        self.on_close()
+        self.on_close()  # a no-op once given back
 
 
 def open_status_stream(
@@ -84,6 +84,8 @@ def open_status_stream(
     released = threading.Event()
 
     def release() -> None:
+        if released.is_set():  # before the lock: the usual case from __del__, after close()
+            return
         with _per_user_lock:
             if released.is_set():
                 return

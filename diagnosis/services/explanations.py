@@ -83,7 +83,7 @@ def request_explanation(
     ).first()
     created = False
     if explanation is None or explanation.state == Explanation.State.FAILED:
-        _check_limits(image=image, model_version=model_version, requested_by=requested_by)
+        _check_limits(image=image, model_version=model_version, requested_by=requested_by, new_row=explanation is None)
     if explanation is None:
         try:
             with transaction.atomic():
@@ -118,7 +118,7 @@ def enqueue_explanation(explanation_id: str, *others: str) -> None:
     dispatch.send(dispatch.EXPLAIN, args=[explanation_id, *others])
 
 
-def _check_limits(*, image: LesionImage, model_version: ModelVersion, requested_by) -> None:
+def _check_limits(*, image: LesionImage, model_version: ModelVersion, requested_by, new_row: bool) -> None:
     """A clinician's requests that make new work: at most EXPLAIN_MAX_PER_IMAGE explanations requested
     by hand per image and model version (409), EXPLAIN_MAX_PENDING_PER_USER of theirs waiting or running
     (429), and EXPLAIN_RATE_LIMIT of them over time (429 with Retry-After). Each is a Captum job and
@@ -127,7 +127,7 @@ def _check_limits(*, image: LesionImage, model_version: ModelVersion, requested_
     if not getattr(requested_by, "is_authenticated", False):
         return
     requested = Explanation.objects.filter(image=image, model_version=model_version, requested_by__isnull=False)
-    if requested.count() >= settings.EXPLAIN_MAX_PER_IMAGE:
+    if new_row and requested.count() >= settings.EXPLAIN_MAX_PER_IMAGE:  # a failed one asked again adds no row
         raise ExplanationRefused(
             f"This photo already has {settings.EXPLAIN_MAX_PER_IMAGE} requested explanations, the most one photo "
             "may have. Use one of them, or ask an administrator.", code="too_many_explanations", status=409,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import re
@@ -77,7 +78,7 @@ _convert_slots_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def convert_slot():
+def convert_slot(wait: float | None = None):
     """One of WEB_CONVERT_CONCURRENCY slots of this web process for a file that is decoded and re-encoded
     here (WebP, a PNG with EXIF, ...: mlcore.preprocessing.prepare_upload), so that a burst of small files
     of many pixels cannot take the web process's memory. UploadBusy after WEB_CONVERT_WAIT_SECONDS."""
@@ -86,7 +87,7 @@ def convert_slot():
         if _convert_slots is None:
             _convert_slots = threading.BoundedSemaphore(max(1, settings.WEB_CONVERT_CONCURRENCY))
         slots = _convert_slots
-    if not slots.acquire(timeout=settings.WEB_CONVERT_WAIT_SECONDS):
+    if not slots.acquire(timeout=settings.WEB_CONVERT_WAIT_SECONDS if wait is None else wait):
         raise UploadBusy()
     try:
         yield
@@ -145,13 +146,14 @@ def submit_image(
     return image
 
 
-def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", batch=None) -> LesionImage:
+def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", batch=None,
+           slot=convert_slot) -> LesionImage:  # fmt: skip
     """Check the header (prepare_upload: the header and the file's structure only; the worker's full
     decode reports damage in the pixels), strip the metadata, store the file under a random key, and
     return the unsaved row that describes it."""
     prepared = prepare_upload(
         data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS,
-        max_convert_pixels=settings.WEB_CONVERT_MAX_PIXELS, convert_slot=convert_slot,
+        max_convert_pixels=settings.WEB_CONVERT_MAX_PIXELS, convert_slot=slot,
     )  # fmt: skip
     stored_name = default_storage.save(f"images/{uuid.uuid4().hex}.{prepared.extension}", ContentFile(prepared.data))
     return LesionImage(
@@ -307,15 +309,17 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
     if lesion is not None and lesion.patient.clinic_id != clinic.pk:
         raise ValidationError({"lesion": ["Unknown lesion."]})
     accepted, rejected = [], []
+    slot = convert_slot  # after one file found the converters busy, the rest do not wait again
     try:
         for position, upload in enumerate(uploads):
             try:
                 data = read_upload(upload, max_bytes=settings.MAX_UPLOAD_BYTES)
-                accepted.append((position, _store(data, clinic=clinic, lesion=lesion, uploader=uploader)))
+                accepted.append((position, _store(data, clinic=clinic, lesion=lesion, uploader=uploader, slot=slot)))
             except ImageValidationError as exc:
                 rejected.append((position, exc.code, exc.message))
             except UploadBusy as exc:
                 rejected.append((position, "server_busy", str(exc)))
+                slot = functools.partial(convert_slot, wait=0)
         batch = UploadBatch(clinic=clinic, created_by=uploader, submitted=len(uploads),
                             rejected=[{"position": p, "code": c, "detail": m} for p, c, m in rejected])  # fmt: skip
         images = [image for _, image in accepted]

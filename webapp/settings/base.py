@@ -344,6 +344,7 @@ REST_FRAMEWORK = {
     ],
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
     "DEFAULT_THROTTLE_CLASSES": ["diagnosis.api.throttling.ApiRateThrottle"],
+    "NUM_PROXIES": TRUSTED_PROXY_COUNT,  # anonymous throttling keys on the client, not on X-Forwarded-For
 }
 # Rate limits ("<n>/<second|minute|hour|day>"; set but empty, or "none", for no limit). Counters live
 # in the cache (CACHE_URL: Redis in production, so every web process shares them).

@@ -9,11 +9,12 @@ from .base import VAR_DIR, database_from_env
 from .env import env_bool, env_float, env_int, env_str
 
 DEBUG = env_bool("DJANGO_DEBUG", True)
-SECRET_KEY = env_str("SECRET_KEY", "dev-only-insecure-key-do-not-use-in-production")
+DEV_SECRET_KEY = "dev-only-insecure-key-do-not-use-in-production"
+SECRET_KEY = env_str("SECRET_KEY", DEV_SECRET_KEY)
 
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "[::1]", "::1", "testserver"}
 _public_hosts = sorted(set(ALLOWED_HOSTS) - LOCAL_HOSTS)  # noqa: F405
-if DEBUG and _public_hosts:
+if _public_hosts and (DEBUG or SECRET_KEY == DEV_SECRET_KEY):
     # DEBUG pages show settings and code, and this SECRET_KEY is public: never for a real host name.
     raise ImproperlyConfigured(
         f"The development settings (DEBUG on, a public SECRET_KEY) refuse to serve {_public_hosts}: use "
