@@ -167,9 +167,7 @@ def lesion_upload(request, pk):
     except rates.RateExceeded as exc:
         message = f"Too many uploads in a short time. Try again in {exc.retry_after} s."
         if wants_json(request):
-            response = JsonResponse({"error": message, "code": "throttled", "files": []}, status=429)
-            response["Retry-After"] = str(exc.retry_after)
-            return response
+            return json_retry_after({"error": message, "code": "throttled", "files": []}, 429, exc.retry_after)
         messages.error(request, message)
         return redirect("portal:lesion", pk=lesion.pk)
     # The script sends each file with its own Idempotency-Key, so a retried or double-sent request
@@ -196,9 +194,8 @@ def lesion_upload(request, pk):
         if not files:
             return JsonResponse({"error": "Choose at least one image to upload.", "files": []}, status=400)
         if not accepted and all(result.get("code") == "server_busy" for result in results):
-            response = JsonResponse({"files": results}, status=503)  # not the files' fault: send them again
-            response["Retry-After"] = str(image_services.UploadBusy.retry_after)
-            return response
+            # Not the files' fault: the page's script sends them again.
+            return json_retry_after({"files": results}, 503, image_services.UploadBusy.retry_after)
         return JsonResponse({"files": results}, status=202 if accepted else 400)
     if not files:
         messages.error(request, "Choose at least one image to upload.")
@@ -208,6 +205,12 @@ def lesion_upload(request, pk):
     if accepted:
         messages.success(request, f"{accepted} image{'s' if accepted != 1 else ''} uploaded; results appear below.")
     return redirect("portal:lesion", pk=lesion.pk)
+
+
+def json_retry_after(body: dict, status: int, seconds: int) -> JsonResponse:
+    response = JsonResponse(body, status=status)
+    response["Retry-After"] = str(seconds)
+    return response
 
 
 @clinic_required
