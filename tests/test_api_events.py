@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -199,18 +200,21 @@ def test_one_user_cannot_take_every_stream_of_the_process(api_client, clinician,
     def queued():
         return {"state": "queued"}
 
-    held = event_services.open_status_stream(read=queued, user_id=clinician.pk)  # a stream of this user
+    def open_stream(user_id):
+        return event_services.open_status_stream(image_id=uuid.uuid4(), read=queued, user_id=user_id)
+
+    held = open_stream(clinician.pk)  # a stream of this user
     try:
         image_id = post_unannounced(api_client, monkeypatch)
         refused = api_client.get(f"/api/v1/images/{image_id}/events/")
         assert refused.status_code == 429 and refused["Retry-After"] == "5"
-        other = event_services.open_status_stream(read=queued, user_id=clinician.pk + 1000)  # another user: served
+        other = open_stream(clinician.pk + 1000)  # another user: served
         other.close()
     finally:
         held.close()
-    again = event_services.open_status_stream(read=queued, user_id=clinician.pk)  # the share came back
+    again = open_stream(clinician.pk)  # the share came back
     again.close()
     settings.STATUS_STREAM_MAX_PER_USER = 2
-    both = [event_services.open_status_stream(read=queued, user_id=clinician.pk) for _ in range(2)]
+    both = [open_stream(user_id=clinician.pk) for _ in range(2)]
     for stream in both:
         stream.close()

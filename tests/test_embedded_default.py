@@ -54,17 +54,17 @@ def test_rundemo_serves_the_api_with_sqlite_and_filesystem_broker(tmp_path):
 
         headers = {"Authorization": f"Token {token}"}
         base = f"http://127.0.0.1:{port}"
-        response = requests.post(
-            f"{base}/api/v1/images/", headers=headers, files={"image": ("lesion.jpg", lesion_jpeg(seed=5))}, timeout=30
-        )
-        assert response.status_code == 202, response.text
-        status_url = response.json()["status_url"]
-
-        def finished():
-            body = requests.get(status_url, headers=headers, timeout=10).json()
-            return body if body["state"] in ("done", "failed") else None
-
-        body = wait_for(finished, 60, interval=0.2, message="the embedded worker to finish the upload")
+        # The upload waits for its prediction (?wait=N): the worker tells the web server through the local
+        # transport (a Unix datagram socket under var/notify), no polling.
+        response = requests.post(f"{base}/api/v1/images/?wait=60", headers=headers,
+                                 files={"image": ("lesion.jpg", lesion_jpeg(seed=5))}, timeout=90)  # fmt: skip
+        assert response.status_code == 201, (response.status_code, response.text)
+        body = response.json()
+        assert list((var_dir / "notify").glob("*.sock")), "the web server listens on no local socket"
+        again = requests.get(f"{response.json()['status_url']}status/", headers={**headers, "Prefer": "wait=5"},
+                             timeout=30)  # fmt: skip
+        assert again.status_code == 200 and again.headers["Preference-Applied"] == "wait=5"
+        assert again.json()["prediction"] == {key: body["prediction"][key] for key in again.json()["prediction"]}
         worker_log = (var_dir / "log" / "worker.log").read_text()
         assert body["state"] == "done", (body, worker_log[-3000:])
         assert body["prediction"]["model_version"] == "demo-resnet_tiny-64px-seed0"

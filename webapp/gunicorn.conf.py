@@ -8,7 +8,10 @@ from pathlib import Path
 bind = os.environ.get("GUNICORN_BIND", "0.0.0.0:8000")
 workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 worker_class = "gthread"
-threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# Requests that wait for a result (`?wait=N`, the event stream) hold a thread each while they wait, with
+# no CPU: the settings let at most half of the threads wait and a quarter stream (RESULT_WAIT_MAX_PER_PROCESS,
+# STATUS_STREAM_MAX), so uploads and pages always find one free.
+threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
 # Idle keep-alive connections wait in gthread's poller, not in a thread. A short keep-alive lets the
 # server close a connection just as a client reuses it (a reset on a non-idempotent POST); keep them

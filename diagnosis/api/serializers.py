@@ -244,6 +244,19 @@ class BatchItemSerializer(serializers.Serializer):
     status_url = serializers.URLField(required=False)
     code = serializers.CharField(required=False, help_text="Why the file was refused (rejected files).")
     detail = serializers.CharField(required=False)
+    state = serializers.ChoiceField(
+        choices=ImageState.choices, required=False, help_text="Accepted files, when the upload asked to wait."
+    )
+    prediction = StatusPredictionSerializer(
+        allow_null=True, required=False, help_text="Accepted files done within the wait: the prediction."
+    )
+
+
+class BatchImageSerializer(serializers.Serializer):
+    id = serializers.UUIDField()
+    state = serializers.ChoiceField(choices=ImageState.choices)
+    status_url = serializers.URLField()
+    prediction = StatusPredictionSerializer(allow_null=True, help_text="Set once the image is done.")
 
 
 class BatchSerializer(serializers.Serializer):
@@ -262,4 +275,4 @@ class BatchStatusSerializer(serializers.Serializer):
     rejected = BatchItemSerializer(many=True)
     states = serializers.DictField(child=serializers.IntegerField(), help_text="Accepted images per state.")
     finished = serializers.BooleanField(help_text="Every accepted image is done or failed.")
-    images = serializers.ListField(child=serializers.DictField(), help_text="id, state and status_url per image.")
+    images = BatchImageSerializer(many=True)

@@ -6,6 +6,8 @@ managers and the services'."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -132,8 +134,9 @@ def explanation_payload(explanation: Explanation) -> dict:
 
 
 def status_payload(image: LesionImage) -> dict:
+    """What the page's script shows of a photo; `version` changes whenever anything else does."""
     decision = result_of(image)
-    return {
+    payload = {
         "id": str(image.pk),
         "state": image.state,
         "state_label": image.get_state_display(),
@@ -149,6 +152,9 @@ def status_payload(image: LesionImage) -> dict:
         "thumb_url": reverse("portal:image-photo", args=[image.pk]) + "?size=thumb",
         "explanations": [explanation_payload(e) for e in result_explanations(image, decision)],
     }
+    canonical = json.dumps(payload, sort_keys=True, default=str).encode()
+    payload["version"] = hashlib.sha256(canonical).hexdigest()[:16]
+    return payload
 
 
 def result_explanations(image: LesionImage, decision: Decision | None) -> list[Explanation]:

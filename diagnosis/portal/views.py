@@ -20,7 +20,7 @@ from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.db.models import Count, F, Max, OuterRef, Subquery
-from django.http import Http404, HttpResponseBadRequest, JsonResponse
+from django.http import Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.utils import timezone
@@ -29,12 +29,13 @@ from django.views.decorators.http import require_GET, require_POST
 
 from ..client_address import client_ip
 from ..models import ApiToken, AuditEvent, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..request_wait import InvalidWait, hung_up_check, wait_option
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
 from ..services import files as file_services
 from ..services import images as image_services
 from ..services import patients as patient_services
-from ..services import rates
+from ..services import rates, waiting
 from ..services import tokens as token_services
 from ..services.audit import record_event
 from ..services.clinics import clinic_of
@@ -263,7 +264,32 @@ def image_detail(request, pk):
 @clinic_required
 @require_GET
 def image_status(request, pk):
-    return JsonResponse(status_payload(image_or_404(request, pk)))
+    """The photo's state, result and explanations as JSON. With `?wait=N&since=VERSION` (the page's
+    script), the answer waits up to N seconds for a version other than VERSION, woken by the worker's
+    notifications (services.waiting): a long poll, never a timer."""
+    payload = status_payload(image_or_404(request, pk))
+    try:
+        option = wait_option(request.GET, {}, header_allowed=False)
+    except InvalidWait as exc:
+        return JsonResponse({"error": str(exc)}, status=400)
+    since = request.GET.get("since", "")
+    if option.seconds and payload["version"] == since:
+
+        def read() -> dict | None:
+            image = with_predictions(LesionImage.objects.for_clinic(request.clinic)).filter(pk=pk).first()
+            return status_payload(image) if image is not None else None
+
+        try:
+            payload, _ = waiting.wait_for(read, ids=[pk], seconds=option.seconds, final_only=False,
+                                          ready=lambda found: found is None or found["version"] != since,
+                                          user_id=request.user.pk, gone=hung_up_check(request.META))  # fmt: skip
+        except waiting.ClientGone:
+            return HttpResponse(status=499)  # nobody reads it
+        if payload is None:
+            raise Http404("No such photo in your clinic.")
+    response = JsonResponse(payload)
+    response["Cache-Control"] = "no-store"
+    return response
 
 
 @clinic_required

@@ -3,10 +3,11 @@ than poll.
 
 `event: status` carries the status at once and then each time it changes; `event: end` (id `end`)
 follows a final state, `event: timeout` closes a stream that saw none within STATUS_STREAM_SECONDS, and
-`event: error` one whose image went away (or the database did). The status is read every
-STATUS_STREAM_INTERVAL_MS; a comment line (`: ping`) keeps a quiet stream alive. Each stream holds a web
-thread while it lasts, so a process serves at most STATUS_STREAM_MAX at once, and at most
-STATUS_STREAM_MAX_PER_USER of them to one user: one client cannot take every stream of the process.
+`event: error` one whose image went away (or the database did). The status is read when the worker's
+notification of a change arrives (services.notify), never on a timer, and once more at the deadline; a
+comment line (`: ping`) keeps a quiet stream alive. Each stream holds a web thread while it lasts, so a
+process serves at most STATUS_STREAM_MAX at once, and at most STATUS_STREAM_MAX_PER_USER of them to one
+user: one client cannot take every stream of the process.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from django.conf import settings
 from django.core.serializers.json import DjangoJSONEncoder
 from django.db import DatabaseError
 
+from . import notify
 from .status import FINAL_STATES, NO_SUCH_IMAGE
 
 # Status streams this process serves at once: each holds a gunicorn thread while it lasts.
@@ -63,7 +65,7 @@ class _Closing:
 
 
 def open_status_stream(
-    *, read: Callable[[], dict | None], present: Callable[[dict], dict] = dict, user_id=None
+    *, image_id, read: Callable[[], dict | None], present: Callable[[dict], dict] = dict, user_id=None
 ) -> Iterator[str] | None:
     """The events of one image's status, or None when the first `read()` finds no image (a 404, before any
     stream starts). `read` returns the status (services.status.image_status) or None once the image is gone;
@@ -97,15 +99,25 @@ def open_status_stream(
             else:
                 _per_user.pop(user_id, None)
 
+    watch = notify.watching([image_id], final_only=False)
     try:
+        changes = watch.__enter__()  # before the first read: no change can slip between
         first = read()
     except BaseException:
+        watch.__exit__(None, None, None)
         release()
         raise
     if first is None:
+        watch.__exit__(None, None, None)
         release()
         return None
-    return _Closing(_events(first, read, present, release), release)
+
+    def close() -> None:
+        if not released.is_set():  # once: close() and __del__ may both come
+            watch.__exit__(None, None, None)
+        release()
+
+    return _Closing(_events(first, read, present, changes), close)
 
 
 def _event(name: str, data: dict, *, event_id: str = "") -> str:
@@ -113,31 +125,31 @@ def _event(name: str, data: dict, *, event_id: str = "") -> str:
     return f"event: {name}\n{ident}data: {json.dumps(data, cls=DjangoJSONEncoder)}\n\n"
 
 
-def _events(data: dict, read, present, release) -> Iterator[str]:
-    try:
-        sent, last_write = None, time.monotonic()
-        deadline = time.monotonic() + settings.STATUS_STREAM_SECONDS
-        while True:
-            if data != sent:
-                yield _event("status", present(data))
-                sent, last_write = data, time.monotonic()
-            if data["state"] in FINAL_STATES:
-                yield _event("end", {"state": data["state"]}, event_id=END_EVENT_ID)
-                return
-            if time.monotonic() >= deadline:
-                yield _event("timeout", {"state": data["state"]})
-                return
-            if time.monotonic() - last_write >= STREAM_PING_SECONDS:
-                yield ": ping\n\n"  # a client that went away is noticed here, not at the deadline
-                last_write = time.monotonic()
-            time.sleep(settings.STATUS_STREAM_INTERVAL_MS / 1000)
-            try:
-                data = read()
-            except DatabaseError:
-                yield _event("error", DATABASE_DOWN)
-                return
-            if data is None:  # deleted meanwhile (retention), or access withdrawn
-                yield _event("error", GONE)
-                return
-    finally:
-        release()
+def _events(data: dict, read, present, changes: notify.Watch) -> Iterator[str]:
+    sent, last_write = None, time.monotonic()
+    deadline = time.monotonic() + settings.STATUS_STREAM_SECONDS
+    while True:
+        if data != sent:
+            yield _event("status", present(data))
+            sent, last_write = data, time.monotonic()
+        if data["state"] in FINAL_STATES:
+            yield _event("end", {"state": data["state"]}, event_id=END_EVENT_ID)
+            return
+        now = time.monotonic()
+        if now >= deadline:
+            yield _event("timeout", {"state": data["state"]})
+            return
+        if now - last_write >= STREAM_PING_SECONDS:
+            yield ": ping\n\n"  # a client that went away is noticed here, not at the deadline
+            last_write = now
+        told = changes.wait(min(deadline - now, STREAM_PING_SECONDS - (now - last_write)))
+        if not told and time.monotonic() < deadline:
+            continue  # time for a ping
+        try:
+            data = read()  # told of a change, or the deadline: a notification may have been lost
+        except DatabaseError:
+            yield _event("error", DATABASE_DOWN)
+            return
+        if data is None:  # deleted meanwhile (retention), or access withdrawn
+            yield _event("error", GONE)
+            return

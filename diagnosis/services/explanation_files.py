@@ -27,7 +27,7 @@ from mlcore.preprocessing import ImageValidationError, decode_image
 from .. import metrics
 from ..log_context import set_image_id
 from ..models import Explanation, LesionImage, ModelVersion
-from . import dispatch
+from . import dispatch, notify
 from .explanations import canonical_key
 from .transactions import savepoint_if_inside
 
@@ -63,6 +63,8 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw=None, 
             default_storage.delete(name)
         raise
     metrics.observe_explanation(method=explanation.method, seconds=seconds)
+    if updated:
+        notify.changed([explanation.image_id], notify.EXPLAINED)
     if not updated:  # another worker finished it first: keep theirs
         for name in names:
             default_storage.delete(name)
@@ -170,6 +172,7 @@ def render_explanation(*, explanation_id: str) -> str:
             error=f"The explanation could not be drawn: {exc}",
             finished_at=timezone.now(),
         )
+        notify.changed([explanation.image_id], notify.EXPLAINED)
         return "failed"
     attribution_map = raw if raw.ndim == 2 else raw.sum(axis=0)
     store_result(explanation=explanation, image=decoded.image, attribution_map=attribution_map,

@@ -18,6 +18,7 @@ from mlcore.preprocessing import ImageValidationError, decode_image
 
 from ..log_context import set_image_id
 from ..models import Explanation
+from . import notify
 from .engine import Batch, Engine, Work, done_future
 from .errors import DATABASE_ERRORS, TransientError, bucket_errors, storage_errors
 from .explanation_files import DISPLAY_MAX_SIDE, store_result
@@ -109,9 +110,10 @@ def _release(explanations, worker_id: str) -> None:
 
 
 def fail_explanation(*, explanation_id: str, reason: str, worker_id: str) -> None:
-    Explanation.objects.filter(pk=explanation_id, claimed_by=worker_id).exclude(state=Explanation.State.DONE).update(
-        state=Explanation.State.FAILED, error=reason[:2000], finished_at=timezone.now(), claimed_at=None
-    )
+    failed = Explanation.objects.filter(pk=explanation_id, claimed_by=worker_id).exclude(state=Explanation.State.DONE)
+    image_ids = list(failed.values_list("image_id", flat=True)[:1])
+    if failed.update(state=Explanation.State.FAILED, error=reason[:2000], finished_at=timezone.now(), claimed_at=None):
+        notify.changed(image_ids, notify.EXPLAINED)
 
 
 def _read_and_decode(explanation: Explanation):

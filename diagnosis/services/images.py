@@ -24,7 +24,7 @@ from mlcore.preprocessing import ImageValidationError, prepare_upload
 
 from ..log_context import set_image_id
 from ..models import AuditEvent, Clinic, Explanation, ImageState, Lesion, LesionImage, UploadBatch
-from . import explanation_files, explanations, wakeups
+from . import explanation_files, explanations, notify, wakeups
 from .audit import record_event, record_events
 from .transactions import update_returning
 from .wakeups import enqueue_prediction
@@ -206,9 +206,11 @@ def claim_images(*, image_ids: list[str], worker_id: str) -> list[LesionImage]:
     claimable = Q(state=ImageState.QUEUED) | Q(state=ImageState.PROCESSING, claimed_at__lt=stale_before)
     if worker_id:
         claimable |= Q(state=ImageState.PROCESSING, claimed_by=worker_id)
-    return update_returning(LesionImage.objects.filter(pk__in=image_ids).filter(claimable),
-                            state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id,
-                            attempts=F("attempts") + 1)  # fmt: skip
+    claimed = update_returning(LesionImage.objects.filter(pk__in=image_ids).filter(claimable),
+                               state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id,
+                               attempts=F("attempts") + 1)  # fmt: skip
+    notify.changed([image.pk for image in claimed], ImageState.PROCESSING)
+    return claimed
 
 
 def fail_image(*, image_id: str, reason: str, worker_id: str | None = None) -> None:
@@ -217,7 +219,8 @@ def fail_image(*, image_id: str, reason: str, worker_id: str | None = None) -> N
     images = LesionImage.objects.filter(pk=image_id).exclude(state=ImageState.DONE)
     if worker_id is not None:
         images = images.filter(state=ImageState.PROCESSING, claimed_by=worker_id)
-    images.update(state=ImageState.FAILED, error=reason[:2000], processed_at=timezone.now(), claimed_at=None)
+    if images.update(state=ImageState.FAILED, error=reason[:2000], processed_at=timezone.now(), claimed_at=None):
+        notify.changed([image_id], ImageState.FAILED)
 
 
 def release_image(*, image_id: str, worker_id: str) -> None:

@@ -19,7 +19,7 @@ from mlcore.preprocessing import ImageValidationError
 from .. import metrics
 from ..log_context import set_image_id
 from ..models import ImageState, LesionImage, ModelVersion, Prediction
-from . import decoding
+from . import decoding, notify
 from .engine import Batch, Engine, Work
 from .errors import DATABASE_ERRORS, ModelUnavailable, TransientError, bucket_errors, storage_errors
 from .explanation_files import record_gradcams
@@ -105,6 +105,7 @@ def record_predictions(
         stored = iter(Prediction.objects.bulk_create(
             rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=PREDICTION_FIELDS,
         ) if rows else [])  # fmt: skip
+        notify.changed([row.image_id for row in rows], ImageState.DONE)  # once committed
     return [next(stored) if image.pk in ours else None for image in images]
 
 
@@ -143,6 +144,7 @@ def _claim(queryset, worker_id: str) -> list[LesionImage]:
     now = timezone.now()
     claimed = update_returning(queryset, state=ImageState.PROCESSING, claimed_at=now, claimed_by=worker_id,
                                attempts=F("attempts") + 1)  # fmt: skip
+    notify.changed([image.pk for image in claimed], ImageState.PROCESSING)
     return sorted(claimed, key=lambda image: (image.enqueued_at is None, image.enqueued_at or now))
 
 

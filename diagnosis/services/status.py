@@ -23,17 +23,26 @@ def image_status(*, user, image_id: uuid.UUID, via: str, ip_address: str | None 
 
     {"id", "state", "error" (in words, when failed), "processed_at", "prediction" (once done:
     probability_malignant, label, threshold, above_threshold, model_version), "disclaimer"}"""
+    return images_status(user=user, image_ids=[image_id], via=via, ip_address=ip_address).get(str(image_id))
+
+
+def images_status(*, user, image_ids, via: str, ip_address: str | None = None) -> dict[str, dict]:
+    """image_status for several images in one statement, by id (as a string); those not in the user's
+    clinic are left out."""
     latest = Prediction.objects.filter(image=OuterRef("pk")).order_by("-created_at")
-    row = (
-        LesionImage.objects.filter(
-            pk=image_id, clinic_id__in=ClinicMembership.objects.filter(user=user).values("clinic_id")
-        )
+    image_ids = list(image_ids)
+    by_id = {"pk": image_ids[0]} if len(image_ids) == 1 else {"pk__in": image_ids}  # one: by primary key
+    rows = (
+        LesionImage.objects.filter(**by_id)
+        .filter(clinic_id__in=ClinicMembership.objects.filter(user=user).values("clinic_id"))
+        .order_by()
         .annotate(**{name: Subquery(latest.values(field)[:1]) for name, field in _LATEST})
         .values("pk", "clinic_id", "state", "error", "processed_at", "p", "label", "threshold", "version")
-        .first()
     )
-    if row is None:
-        return None
+    return {str(row["pk"]): _status(row, user=user, via=via, ip_address=ip_address) for row in rows}
+
+
+def _status(row: dict, *, user, via: str, ip_address: str | None) -> dict:
     done = row["state"] == ImageState.DONE and row["p"] is not None
     if done:
         record_event(actor=user, action=AuditEvent.Action.VIEW_IMAGE, obj=LesionImage(pk=row["pk"]),
@@ -48,6 +57,11 @@ def image_status(*, user, image_id: uuid.UUID, via: str, ip_address: str | None 
         } if done else None,
         "disclaimer": DISCLAIMER,
     }  # fmt: skip
+
+
+def is_final(status: dict | None) -> bool:
+    """Whether a status (or its absence: the image is gone) will not change any more."""
+    return status is None or status["state"] in FINAL_STATES
 
 
 def batch_progress(batch: UploadBatch) -> dict:

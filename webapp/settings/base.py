@@ -266,12 +266,26 @@ API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
 # Explanations: every prediction gets Grad-CAM at once and these methods on the explain queue.
 # "none" turns them off.
 AUTO_EXPLAIN_METHODS = [m for m in env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"]) if m.lower() != "none"]
+# Results without polling (docs/api.md, "Waiting for the result"): the worker that changes an upload's
+# state notifies the web processes, which wake the requests waiting for it. RESULT_NOTIFY: "auto" (a
+# Redis channel when the broker is Redis, else PostgreSQL LISTEN/NOTIFY when the database is PostgreSQL,
+# else datagrams between the processes of one machine under VAR_DIR: the embedded default), or one of
+# "redis", "postgres", "local"; "off" answers every wait at once.
+RESULT_NOTIFY = env_str("RESULT_NOTIFY", "auto")
+RESULT_NOTIFY_REDIS_URL = env_str("RESULT_NOTIFY_REDIS_URL", "")  # default: the broker's, when it is Redis
+# `?wait=N` / `Prefer: wait=N`: at most this many seconds (below the proxy's read timeout: nginx 60 s).
+RESULT_WAIT_MAX_SECONDS = env_int("RESULT_WAIT_MAX_SECONDS", 30)
+# A waiting request holds one of its web process's GUNICORN_THREADS (webapp/gunicorn.conf.py). At most
+# this many wait at once per process, and this many for one user; a request beyond them is answered at
+# once, as without the option. The defaults leave a quarter of the threads to uploads and pages.
+GUNICORN_THREADS = env_int("GUNICORN_THREADS", 16)
+RESULT_WAIT_MAX_PER_PROCESS = env_int("RESULT_WAIT_MAX_PER_PROCESS", max(1, GUNICORN_THREADS // 2))
+RESULT_WAIT_MAX_PER_USER = env_int("RESULT_WAIT_MAX_PER_USER", RESULT_WAIT_MAX_PER_PROCESS)
 # GET /api/v1/images/{id}/events/ (server-sent events): how long one stream waits for a final state,
-# how often it reads the state, and how many streams one web process serves at once (each holds one
-# of its GUNICORN_THREADS; 0 turns streams off: 429).
+# and how many streams one web process serves at once (each holds one of its GUNICORN_THREADS; 0
+# turns streams off: 429). A stream reads the state when it is notified of a change, never on a timer.
 STATUS_STREAM_SECONDS = env_float("STATUS_STREAM_SECONDS", 55.0)
-STATUS_STREAM_INTERVAL_MS = env_int("STATUS_STREAM_INTERVAL_MS", 250)
-STATUS_STREAM_MAX = env_int("STATUS_STREAM_MAX", 2)
+STATUS_STREAM_MAX = env_int("STATUS_STREAM_MAX", max(1, GUNICORN_THREADS // 4))
 STATUS_STREAM_MAX_PER_USER = env_int("STATUS_STREAM_MAX_PER_USER", 1)
 EXPLAIN_MAX_STEPS = env_int("EXPLAIN_MAX_STEPS", 300)
 EXPLAIN_MAX_EVALUATIONS = env_int("EXPLAIN_MAX_EVALUATIONS", 2000)

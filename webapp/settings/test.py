@@ -37,4 +37,3 @@ API_RATE_LIMIT = ""
 API_UPLOAD_RATE_LIMIT = ""
 # A status stream of a photo nobody processes ends after this long (the schema fuzz opens some).
 STATUS_STREAM_SECONDS = 1.0
-STATUS_STREAM_INTERVAL_MS = 50

@@ -1,15 +1,19 @@
-"""What the API's viewsets share: the client's address, id parameters, file responses and their schema."""
+"""What the API's viewsets share: the client's address, id parameters, file responses, waiting for a
+result (`?wait=N`, `Prefer: wait=N`) and their schema."""
 
 from __future__ import annotations
 
 import uuid
 
-from drf_spectacular.utils import OpenApiResponse
-from rest_framework.exceptions import NotFound, ValidationError
+from django.utils.cache import patch_vary_headers
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse
+from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 
 from ...client_address import client_ip
+from ...request_wait import InvalidWait, WaitOption, hung_up_check, wait_option
 from ...services import files as file_services
+from ...services import waiting
 
 VIA = "api"
 
@@ -46,3 +50,51 @@ class JSONRefusals(BaseContentNegotiation):
 
     def select_renderer(self, request, renderers, format_suffix=None):
         return renderers[0], renderers[0].media_type
+
+
+# --- waiting for a result --------------------------------------------------------------------------------
+
+WAIT_PARAMETERS = [
+    OpenApiParameter(
+        "wait", int, OpenApiParameter.QUERY, required=False,
+        description="Seconds to wait for the result before answering, from 0 to RESULT_WAIT_MAX_SECONDS (30 by "
+        "default; a larger value is a 400). The request is woken when the worker stores the result: no polling.",
+    ),
+    OpenApiParameter(
+        "Prefer", str, OpenApiParameter.HEADER, required=False,
+        description="`wait=N` (RFC 7240): the same as `?wait=N`, except that a value over the maximum is lowered "
+        "to it. The answer says what was applied in `Preference-Applied: wait=N`.",
+    ),
+]  # fmt: skip
+
+
+class ClientClosedRequest(APIException):
+    status_code = 499  # nginx's code for it: nobody reads this answer
+    default_detail = "The client closed the connection while its request waited."
+    default_code = "client_closed_request"
+
+
+def requested_wait(request) -> WaitOption:
+    """The wait this request asks for; a 400 naming `wait` or `Prefer` when it is not valid."""
+    try:
+        return wait_option(request.query_params, request.headers)
+    except InvalidWait as exc:
+        raise ValidationError({exc.source: [str(exc)]}) from None
+
+
+def wait_until(request, option: WaitOption, *, read, ready, ids):
+    """services.waiting.wait_for for this request: its user's share of the waits, and a client that hangs
+    up frees the thread (a 499 nobody reads). Returns (the last value read, whether it waited)."""
+    try:
+        return waiting.wait_for(read, ids=ids, seconds=option.seconds, ready=ready, user_id=request.user.pk,
+                                gone=hung_up_check(request.META))  # fmt: skip
+    except waiting.ClientGone:
+        raise ClientClosedRequest from None
+
+
+def answer_waited(response, option: WaitOption, *, waited: bool):
+    """RFC 7240's answer headers: the applied wait when it was asked with Prefer, and Vary: Prefer."""
+    if option.from_header and waited:
+        response["Preference-Applied"] = f"wait={option.seconds}"
+    patch_vary_headers(response, ["Prefer"])
+    return response

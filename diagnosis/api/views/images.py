@@ -33,7 +33,23 @@ from ..serializers import (
     ImageUploadSerializer,
 )
 from ..throttling import UploadRateThrottle
-from .common import PRESIGNED_REDIRECT, VIA, JSONRefusals, serve_file, uuid_param
+from .common import (
+    PRESIGNED_REDIRECT,
+    VIA,
+    WAIT_PARAMETERS,
+    JSONRefusals,
+    answer_waited,
+    requested_wait,
+    serve_file,
+    uuid_param,
+    wait_until,
+)
+
+WAITED = (
+    "\n\nWith `?wait=N` or `Prefer: wait=N`, the request waits up to N seconds for the final state (`done` or "
+    "`failed`) and is woken when the worker stores it. {answers} A server whose waiting requests are all taken "
+    "answers at once, as without the option (no `Preference-Applied`)."
+)
 
 
 @extend_schema_view(
@@ -47,8 +63,15 @@ from .common import PRESIGNED_REDIRECT, VIA, JSONRefusals, serve_file, uuid_para
     ),
     retrieve=extend_schema(
         summary="An image's status and result (the status URL)",
-        description="Poll until `state` is `done` (then `prediction` is set) or `failed` (then `error` says why).",
-        responses={200: ImageSerializer, **error_responses(401, 403, 404)},
+        description="`state` is `done` (then `prediction` is set) or `failed` (then `error` says why) once the "
+        "model has run: wait for it with `?wait=N` rather than polling."
+        + WAITED.format(answers="200 once final; 202 when the wait ended first."),
+        parameters=WAIT_PARAMETERS,
+        responses={
+            200: ImageSerializer,
+            202: OpenApiResponse(ImageSerializer, description="Asked to wait: not final yet when the wait ended."),
+            **error_responses(400, 401, 403, 404),
+        },
     ),
     create=extend_schema(
         summary="Upload a lesion photo for triage",
@@ -59,18 +82,27 @@ from .common import PRESIGNED_REDIRECT, VIA, JSONRefusals, serve_file, uuid_para
             "Send an `Idempotency-Key` header (e.g. a UUID) to make retries safe: a retry with the same key "
             "returns the image stored the first time (with `Idempotent-Replayed: true`) instead of a second one. "
             "Uploads are rate-limited per user (429 with `Retry-After`)."
+        )
+        + WAITED.format(
+            answers="201 with the whole record (`prediction` set when done) once final; 202 as "
+            "without the option when the wait ended first."
         ),
         parameters=[
+            *WAIT_PARAMETERS,
             OpenApiParameter(
                 "Idempotency-Key",
                 str,
                 OpenApiParameter.HEADER,
                 required=False,
                 description="1 to 200 letters, digits, '.', '_', ':' or '-'; reuse it only to retry the same file.",
-            )
+            ),
         ],  # fmt: skip
         request={"multipart/form-data": ImageUploadSerializer},
-        responses={202: ImageSerializer, **error_responses(400, 401, 403, 409, 429, 503)},
+        responses={
+            201: OpenApiResponse(ImageSerializer, description="Asked to wait: the result was stored within the wait."),
+            202: ImageSerializer,
+            **error_responses(400, 401, 403, 409, 429, 503),
+        },
     ),
 )
 class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, viewsets.GenericViewSet):
@@ -107,12 +139,22 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "and optionally `lesion`. Each file is validated on its own: the valid ones are accepted and queued "
             "exactly like single uploads, each invalid one is listed in `rejected` with its error. Answers 202 "
             "when at least one file was accepted, 400 when none was. Follow the batch at its `status_url`."
+        )
+        + WAITED.format(
+            answers="201 once every accepted file is final, each with its `state` and `prediction`; "
+            "202 when the wait ended first (then with each file's `state` too)."
         ),
+        parameters=WAIT_PARAMETERS,
         request={"multipart/form-data": BatchUploadSerializer},
-        responses={202: BatchSerializer, **error_responses(400, 401, 403, 429, 503)},
+        responses={
+            201: OpenApiResponse(BatchSerializer, description="Asked to wait: every accepted file is final."),
+            202: BatchSerializer,
+            **error_responses(400, 401, 403, 429, 503),
+        },
     )
     @action(detail=False, methods=["post"], url_path="batch", url_name="batch")
     def batch(self, request):
+        option = requested_wait(request)  # before anything is stored
         body = BatchUploadSerializer(data=request.data, context={"request": request})
         body.is_valid(raise_exception=True)
         batch, accepted, rejected = image_services.submit_batch(
@@ -132,9 +174,23 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         if not accepted:
             return Response({"detail": f"None of the {batch.submitted} files was accepted; see `rejected`.",
                              "code": "no_valid_file", **data}, status=status.HTTP_400_BAD_REQUEST)  # fmt: skip
-        return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": status_url})
+        waited = finished = False
+        if option.seconds:
+            ids = [image.pk for _, image in accepted]
+            statuses, waited = wait_until(
+                request, option, read=lambda: self._read_statuses(request, ids),
+                ready=lambda found: all(map(status_services.is_final, found.values())), ids=ids,
+            )  # fmt: skip
+            finished = all(map(status_services.is_final, statuses.values()))
+            for item in data["accepted"]:
+                found = statuses.get(item["id"])
+                item.update(state=found["state"] if found else ImageState.FAILED,
+                            prediction=found["prediction"] if found else None)  # fmt: skip
+        code = status.HTTP_201_CREATED if finished else status.HTTP_202_ACCEPTED
+        return answer_waited(Response(data, status=code, headers={"Location": status_url}), option, waited=waited)
 
     def create(self, request, *args, **kwargs):
+        option = requested_wait(request)  # before anything is stored
         upload = ImageUploadSerializer(data=request.data, context={"request": request})
         upload.is_valid(raise_exception=True)
         try:
@@ -152,16 +208,21 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             raise RequestRefused(str(exc), code="idempotency_key_reused", status_code=409) from None
         except image_services.UploadBusy as exc:
             raise RequestRefused(str(exc), code="server_busy", status_code=503, wait=exc.retry_after) from None
-        if image.replayed:
+        headers = {"Idempotent-Replayed": "true"} if image.replayed else {}
+        code, waited = status.HTTP_202_ACCEPTED, False
+        if option.seconds:
+            found, waited = self._wait_for_status(request, option, image.pk)
+            if found is not None and status_services.is_final(found):
+                code = status.HTTP_201_CREATED
+        if image.replayed or waited:
             image = self.get_queryset().get(pk=image.pk)
-            data = ImageSerializer(image, context={"request": request}).data
-            return Response(data, status=status.HTTP_202_ACCEPTED,
-                            headers={"Location": data["status_url"], "Idempotent-Replayed": "true"})  # fmt: skip
-        # Describe the upload as accepted (queued, no prediction), even if a fast worker has already
-        # claimed it by now: the status URL is where progress is read.
-        image._prefetched_objects_cache = {"predictions": Prediction.objects.none()}
+        else:
+            # Describe the upload as accepted (queued, no prediction), even if a fast worker has already
+            # claimed it by now: the status URL is where progress is read.
+            image._prefetched_objects_cache = {"predictions": Prediction.objects.none()}
         data = ImageSerializer(image, context={"request": request}).data
-        return Response(data, status=status.HTTP_202_ACCEPTED, headers={"Location": data["status_url"]})
+        response = Response(data, status=code, headers={"Location": data["status_url"], **headers})
+        return answer_waited(response, option, waited=waited)
 
     @extend_schema(
         summary="Poll an upload's state: one indexed query",
@@ -169,17 +230,25 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "The state, the error in words when it failed, and the latest prediction once done, read with a "
             "single SQL statement (primary key, clinic and latest prediction together), for clients that poll. "
             "Reading a finished result is written to the audit log, as for the full record."
-        ),
-        responses={200: ImageStatusSerializer, **error_responses(400, 401, 403, 404)},
+        )
+        + WAITED.format(answers="200 once final; 202 when the wait ended first."),
+        parameters=WAIT_PARAMETERS,
+        responses={
+            200: ImageStatusSerializer,
+            202: OpenApiResponse(ImageStatusSerializer, description="Asked to wait: not final when the wait ended."),
+            **error_responses(400, 401, 403, 404),
+        },
     )
     @action(detail=True, methods=["get"], url_path="status", url_name="status")
     def image_status(self, request, pk=None):
-        data = self._read_status(request, uuid_param("id", str(pk)))
+        option = requested_wait(request)
+        data, waited = self._wait_for_status(request, option, uuid_param("id", str(pk)))
         if data is None:
             raise NotFound(status_services.NO_SUCH_IMAGE)
-        response = Response(ImageStatusSerializer(data).data)
+        final = status_services.is_final(data)
+        response = Response(ImageStatusSerializer(data).data, status=202 if option.seconds and not final else 200)
         response["Cache-Control"] = "no-store"
-        return response
+        return answer_waited(response, option, waited=waited)
 
     @extend_schema(
         summary="Follow an upload's state as server-sent events",
@@ -188,7 +257,8 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "same JSON as `GET .../status/`: at once, then each time it changes. `event: end` follows the final "
             "state (`done` or `failed`); `event: timeout` closes a stream that saw none within "
             "`STATUS_STREAM_SECONDS` (reconnect, or poll). The server reads the state with the status endpoint's "
-            "single statement every `STATUS_STREAM_INTERVAL_MS`. Each web process serves at most "
+            "single statement when the worker notifies it of a change, never on a timer. Each web process serves "
+            "at most "
             "`STATUS_STREAM_MAX` streams at once, `STATUS_STREAM_MAX_PER_USER` of them to one user; beyond that the "
             "answer is 429 with `Retry-After`. A comment "
             "line (`: ping`) keeps a quiet stream alive. The `end` event has the id `end`: a browser's EventSource "
@@ -210,6 +280,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         image_id = uuid_param("id", str(pk))
         try:
             stream = event_services.open_status_stream(
+                image_id=image_id,
                 read=lambda: self._read_status(request, image_id),
                 present=lambda data: ImageStatusSerializer(data).data,
                 user_id=request.user.pk,
@@ -229,8 +300,25 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         return status_services.image_status(user=request.user, image_id=image_id, via=VIA,
                                             ip_address=client_ip(request))  # fmt: skip
 
+    def _read_statuses(self, request, image_ids) -> dict[str, dict]:
+        return status_services.images_status(user=request.user, image_ids=image_ids, via=VIA,
+                                             ip_address=client_ip(request))  # fmt: skip
+
+    def _wait_for_status(self, request, option, image_id) -> tuple[dict | None, bool]:
+        return wait_until(request, option, read=lambda: self._read_status(request, image_id),
+                          ready=status_services.is_final, ids=[image_id])  # fmt: skip
+
     def retrieve(self, request, *args, **kwargs):
+        option = requested_wait(request)
         image = self.get_object()
+        waited = False
+        if option.seconds and image.state not in status_services.FINAL_STATES:
+            _, waited = wait_until(
+                request, option, ids=[image.pk], ready=lambda state: state in (None, *status_services.FINAL_STATES),
+                read=lambda: LesionImage.objects.filter(pk=image.pk).values_list("state", flat=True).first(),
+            )  # fmt: skip
+            image = self.get_object()
+        final = image.state in status_services.FINAL_STATES
         if image.state == ImageState.DONE:
             record_event(
                 actor=request.user,
@@ -239,7 +327,8 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 via=VIA,
                 ip_address=client_ip(request),
             )
-        return Response(self.get_serializer(image).data)
+        response = Response(self.get_serializer(image).data, status=202 if option.seconds and not final else 200)
+        return answer_waited(response, option, waited=waited)
 
     @extend_schema(
         summary="Download the stored photo",

@@ -27,24 +27,32 @@
     return el("span", { "class": "state state-" + state }, label);
   }
 
-  /* Poll a status URL until the image is done or failed; onUpdate gets each JSON answer. */
+  /* Follow a status URL until done(data) says so; onUpdate gets each answer that differs from the last.
+     Each request is held by the server until something changes (?wait=25&since=VERSION), woken by the
+     worker's notification: no polling on a timer. A server with no waiting slot free answers at once;
+     then the next request comes after a pause. */
+  var WAIT_SECONDS = 25;
   function poll(url, onUpdate, done) {
-    var delay = 700;
-    function tick() {
-      fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" })
+    var version = "", failures = 0;
+    function next() {
+      var started = Date.now();
+      var query = (url.indexOf("?") < 0 ? "?" : "&") + "wait=" + WAIT_SECONDS + "&since=" + encodeURIComponent(version);
+      fetch(url + query, { headers: { Accept: "application/json" }, credentials: "same-origin" })
         .then(function (response) {
           if (!response.ok) throw new Error("status " + response.status);
           return response.json();
         })
         .then(function (data) {
-          onUpdate(data);
+          failures = 0;
+          var changed = data.version !== version;
+          version = data.version;
+          if (changed) onUpdate(data);
           if (done(data)) return;
-          delay = Math.min(delay * 1.3, 4000);
-          setTimeout(tick, delay);
+          setTimeout(next, changed || Date.now() - started > 1000 ? 0 : 2000);
         })
-        .catch(function () { delay = Math.min(delay * 2, 10000); setTimeout(tick, delay); });
+        .catch(function () { failures += 1; setTimeout(next, Math.min(500 * Math.pow(2, failures), 10000)); });
     }
-    setTimeout(tick, delay);
+    next();
   }
 
   function describe(data) {
@@ -275,8 +283,8 @@
       }, function (data) {
         var explanations = data.explanations || [];
         var busy = explanations.some(function (e) { return !FINAL[e.state]; });
-        // Just after a result the explanations may not be recorded yet: keep looking for a while.
-        if (!explanations.length && data.state === "done" && emptyPolls++ < 30) busy = true;
+        // Just after a result the explanations may not be recorded yet: wait for a few more changes.
+        if (!explanations.length && data.state === "done" && emptyPolls++ < 5) busy = true;
         if (!busy) pictures.removeAttribute("data-watching");
         return !busy;
       });
