@@ -247,14 +247,29 @@ def measure_stack(embedded: bool, bodies: list[bytes], options: argparse.Namespa
     threads = {"GUNICORN_THREADS": str(options.web_threads)} if options.web_threads else {}
     name = "embedded default (SQLite, filesystem broker, runserver)" if embedded else "system (gunicorn, PG, Redis)"
     stack = Stack(out=ROOT / "var" / "bench" / ("client-view-embedded" if embedded else "client-view"),
-                  embedded=embedded, port=options.port + (1 if embedded else 0), worker_concurrency=1,
-                  torch_threads=options.torch_threads, web_workers=1 if embedded else options.web_workers,
+                  embedded=embedded, port=options.port + (1 if embedded else 0),
+                  worker_concurrency=options.worker_concurrency,
+                  torch_threads=options.worker_torch_threads or options.torch_threads, web_workers=1 if embedded else options.web_workers,
                   arch=options.arch, input_size=options.input_size, queues=options.queues, extra_env=threads,
                   database_url=DATABASE_URL, broker_url=BROKER_URL)  # fmt: skip
+    pictures = None
+    if options.picture_worker_nice is not None:  # the pictures (default queue) in a process of their own
+        name += f", pictures at nice {options.picture_worker_nice}"
+        log = open(stack.out / "pictures-worker.log", "wb")  # noqa: SIM115 - closed with the process
+        pictures = subprocess.Popen(
+            ["nice", "-n", str(options.picture_worker_nice), PY, "-m", "celery", "-A", "webapp", "worker", "-Q",
+             "default", "--concurrency", "1", "--loglevel", "WARNING", "--hostname", "pictures@%h"],
+            cwd=ROOT, env={**stack.env, "CELERY_WORKER_CONCURRENCY": "1"}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        time.sleep(3)
     try:
         return [row for mode in modes for row in measure(name, mode, stack.port, stack.token, bodies, options)]
     finally:
         stack.stop()
+        if pictures is not None:
+            os.killpg(pictures.pid, signal.SIGTERM)
+            pictures.wait(timeout=30)
 
 
 HEADER = "| system | mode | clients | results | results/s | p50 ms | p95 ms | errors | requests/result | not waited |"
@@ -313,6 +328,12 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=0, help="GUNICORN_THREADS; 0: the configured default")
     parser.add_argument("--queues", default="inference,default", help="the worker's queues")
+    parser.add_argument("--worker-torch-threads", type=int, default=0,
+                        help="the system's worker's torch threads; 0: as --torch-threads")
+    parser.add_argument("--worker-concurrency", type=int, default=1, help="the worker's prefork children")
+    parser.add_argument("--picture-worker-nice", type=int, default=None,
+                        help="draw the pictures (the default queue) in a second worker at this nice level; "
+                             "use with --queues inference")  # fmt: skip
     parser.add_argument("--sync-serial", action="store_true", help="the reference serves one photo at a time")
     parser.add_argument("--port", type=int, default=8093)
     options = parser.parse_args()

@@ -369,3 +369,32 @@ def test_each_feedback_field_on_the_result_page_is_its_own_labelled_control(new_
     expect(assessment.get_by_label("Comment")).to_be_visible()
     expect(outcome.get_by_label("Report reference or comment")).to_be_visible()
     tab.assert_no_js_errors()
+
+
+def test_an_uploaded_photos_result_arrives_through_the_notification_not_by_polling(
+    new_tab, clinician_account, active_model, celery_worker
+):
+    """The page's script asks the portal's status with ?wait=25&since=VERSION: the server holds the
+    request until the worker's notification says the photo changed. So the result shows long before the
+    25 s a missed notification would take, with one or two status requests per photo, not a poll a second."""
+    from diagnosis.services import patients as patient_services
+
+    clinic, user = clinician_account.clinic, clinician_account.user
+    patient = patient_services.create_patient(clinic=clinic, reference="PT-WAIT-1", created_by=user)
+    lesion = patient_services.create_lesion(patient=patient, body_site="back", note="", created_by=user)
+    tab = new_tab()
+    page = tab.page
+    status_requests = []
+    page.on("request", lambda request: "/status/" in request.url and status_requests.append(request.url))
+    log_in(page, clinician_account, start=f"/lesions/{lesion.pk}/")
+    page.set_input_files("#id_images", files=[{"name": "back.jpg", "mimeType": "image/jpeg",
+                                               "buffer": lesion_jpeg(seed=8, size=160)}])  # fmt: skip
+    page.locator("#upload-button").click()
+    item = page.locator("#upload-list .upload-item")
+    expect(item.locator(".status-line[data-state=done]")).to_have_count(1, timeout=20_000)  # < the 25 s wait
+    expect(item).to_contain_text(re.compile(PERCENT))
+    image = LesionImage.objects.get(lesion=lesion)
+    own = [url for url in status_requests if str(image.pk) in url]
+    assert own and all("wait=25" in url and "since=" in url for url in own), status_requests
+    assert len(own) <= 3, own  # the first answer at once, then one held until the result
+    tab.assert_no_js_errors()
