@@ -222,12 +222,18 @@ def measure(system: str, mode: str, port: int, token: str | None, bodies: list[b
 
 
 def measure_sync(label: str, bodies: list[bytes], options: argparse.Namespace) -> list[dict]:
+    """Every --references decode of the synchronous reference, one after the other."""
+    return [row for decode in options.references for row in measure_reference(decode, label, bodies, options)]
+
+
+def measure_reference(decode: str, label: str, bodies: list[bytes], options: argparse.Namespace) -> list[dict]:
     """The synchronous reference in its own process, on a free port, for the time of its measurements."""
     port = free_port()
     log = ROOT / "var" / "bench" / "client-view-sync.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [PY, "bench/sync_reference.py", "--port", str(port), "--arch", options.arch,
-               "--input-size", str(options.input_size), *(["--serial"] if options.sync_serial else [])]  # fmt: skip
+               "--input-size", str(options.input_size), "--decode", decode,
+               *(["--serial"] if options.sync_serial else [])]  # fmt: skip
     env = {**os.environ, "TORCH_NUM_THREADS": str(options.torch_threads)}
     with open(log, "wb") as errors:
         server = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=errors,
@@ -236,7 +242,7 @@ def measure_sync(label: str, bodies: list[bytes], options: argparse.Namespace) -
         ready = server.stdout.readline()
         if not ready.startswith("ready"):
             raise SystemExit(f"the synchronous reference did not start; see {log}")
-        return measure(f"synchronous reference ({label})", "sync", port, None, bodies, options)
+        return measure(f"synchronous reference, {decode} decode ({label})", "sync", port, None, bodies, options)
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
@@ -245,11 +251,13 @@ def measure_sync(label: str, bodies: list[bytes], options: argparse.Namespace) -
 def measure_stack(embedded: bool, bodies: list[bytes], options: argparse.Namespace) -> list[dict]:
     modes = [mode for mode in options.modes if mode != "sync"]
     threads = {"GUNICORN_THREADS": str(options.web_threads)} if options.web_threads else {}
+    threads.update(dict(pair.split("=", 1) for pair in options.env))
     name = "embedded default (SQLite, filesystem broker, runserver)" if embedded else "system (gunicorn, PG, Redis)"
     stack = Stack(out=ROOT / "var" / "bench" / ("client-view-embedded" if embedded else "client-view"),
                   embedded=embedded, port=options.port + (1 if embedded else 0),
                   worker_concurrency=options.worker_concurrency,
-                  torch_threads=options.worker_torch_threads or options.torch_threads, web_workers=1 if embedded else options.web_workers,
+                  torch_threads=options.worker_torch_threads or options.torch_threads,
+                  web_workers=1 if embedded else options.web_workers,
                   arch=options.arch, input_size=options.input_size, queues=options.queues, extra_env=threads,
                   database_url=DATABASE_URL, broker_url=BROKER_URL)  # fmt: skip
     pictures = None
@@ -301,14 +309,16 @@ def report(rows: list[dict], options: argparse.Namespace) -> None:
 
     if "sync" not in options.modes:
         return
-    print("\nagainst the synchronous reference (the mean of its runs before and after the system's; nan: not run):")
-    for system in ("system", "embedded"):
-        for mode in ("wait", "poll"):
-            rate = mean(system, mode, 8, "results_per_s") / mean("synchronous", "sync", 8, "results_per_s")
-            p50 = mean(system, mode, 1, "p50") / mean("synchronous", "sync", 1, "p50")
-            if not (np.isnan(rate) and np.isnan(p50)):
-                print(f"  {system}, {mode}: 8 clients, results/s / the reference's = {rate:.2f}x (goal >= 1.15x); "
-                      f"1 client, p50 / the reference's p50 = {p50:.2f}x (goal <= 1.2x)")  # fmt: skip
+    for decode in options.references:
+        reference = f"synchronous reference, {decode} decode"
+        print(f"\nagainst the {reference} (the mean of its runs before and after the system's; nan: not run):")
+        for system in ("system", "embedded"):
+            for mode in ("wait", "poll"):
+                rate = mean(system, mode, 8, "results_per_s") / mean(reference, "sync", 8, "results_per_s")
+                p50 = mean(system, mode, 1, "p50") / mean(reference, "sync", 1, "p50")
+                if not (np.isnan(rate) and np.isnan(p50)):
+                    print(f"  {system}, {mode}: 8 clients, results/s / the reference's = {rate:.2f}x (goal >= 1.15x)"
+                          f"; 1 client, p50 / the reference's p50 = {p50:.2f}x (goal <= 1.2x)")  # fmt: skip
 
 
 def main() -> None:
@@ -328,17 +338,31 @@ def main() -> None:
     parser.add_argument("--web-workers", type=int, default=2)
     parser.add_argument("--web-threads", type=int, default=0, help="GUNICORN_THREADS; 0: the configured default")
     parser.add_argument("--queues", default="inference,default", help="the worker's queues")
-    parser.add_argument("--worker-torch-threads", type=int, default=0,
-                        help="the system's worker's torch threads; 0: as --torch-threads")
+    parser.add_argument(
+        "--worker-torch-threads", type=int, default=0, help="the system's worker's torch threads; 0: as --torch-threads"
+    )
     parser.add_argument("--worker-concurrency", type=int, default=1, help="the worker's prefork children")
     parser.add_argument("--picture-worker-nice", type=int, default=None,
                         help="draw the pictures (the default queue) in a second worker at this nice level; "
                              "use with --queues inference")  # fmt: skip
     parser.add_argument("--sync-serial", action="store_true", help="the reference serves one photo at a time")
+    parser.add_argument(
+        "--references",
+        default="plain,tuned",
+        help="the reference's decodes: plain (the original project's), tuned (this project's)",
+    )
     parser.add_argument("--port", type=int, default=8093)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the system's processes (repeatable), e.g. PIPELINE_BATCHES=4",
+    )
     options = parser.parse_args()
     options.clients = [int(count) for count in options.clients.split(",")]
     options.modes = [mode.strip() for mode in options.modes.split(",")]
+    options.references = [decode.strip() for decode in options.references.split(",")]
     if unknown := set(options.modes) - set(WAYS):
         parser.error(f"unknown modes: {', '.join(sorted(unknown))}")
     options.torch_threads = options.torch_threads or os.cpu_count() or 1

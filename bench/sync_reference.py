@@ -5,9 +5,11 @@ and the model has run on it:
 
     .venv/bin/python bench/sync_reference.py --port 8095      # prints "ready 8095" once it listens
 
-- decode: the inference worker's own, mlcore.preprocessing.decode_image in Pillow's draft mode at the
-  worker's decode side (mlcore.inference.decode_side), then to_tensor at the model's input size
-  (bench.inprocess.InProcess.prepare);
+- decode, `--decode plain` (the default): the original project's design, as a minimal endpoint is written:
+  `Image.open(...).convert("RGB")` at full size, then torchvision's Resize((size, size)), ToTensor and
+  Normalize. `--decode tuned`: the inference worker's own, mlcore.preprocessing.decode_image in Pillow's
+  draft mode at the worker's decode side, then to_tensor (bench.inprocess.InProcess.prepare): a reference
+  that borrows this project's decoding, about 10 ms less per 1528x1360 photo;
 - forward: the same model as the system under test (build_model(arch) after torch.manual_seed(0), the
   checkpoint bench/system.py registers), at batch 1, under torch.inference_mode (Predictor.predict_tensors);
 - no database, no storage, no broker, no Grad-CAM, no drift features: a floor, not a service;
@@ -44,9 +46,28 @@ def jpeg_from(body: bytes, content_type: str) -> bytes:
     return body[start : body.index(b"\r\n--" + boundary, start)]
 
 
-def application(model: InProcess, serial: bool):
+def plain_prepare(spec):
+    """The original project's preprocessing: a full decode, then torchvision's transforms."""
+    import io
+
+    from PIL import Image
+    from torchvision import transforms
+
+    transform = transforms.Compose([
+        transforms.Resize((spec.input_size, spec.input_size)), transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])  # fmt: skip
+
+    def prepare(data: bytes):
+        return transform(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    return prepare
+
+
+def application(model: InProcess, serial: bool, decode: str = "plain"):
     """The WSGI app: GET answers "ok" (a health check), POST a prediction."""
     lock = threading.Lock() if serial else nullcontext()
+    prepare = plain_prepare(model.predictor.spec) if decode == "plain" else model.prepare
 
     def app(environ, start_response):
         if environ["REQUEST_METHOD"] != "POST":
@@ -56,7 +77,7 @@ def application(model: InProcess, serial: bool):
         try:
             photo = jpeg_from(body, environ.get("CONTENT_TYPE", ""))
             with lock:
-                probabilities = model.predictor.predict_tensors(model.prepare(photo).unsqueeze(0))
+                probabilities = model.predictor.predict_tensors(prepare(photo).unsqueeze(0))
         except Exception as error:  # a bad body: say so, as a service would
             start_response("400 Bad Request", [("Content-Type", "application/json")])
             return [json.dumps({"error": f"{type(error).__name__}: {error}"}).encode()]
@@ -85,13 +106,16 @@ def main() -> None:
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--input-size", type=int, default=224)
     parser.add_argument("--serial", action="store_true", help="one photo at a time (a lock around the work)")
+    parser.add_argument("--decode", choices=("plain", "tuned"), default="plain")
     args = parser.parse_args()
     import torch
 
     model = InProcess(arch=args.arch, input_size=args.input_size, threads=1)
     model.predictor.predict_tensors(torch.zeros(1, 3, args.input_size, args.input_size))  # warm up
-    server = make_server("127.0.0.1", args.port, application(model, args.serial), ThreadingServer, QuietHandler)
-    print(f"ready {args.port} (torch threads {torch.get_num_threads()})", flush=True)
+    server = make_server(
+        "127.0.0.1", args.port, application(model, args.serial, args.decode), ThreadingServer, QuietHandler
+    )
+    print(f"ready {args.port} (torch threads {torch.get_num_threads()}, {args.decode} decode)", flush=True)
     server.serve_forever()
 
 

@@ -11,8 +11,10 @@ from rest_framework.exceptions import APIException, NotFound, ValidationError
 from rest_framework.negotiation import BaseContentNegotiation
 
 from ...client_address import client_ip
+from ...models import ImageState
 from ...request_wait import InvalidWait, WaitOption, hung_up_check, wait_option
 from ...services import files as file_services
+from ...services import status as status_services
 from ...services import waiting
 
 VIA = "api"
@@ -54,6 +56,11 @@ class JSONRefusals(BaseContentNegotiation):
 
 # --- waiting for a result --------------------------------------------------------------------------------
 
+WAITED = (
+    "\n\nWith `?wait=N` or `Prefer: wait=N`, the request waits up to N seconds for the final state (`done` or "
+    "`failed`) and is woken when the worker stores it. {answers} A server whose waiting requests are all taken "
+    "answers at once, as without the option (no `Preference-Applied`)."
+)
 WAIT_PARAMETERS = [
     OpenApiParameter(
         "wait", int, OpenApiParameter.QUERY, required=False,
@@ -98,3 +105,31 @@ def answer_waited(response, option: WaitOption, *, waited: bool):
         response["Preference-Applied"] = f"wait={option.seconds}"
     patch_vary_headers(response, ["Prefer"])
     return response
+
+
+def read_status(request, image_id) -> dict | None:
+    """services.status.image_status for this request's user (audited as read through the API)."""
+    return status_services.image_status(user=request.user, image_id=image_id, via=VIA, ip_address=client_ip(request))
+
+
+def wait_for_image(request, option: WaitOption, image_id) -> tuple[dict | None, bool]:
+    """One image's status once final, or when the wait ends: (the status, whether it waited)."""
+    return wait_until(request, option, read=lambda: read_status(request, image_id), ready=status_services.is_final,
+                      ids=[image_id])  # fmt: skip
+
+
+def wait_for_accepted(request, option: WaitOption, accepted: list[dict]) -> tuple[bool, bool]:
+    """A batch upload's accepted files (`{"id", ...}` each) once all are final, or when the wait ends: each
+    gains its `state` and `prediction`. Returns (all final, whether it waited)."""
+    ids = [item["id"] for item in accepted]
+
+    def read() -> dict[str, dict]:
+        return status_services.images_status(user=request.user, image_ids=ids, via=VIA, ip_address=client_ip(request))
+
+    statuses, waited = wait_until(request, option, read=read, ids=ids,
+                                  ready=lambda found: all(map(status_services.is_final, found.values())))  # fmt: skip
+    for item in accepted:
+        found = statuses.get(item["id"])  # gone meanwhile (erased): nothing more will come
+        item.update(state=found["state"] if found else ImageState.FAILED,
+                    prediction=found["prediction"] if found else None)  # fmt: skip
+    return all(map(status_services.is_final, statuses.values())), waited

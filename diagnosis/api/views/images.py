@@ -37,18 +37,16 @@ from .common import (
     PRESIGNED_REDIRECT,
     VIA,
     WAIT_PARAMETERS,
+    WAITED,
     JSONRefusals,
     answer_waited,
+    read_status,
     requested_wait,
     serve_file,
     uuid_param,
+    wait_for_accepted,
+    wait_for_image,
     wait_until,
-)
-
-WAITED = (
-    "\n\nWith `?wait=N` or `Prefer: wait=N`, the request waits up to N seconds for the final state (`done` or "
-    "`failed`) and is woken when the worker stores it. {answers} A server whose waiting requests are all taken "
-    "answers at once, as without the option (no `Preference-Applied`)."
 )
 
 
@@ -174,18 +172,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         if not accepted:
             return Response({"detail": f"None of the {batch.submitted} files was accepted; see `rejected`.",
                              "code": "no_valid_file", **data}, status=status.HTTP_400_BAD_REQUEST)  # fmt: skip
-        waited = finished = False
-        if option.seconds:
-            ids = [image.pk for _, image in accepted]
-            statuses, waited = wait_until(
-                request, option, read=lambda: self._read_statuses(request, ids),
-                ready=lambda found: all(map(status_services.is_final, found.values())), ids=ids,
-            )  # fmt: skip
-            finished = all(map(status_services.is_final, statuses.values()))
-            for item in data["accepted"]:
-                found = statuses.get(item["id"])
-                item.update(state=found["state"] if found else ImageState.FAILED,
-                            prediction=found["prediction"] if found else None)  # fmt: skip
+        finished, waited = wait_for_accepted(request, option, data["accepted"]) if option.seconds else (False, False)
         code = status.HTTP_201_CREATED if finished else status.HTTP_202_ACCEPTED
         return answer_waited(Response(data, status=code, headers={"Location": status_url}), option, waited=waited)
 
@@ -211,7 +198,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         headers = {"Idempotent-Replayed": "true"} if image.replayed else {}
         code, waited = status.HTTP_202_ACCEPTED, False
         if option.seconds:
-            found, waited = self._wait_for_status(request, option, image.pk)
+            found, waited = wait_for_image(request, option, image.pk)
             if found is not None and status_services.is_final(found):
                 code = status.HTTP_201_CREATED
         if image.replayed or waited:
@@ -242,7 +229,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     @action(detail=True, methods=["get"], url_path="status", url_name="status")
     def image_status(self, request, pk=None):
         option = requested_wait(request)
-        data, waited = self._wait_for_status(request, option, uuid_param("id", str(pk)))
+        data, waited = wait_for_image(request, option, uuid_param("id", str(pk)))
         if data is None:
             raise NotFound(status_services.NO_SUCH_IMAGE)
         final = status_services.is_final(data)
@@ -281,7 +268,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         try:
             stream = event_services.open_status_stream(
                 image_id=image_id,
-                read=lambda: self._read_status(request, image_id),
+                read=lambda: read_status(request, image_id),
                 present=lambda data: ImageStatusSerializer(data).data,
                 user_id=request.user.pk,
             )
@@ -295,18 +282,6 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         response["Cache-Control"] = "no-store"
         response["X-Accel-Buffering"] = "no"  # nginx: pass each event on at once
         return response
-
-    def _read_status(self, request, image_id) -> dict | None:
-        return status_services.image_status(user=request.user, image_id=image_id, via=VIA,
-                                            ip_address=client_ip(request))  # fmt: skip
-
-    def _read_statuses(self, request, image_ids) -> dict[str, dict]:
-        return status_services.images_status(user=request.user, image_ids=image_ids, via=VIA,
-                                             ip_address=client_ip(request))  # fmt: skip
-
-    def _wait_for_status(self, request, option, image_id) -> tuple[dict | None, bool]:
-        return wait_until(request, option, read=lambda: self._read_status(request, image_id),
-                          ready=status_services.is_final, ids=[image_id])  # fmt: skip
 
     def retrieve(self, request, *args, **kwargs):
         option = requested_wait(request)
