@@ -570,7 +570,7 @@ def test_worker_roles_process_an_upload_made_through_the_api(stack):
             30, "worker-gpu to log the task", "worker-gpu",
         )  # fmt: skip
 
-        # Integrated Gradients goes to the explain queue: worker-gpu; the pictures are drawn on worker-cpu.
+        # Integrated Gradients goes to the explain queue: worker-gpu.
         def integrated_gradients_finished():
             listing = client.get(f"{status_path}explanations/").json()
             entries = listing["results"] if isinstance(listing, dict) else listing
@@ -583,10 +583,12 @@ def test_worker_roles_process_an_upload_made_through_the_api(stack):
             lambda: re.search(r"explain_image_task\[[^\]]+\] succeeded", stack.log("worker-gpu")),
             30, "worker-gpu to log the task", "worker-gpu",
         )  # fmt: skip
-        stack.wait_for(
-            lambda: re.search(r"render_explanation_task\[[^\]]+\] succeeded", stack.log("worker-cpu")),
-            30, "worker-cpu to draw the Grad-CAM pictures", "worker-cpu",
-        )  # fmt: skip
+        # Grad-CAM's pictures are drawn at their first view (GRADCAM_PICTURES=on_view), by the web tier.
+        listing = client.get(f"{status_path}explanations/").json()
+        entries = listing["results"] if isinstance(listing, dict) else listing
+        gradcam = next(entry for entry in entries if entry["method"] == "gradcam")
+        overlay = client.get(urlsplit(gradcam["overlay_url"]).path)
+        assert overlay.status_code == 200 and overlay.content[:2] == b"\xff\xd8", overlay.text[:300]
 
         downloaded = client.get(f"{status_path}file/")
         assert downloaded.status_code == 200 and downloaded.content[:2] == b"\xff\xd8"

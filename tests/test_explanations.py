@@ -15,7 +15,8 @@ from tests.conftest import lesion_jpeg, upload_file
 
 
 @pytest.fixture
-def done_image(api_client, active_model, django_capture_on_commit_callbacks):
+def done_image(api_client, active_model, django_capture_on_commit_callbacks, settings):
+    settings.GRADCAM_PICTURES = "eager"  # the pictures drawn by the render task (on_view: its own tests below)
     with django_capture_on_commit_callbacks():
         response = api_client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg(seed=4, size=160))},
                                    format="multipart")  # fmt: skip
@@ -261,3 +262,57 @@ def test_the_portal_says_why_a_request_is_refused(done_image, client, clinician,
     response = client.post(page, {"method": "lime"}, follow=True)
     assert "Too many explanation requests" in response.content.decode()
     assert not Explanation.objects.filter(image=done_image, method="lime").exists()
+
+
+# --- Grad-CAM's pictures drawn at their first view (GRADCAM_PICTURES=on_view, the default) -------------------
+
+
+@pytest.fixture
+def predicted_on_view(api_client, active_model, django_capture_on_commit_callbacks, settings):
+    settings.GRADCAM_PICTURES = "on_view"
+    settings.AUTO_EXPLAIN_METHODS = []
+    image_id = api_client.post("/api/v1/images/", {"image": upload_file(lesion_jpeg(seed=7, size=160))},
+                               format="multipart").json()["id"]  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        assert process_image(image_id=image_id, worker_id="w1") == "done"
+    return image_id, callbacks
+
+
+def test_on_view_the_worker_keeps_the_map_done_and_sends_no_render_task(predicted_on_view):
+    image_id, callbacks = predicted_on_view
+    gradcam = Explanation.objects.get(image_id=image_id, method="gradcam")
+    assert gradcam.state == Explanation.State.DONE and gradcam.raw_map is not None and not gradcam.overlay
+    assert not [callback for callback in callbacks if "enqueue_render" in repr(callback.__code__.co_names)]
+
+
+def test_on_view_the_first_download_draws_the_pictures_once_and_keeps_them(predicted_on_view, api_client):
+    image_id, _ = predicted_on_view
+    gradcam = Explanation.objects.get(image_id=image_id, method="gradcam")
+    detail = api_client.get(f"/api/v1/explanations/{gradcam.pk}/").json()
+    assert detail["state"] == "done" and detail["overlay_url"]
+    overlay = api_client.get(f"/api/v1/explanations/{gradcam.pk}/overlay/")
+    assert overlay.status_code == 200 and b"".join(overlay.streaming_content)[:2] == b"\xff\xd8"
+    gradcam.refresh_from_db()
+    stored = (gradcam.overlay.name, gradcam.heatmap.name, gradcam.attribution.name)
+    assert all(stored) and gradcam.raw_map is None  # the map now lives in its .npy
+    heatmap = api_client.get(f"/api/v1/explanations/{gradcam.pk}/heatmap/")
+    picture = Image.open(io.BytesIO(b"".join(heatmap.streaming_content)))
+    assert heatmap.status_code == 200 and picture.format == "PNG"
+    raw = api_client.get(f"/api/v1/explanations/{gradcam.pk}/attribution/")
+    assert np.load(io.BytesIO(b"".join(raw.streaming_content))).shape == (active_size(gradcam),) * 2
+    gradcam.refresh_from_db()
+    assert (gradcam.overlay.name, gradcam.heatmap.name, gradcam.attribution.name) == stored  # drawn once
+
+
+def test_on_view_a_photo_that_cannot_be_read_gives_a_404_that_says_so(predicted_on_view, api_client):
+    image_id, _ = predicted_on_view
+    gradcam = Explanation.objects.get(image_id=image_id, method="gradcam")
+    LesionImage.objects.get(pk=image_id).file.delete(save=False)
+    response = api_client.get(f"/api/v1/explanations/{gradcam.pk}/overlay/")
+    assert response.status_code == 404 and "cannot be drawn" in response.json()["detail"]
+    gradcam.refresh_from_db()
+    assert gradcam.state == Explanation.State.DONE and not gradcam.overlay and gradcam.raw_map is not None
+
+
+def active_size(explanation: Explanation) -> int:
+    return explanation.model_version.input_size

@@ -87,8 +87,13 @@ def stack(worker_env, tmp_path_factory):
             ))  # fmt: skip
         wait_for(lambda: reachable("127.0.0.1", redis_port, 0.2), 10, message="the private redis-server")
         # A broker of its own: the session's shared worker never takes this module's tasks.
-        env = {**worker_env, "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0", "LOG_FORMAT": "json",
-               "AUTO_EXPLAIN_METHODS": "none"}  # fmt: skip
+        env = {
+            **worker_env,
+            "CELERY_BROKER_URL": f"redis://127.0.0.1:{redis_port}/0",
+            "LOG_FORMAT": "json",
+            "AUTO_EXPLAIN_METHODS": "none",
+            "GRADCAM_PICTURES": "eager",
+        }  # fmt: skip  (a render task to count)
         web_port = free_port()
         web_log = folder / "web.log"
         with open(web_log, "wb") as log:

@@ -69,6 +69,7 @@ def test_two_worker_machines_share_a_burst_of_uploads_and_never_process_an_image
             "CELERY_BROKER_URL": redis.url,
             "AUTO_EXPLAIN_METHODS": "none",
             "INFERENCE_BATCH_SIZE": "4",
+            "GRADCAM_PICTURES": "eager",  # drawn at once, where the default queue is read
         }
         web = processes.web(common)
         with ThreadPoolExecutor(len(machines)) as pool:  # both machines boot at once

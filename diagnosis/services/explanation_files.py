@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 
 def store_result(*, explanation: Explanation, image, attribution_map, raw=None, seconds: float,
-                 convergence_delta: float | None) -> bool:  # fmt: skip
+                 convergence_delta: float | None, on_view: bool = False) -> bool:  # fmt: skip
     """Render and store the files, then mark the explanation done (files first, so a done explanation
     always has them). With raw=None no attribution file is written (one stored earlier is kept).
     False when another worker finished it first (its files are kept, these deleted)."""
@@ -54,7 +54,10 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw=None, 
         if raw is not None:
             names.append(default_storage.save(f"{folder}/attribution.npy", ContentFile(attribution_npy(raw))))
             fields["attribution"] = names[2]
-        updated = Explanation.objects.filter(pk=explanation.pk).exclude(state=Explanation.State.DONE).update(
+        rows = Explanation.objects.filter(pk=explanation.pk)
+        # Drawn at a first view: the row is done already, and only its first drawing is kept.
+        rows = rows.filter(overlay="") if on_view else rows.exclude(state=Explanation.State.DONE)
+        updated = rows.update(
             state=Explanation.State.DONE, error="", convergence_delta=convergence_delta, duration_ms=seconds * 1000,
             finished_at=timezone.now(), claimed_at=None, raw_map=None, **fields,
         )  # fmt: skip
@@ -62,8 +65,9 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw=None, 
         for name in names:
             default_storage.delete(name)
         raise
-    metrics.observe_explanation(method=explanation.method, seconds=seconds)
-    if updated:
+    if not on_view:
+        metrics.observe_explanation(method=explanation.method, seconds=seconds)
+    if updated and not on_view:
         notify.changed([explanation.image_id], notify.EXPLAINED)
     if not updated:  # another worker finished it first: keep theirs
         for name in names:
@@ -71,12 +75,20 @@ def store_result(*, explanation: Explanation, image, attribution_map, raw=None, 
     return bool(updated)
 
 
+def drawn_on_view() -> bool:
+    """GRADCAM_PICTURES: `on_view` (the default) keeps a Grad-CAM map done in its row and draws its pictures
+    at the first request for them (draw_on_view); `eager` draws them at once, on the default queue."""
+    return settings.GRADCAM_PICTURES != "eager"
+
+
 def _gradcam_row(image: LesionImage, model_version: ModelVersion, result, cam, seconds: float) -> Explanation:
     target_index = list(model_version.class_names).index(result.label)
+    now, on_view = timezone.now(), drawn_on_view()
     return Explanation(
         image=image, model_version=model_version, method="gradcam", params_key=canonical_key("gradcam", {},
         target_index), params={}, target_index=target_index, target_class=result.label,
-        state=Explanation.State.PROCESSING, claimed_at=timezone.now(), raw_map=_map_bytes(cam),
+        state=Explanation.State.DONE if on_view else Explanation.State.PROCESSING,
+        claimed_at=None if on_view else now, finished_at=now if on_view else None, raw_map=_map_bytes(cam),
         duration_ms=seconds * 1000,
     )  # fmt: skip
 
@@ -90,10 +102,11 @@ def _map_bytes(cam) -> bytes:
 
 def record_gradcams(items, *, model_version: ModelVersion, seconds: float) -> None:
     """Keep the Grad-CAM maps that a batch's prediction pass computed, for (image, result, cam) items:
-    one INSERT with the raw maps in the rows, and one message on the default queue to draw the batch's
-    pictures (render_explanations), so an inference worker (a GPU machine, say) spends no time encoding
-    images or writing files. When the INSERT fails (an image predicted again already has its row, say),
-    each is recorded on its own. Never raises: a heatmap problem must not undo stored predictions."""
+    one INSERT with the raw maps in the rows. The pictures are drawn at their first view (draw_on_view),
+    or, with GRADCAM_PICTURES=eager, by one message on the default queue (render_explanations): either
+    way an inference worker (a GPU machine, say) spends no time encoding images or writing files. When
+    the INSERT fails (an image predicted again already has its row, say), each is recorded on its own.
+    Never raises: a heatmap problem must not undo stored predictions."""
     if not items:
         return
     try:
@@ -111,8 +124,11 @@ def record_gradcams(items, *, model_version: ModelVersion, seconds: float) -> No
                                            seconds=seconds))  # fmt: skip
             except Exception:
                 logger.exception("Grad-CAM could not be stored for image %s", image.pk)
-        rows = [row for row in rows if row is not None and row.state != Explanation.State.DONE]
-    ids = [str(row.pk) for row in rows]
+        rows = [row for row in rows if row is not None]
+    if drawn_on_view():  # ready to be viewed: the waiting pages read them
+        notify.changed({row.image_id for row in rows}, notify.EXPLAINED)
+        return
+    ids = [str(row.pk) for row in rows if row.state != Explanation.State.DONE]
     if ids:
         transaction.on_commit(lambda: enqueue_render(ids), robust=True)
 
@@ -128,7 +144,7 @@ def record_gradcam(*, image: LesionImage, model_version: ModelVersion, result, c
     except IntegrityError:  # predicted again (a redelivered message, say): the row exists
         explanation = Explanation.objects.get(image=image, model_version=model_version, method="gradcam",
                                               params_key=row.params_key)  # fmt: skip
-        if explanation.state != Explanation.State.DONE:
+        if not explanation.overlay:  # its pictures are not drawn yet: they will show this map
             Explanation.objects.filter(pk=explanation.pk).update(raw_map=row.raw_map, duration_ms=row.duration_ms)
         return explanation
 
@@ -150,12 +166,39 @@ def render_explanations(*, explanation_ids: list[str]) -> dict[str, str]:
     return outcomes
 
 
+def draw_on_view(explanation: Explanation) -> Explanation:
+    """The first request for a Grad-CAM explanation's pictures (GRADCAM_PICTURES=on_view) draws them, in
+    that request, and keeps them: overlay, heatmap and the .npy, as the render task would. Two requests at
+    once may both draw; the first drawing stored is kept. Returns the explanation with its files. Raises
+    FileNotFoundError or ImageValidationError when the photo cannot be read."""
+    if explanation.overlay or explanation.method != "gradcam" or explanation.raw_map is None:
+        return explanation
+    started = time.perf_counter()
+    raw = _raw_map(explanation)
+    with explanation.image.file.open("rb") as handle:
+        decoded = decode_image(handle.read(), max_bytes=1 << 31, max_pixels=settings.MAX_IMAGE_PIXELS,
+                               max_side=DISPLAY_MAX_SIDE)  # fmt: skip
+    store_result(explanation=explanation, image=decoded.image, attribution_map=raw, raw=raw, on_view=True,
+                 seconds=(explanation.duration_ms or 0) / 1000 + time.perf_counter() - started,
+                 convergence_delta=None)  # fmt: skip
+    # Erased meanwhile: the drawing was deleted with it, and serving the old row finds no file (a 404).
+    return Explanation.objects.select_related("image", "model_version").filter(pk=explanation.pk).first() or explanation
+
+
 def render_explanation(*, explanation_id: str) -> str:
     """Draw the overlay and heatmap of an explanation whose raw map is stored (Grad-CAM), and write the
     map as the downloadable .npy."""
     explanation = Explanation.objects.select_related("image", "model_version").filter(pk=explanation_id).first()
-    if explanation is None or explanation.state == Explanation.State.DONE:
+    if explanation is None or explanation.overlay:
         return "skipped"
+    if explanation.state == Explanation.State.DONE:  # a map kept to be drawn at its first view: drawn now
+        if explanation.raw_map is None:
+            return "skipped"
+        try:
+            draw_on_view(explanation)
+        except (FileNotFoundError, ImageValidationError, ValueError):
+            return "failed"  # asked for, its download says why
+        return "done"
     if explanation.raw_map is None and not explanation.attribution:
         return "skipped"
     set_image_id(explanation.image_id)

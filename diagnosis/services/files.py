@@ -20,7 +20,10 @@ from django.conf import settings
 from django.db.models.fields.files import FieldFile
 from django.http import FileResponse, HttpResponse, HttpResponseBase, HttpResponseRedirect
 
+from mlcore.preprocessing import ImageValidationError
+
 from ..models import AuditEvent, Clinic, Explanation, LesionImage
+from . import explanation_files
 from .audit import record_event
 from .explanations import picture_type
 
@@ -72,6 +75,11 @@ def explanation_download(explanation: Explanation, kind: str) -> Download:
     """One file of an explanation: `kind` is overlay, heatmap or attribution (a KeyError otherwise). The
     pictures are shown inline; the raw attribution (.npy) is an attachment."""
     content_type, extension = EXPLANATION_FILES[kind]
+    if explanation.state == Explanation.State.DONE and not explanation.overlay and explanation.raw_map is not None:
+        try:  # a Grad-CAM map whose pictures are drawn at their first view (GRADCAM_PICTURES=on_view)
+            explanation = explanation_files.draw_on_view(explanation)
+        except (FileNotFoundError, ImageValidationError) as exc:
+            raise FileUnavailable(f"The pictures of this explanation cannot be drawn: {exc}") from None
     stored = getattr(explanation, kind)
     if explanation.state != Explanation.State.DONE or not stored:
         raise FileUnavailable("This explanation has no files yet.")

@@ -266,6 +266,11 @@ API_TOKEN_TTL_DAYS = env_int("API_TOKEN_TTL_DAYS", 90)
 # Explanations: every prediction gets Grad-CAM at once and these methods on the explain queue.
 # "none" turns them off.
 AUTO_EXPLAIN_METHODS = [m for m in env_list("AUTO_EXPLAIN_METHODS", ["integrated_gradients"]) if m.lower() != "none"]
+# Grad-CAM's pictures (overlay, heatmap, .npy): "on_view" draws them at the first request for them, in that
+# request (about 60 ms for a 1.5 MP photo on one core), and keeps them; "eager" draws every one at once on
+# the default queue. on_view spares the CPU of uploads whose pictures nobody opens (most API clients),
+# which on a small machine is the CPU the next prediction needs (bench/README.md, issue 19).
+GRADCAM_PICTURES = env_str("GRADCAM_PICTURES", "on_view")
 # Results without polling (docs/api.md, "Waiting for the result"): the worker that changes an upload's
 # state notifies the web processes, which wake the requests waiting for it. RESULT_NOTIFY: "auto" (a
 # Redis channel when the broker is Redis, else PostgreSQL LISTEN/NOTIFY when the database is PostgreSQL,
