@@ -16,3 +16,17 @@ def claim_timeout_outlives_tasks(app_configs, **kwargs):
             )
         ]
     return []
+
+
+@register()
+def known_choices(app_configs, **kwargs):
+    """Settings that take one of a few words: a typo must stop the start, not change the behaviour."""
+    choices = {
+        "GRADCAM_PICTURES": ("on_view", "eager"),
+        "RESULT_NOTIFY": ("auto", "redis", "postgres", "local", "off"),
+    }
+    return [
+        Error(f"{name} is {getattr(settings, name)!r}; use one of {', '.join(allowed)}.", id="diagnosis.E002")
+        for name, allowed in choices.items()
+        if str(getattr(settings, name)).strip().lower() not in allowed
+    ]

@@ -351,3 +351,13 @@ def test_clients_waiting_when_their_worker_is_killed_get_202_and_the_upload_stil
 
                 answer = wait_showing_log(done, 90, f"{image_id} to complete after the kill", second, interval=0)
                 assert answer.json()["state"] == "done", answer.text
+
+
+@pytest.mark.parametrize("name", ["RESULT_NOTIFY", "GRADCAM_PICTURES"])
+def test_a_mistyped_choice_is_a_system_check_error(settings, name):
+    from django.core.checks import run_checks
+
+    assert not [error for error in run_checks() if error.id == "diagnosis.E002"]
+    setattr(settings, name, "redsi")
+    errors = [error for error in run_checks() if error.id == "diagnosis.E002"]
+    assert len(errors) == 1 and name in errors[0].msg
