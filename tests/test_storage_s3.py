@@ -176,6 +176,10 @@ def test_an_upload_lives_in_the_private_bucket_from_web_to_worker_to_download_un
                          "the Grad-CAM pictures", s3_stack.worker)  # fmt: skip
         gradcam = gradcam.get()
         assert client.get(f"/api/v1/images/{image_id}/").json()["state"] == "done"
+        # The pictures are drawn at their first view (GRADCAM_PICTURES=on_view), by the web server, into the bucket.
+        overlay = client.get(f"/api/v1/explanations/{gradcam.pk}/overlay/")
+        assert overlay.status_code == 200, overlay.text
+        gradcam.refresh_from_db()
 
         # Everything of the upload is in the bucket, nowhere else.
         stored = {image.file.name, gradcam.overlay.name, gradcam.heatmap.name, gradcam.attribution.name}
@@ -186,8 +190,6 @@ def test_an_upload_lives_in_the_private_bucket_from_web_to_worker_to_download_un
         download = client.get(f"/api/v1/images/{image_id}/file/")
         assert download.status_code == 200, download.text
         assert download.content == bucket.read(image.file.name) and download.content[:2] == b"\xff\xd8"
-        overlay = client.get(f"/api/v1/explanations/{gradcam.pk}/overlay/")
-        assert overlay.status_code == 200, overlay.text
         assert overlay.content == bucket.read(gradcam.overlay.name) and overlay.content[:2] == b"\xff\xd8"
 
     # The bucket is private: the objects' plain URLs refuse an unsigned request. (moto does not apply
