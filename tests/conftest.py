@@ -209,6 +209,21 @@ def wait_for(predicate, timeout: float, interval: float = 0.2, message: str = "c
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {message}")
 
 
+def wait_until_serving(url: str, process: subprocess.Popen, log_path: Path, *, what: str = "gunicorn",
+                       timeout: float = 60) -> None:  # fmt: skip
+    """Wait until the web server at `url` answers GET /healthz with 200; fail with its log if it exits."""
+    import httpx
+
+    def up():
+        assert process.poll() is None, f"{what} exited:\n{log_path.read_text(errors='replace')[-3000:]}"
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_for(up, timeout, message=what)
+
+
 class WorkerProcess:
     def __init__(self, process: subprocess.Popen, log_path: Path, name: str = ""):
         self.process = process

@@ -27,7 +27,7 @@ import pytest
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, lesion_jpeg, reachable, start_worker, stop_worker, wait_for
+from tests.conftest import ROOT, lesion_jpeg, reachable, start_worker, stop_worker, wait_for, wait_until_serving
 
 PREDICT = "diagnosis.tasks.predict_image_task"
 RENDER = "diagnosis.tasks.render_explanation_task"
@@ -111,14 +111,7 @@ def stack(worker_env, tmp_path_factory):
         )  # fmt: skip
         web_url = f"http://127.0.0.1:{web_port}"
 
-        def web_up():
-            assert web.poll() is None, f"gunicorn exited:\n{web_log.read_text()[-3000:]}"
-            try:
-                return httpx.get(f"{web_url}/healthz", timeout=2).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(web_up, 60, message="gunicorn")
+        wait_until_serving(web_url, web, web_log)
         yield SimpleNamespace(
             web_url=web_url, web_log=web_log, worker=worker, worker_metrics_url=f"http://127.0.0.1:{worker_port}/metrics",
             broker_url=env["CELERY_BROKER_URL"],

@@ -26,7 +26,7 @@ from django.db import connection
 from diagnosis.models import ImageState, LesionImage
 from diagnosis.services import notify, waiting
 from diagnosis.services.predictions import process_image, process_images
-from tests.conftest import lesion_jpeg, upload_file, wait_for
+from tests.conftest import lesion_jpeg, upload_file, wait_for, wait_until_serving
 from tests.test_faults import SWEEPER_ENV, Processes, free_port, tail, wait_ready, wait_showing_log
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -246,15 +246,7 @@ def gunicorn(processes: Processes, env: dict[str, str]) -> str:
         env={**env, "PROMETHEUS_MULTIPROC_DIR": str(processes.folder / f"metrics-{port}")}, log_name=f"web-{port}.log",
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-
-    def up():
-        assert process.poll() is None, f"gunicorn exited:\n{tail(log_path)}"
-        try:
-            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    wait_for(up, 60, message="gunicorn")
+    wait_until_serving(url, process, log_path)
     return url
 
 

@@ -1,16 +1,15 @@
 from __future__ import annotations
 
 from django.urls import reverse
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
+from drf_spectacular.utils import extend_schema, extend_schema_view
 from rest_framework import mixins, viewsets
 from rest_framework.response import Response
 
 from ...client_address import client_ip
 from ...models import ImageState, UploadBatch
 from ...services import status as status_services
-from ..errors import error_responses
 from ..serializers import BatchStatusSerializer
-from .common import VIA, WAIT_PARAMETERS, answer_waited, requested_wait, wait_until
+from .common import VIA, WAIT_PARAMETERS, answer_waited, requested_wait, wait_until, waited_answers
 
 
 @extend_schema_view(
@@ -20,11 +19,7 @@ from .common import VIA, WAIT_PARAMETERS, answer_waited, requested_wait, wait_un
         "final (`finished`), woken when the worker stores the results: 200 once finished, 202 when the wait ended "
         "first.",
         parameters=WAIT_PARAMETERS,
-        responses={
-            200: BatchStatusSerializer,
-            202: OpenApiResponse(BatchStatusSerializer, description="Asked to wait: not finished when it ended."),
-            **error_responses(400, 401, 403, 404),
-        },
+        responses=waited_answers(BatchStatusSerializer, 400, 401, 403, 404),
     )
 )
 class BatchViewSet(mixins.RetrieveModelMixin, viewsets.GenericViewSet):

@@ -16,6 +16,7 @@ from ...request_wait import InvalidWait, WaitOption, hung_up_check, wait_option
 from ...services import files as file_services
 from ...services import status as status_services
 from ...services import waiting
+from ..errors import error_responses
 
 VIA = "api"
 
@@ -61,6 +62,18 @@ WAITED = (
     "`failed`) and is woken when the worker stores it. {answers} A server whose waiting requests are all taken "
     "answers at once, as without the option (no `Preference-Applied`)."
 )
+WAITED_GET = WAITED.format(answers="200 once final; 202 when the wait ended first.")
+
+
+def waited_answers(serializer, *errors: int) -> dict:
+    """The answers of a GET that may wait: 200, 202 (the same body, not final yet) and the errors."""
+    return {
+        200: serializer,
+        202: OpenApiResponse(serializer, description="Asked to wait: not final when the wait ended."),
+        **error_responses(*errors),
+    }
+
+
 WAIT_PARAMETERS = [
     OpenApiParameter(
         "wait", int, OpenApiParameter.QUERY, required=False,

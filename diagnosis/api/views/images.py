@@ -38,6 +38,7 @@ from .common import (
     VIA,
     WAIT_PARAMETERS,
     WAITED,
+    WAITED_GET,
     JSONRefusals,
     answer_waited,
     read_status,
@@ -47,6 +48,7 @@ from .common import (
     wait_for_accepted,
     wait_for_image,
     wait_until,
+    waited_answers,
 )
 
 
@@ -62,14 +64,9 @@ from .common import (
     retrieve=extend_schema(
         summary="An image's status and result (the status URL)",
         description="`state` is `done` (then `prediction` is set) or `failed` (then `error` says why) once the "
-        "model has run: wait for it with `?wait=N` rather than polling."
-        + WAITED.format(answers="200 once final; 202 when the wait ended first."),
+        "model has run: wait for it with `?wait=N` rather than polling." + WAITED_GET,
         parameters=WAIT_PARAMETERS,
-        responses={
-            200: ImageSerializer,
-            202: OpenApiResponse(ImageSerializer, description="Asked to wait: not final yet when the wait ended."),
-            **error_responses(400, 401, 403, 404),
-        },
+        responses=waited_answers(ImageSerializer, 400, 401, 403, 404),
     ),
     create=extend_schema(
         summary="Upload a lesion photo for triage",
@@ -218,13 +215,9 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
             "single SQL statement (primary key, clinic and latest prediction together), for clients that poll. "
             "Reading a finished result is written to the audit log, as for the full record."
         )
-        + WAITED.format(answers="200 once final; 202 when the wait ended first."),
+        + WAITED_GET,
         parameters=WAIT_PARAMETERS,
-        responses={
-            200: ImageStatusSerializer,
-            202: OpenApiResponse(ImageStatusSerializer, description="Asked to wait: not final when the wait ended."),
-            **error_responses(400, 401, 403, 404),
-        },
+        responses=waited_answers(ImageStatusSerializer, 400, 401, 403, 404),
     )
     @action(detail=True, methods=["get"], url_path="status", url_name="status")
     def image_status(self, request, pk=None):
