@@ -19,9 +19,23 @@ from knox.models import AbstractAuthToken
 DISCLAIMER = "Decision support, not a diagnosis."
 
 
+class QualityCheck(models.TextChoices):
+    """How the photo-quality gate judges a photo (mlcore.quality.assess): strict refuses on any failed
+    check, lenient only when no risk can be read at all (not skin, too small, unlike the training photos),
+    off refuses nothing (the measures are still reported)."""
+
+    STRICT = "strict", "Strict"
+    LENIENT = "lenient", "Lenient"
+    OFF = "off", "Off"
+
+
 class Clinic(models.Model):
     name = models.CharField(max_length=200, unique=True)
     created_at = models.DateTimeField(default=timezone.now)
+    quality_check = models.CharField(
+        max_length=10, choices=QualityCheck.choices, default=QualityCheck.STRICT,
+        help_text="The photo-quality check for this clinic's uploads, unless an upload asks for another",
+    )  # fmt: skip
 
     def __str__(self) -> str:
         return self.name
@@ -178,6 +192,13 @@ class LesionImage(models.Model):
     idempotency_key = models.CharField(
         max_length=200, blank=True, help_text="The client's Idempotency-Key: a retry with it returns this image"
     )
+    quality_check = models.CharField(
+        max_length=10, choices=QualityCheck.choices, default=QualityCheck.STRICT,
+        help_text="The photo-quality check this upload gets: its own option, or its clinic's",
+    )  # fmt: skip
+    camera = models.CharField(
+        max_length=100, blank=True, help_text="The camera's make and model from the photo's metadata (then stripped)"
+    )
     state = models.CharField(max_length=12, choices=ImageState.choices, default=ImageState.QUEUED)
     error = models.TextField(blank=True)
     attempts = models.PositiveSmallIntegerField(default=0)
@@ -230,6 +251,11 @@ class ModelVersion(models.Model):
     drift_projection = models.JSONField(
         default=dict, blank=True, help_text="PCA of the training set's embeddings, for embedding drift (mlcore.drift)"
     )
+    quality_gate = models.JSONField(
+        default=dict, blank=True,
+        help_text="The photo-quality thresholds, OOD reference and refer-when-unsure band (mlcore.gate); "
+        "empty for a version registered before the gate",
+    )  # fmt: skip
     is_active = models.BooleanField(default=False)
     created_at = models.DateTimeField(default=timezone.now)
     activated_at = models.DateTimeField(null=True, blank=True)
@@ -311,6 +337,13 @@ class TrainingRun(models.Model):
         return f"run {self.pk} ({self.status})"
 
 
+class RiskDecision(models.TextChoices):
+    ABOVE = "above_threshold", "Above the referral threshold"
+    BELOW = "below_threshold", "Below the referral threshold"
+    UNCERTAIN = "uncertain", "Uncertain: specialist review recommended"
+    NOT_ASSESSABLE = "not_assessable", "Not assessable: take another photo"
+
+
 class Prediction(models.Model):
     image = models.ForeignKey(LesionImage, on_delete=models.CASCADE, related_name="predictions")
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="predictions")
@@ -319,6 +352,13 @@ class Prediction(models.Model):
     threshold = models.FloatField()
     probabilities = models.JSONField(default=dict)
     inference_ms = models.FloatField(null=True, blank=True)
+    decision = models.CharField(
+        max_length=20, choices=RiskDecision.choices, blank=True,
+        help_text="Empty for a prediction stored before the quality gate: read it from the threshold",
+    )  # fmt: skip
+    assessable = models.BooleanField(null=True, blank=True)
+    quality = models.JSONField(default=dict, blank=True, help_text="The quality checks, OOD and band (mlcore.gate)")
+    ood_score = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:
@@ -421,6 +461,7 @@ class Feedback(models.Model):
     class Kind(models.TextChoices):
         ASSESSMENT = "assessment", "Clinician assessment"
         HISTOPATHOLOGY = "histopathology", "Histopathology outcome"
+        PHOTO = "photo", "Photo quality (agrees: the gate's call on the photo was right)"
 
     class GroundTruth(models.TextChoices):
         MALIGNANT = "malignant", "Malignant"
@@ -444,7 +485,7 @@ class Feedback(models.Model):
         ordering = ["-recorded_at", "-id"]
         constraints = [
             models.CheckConstraint(
-                condition=(Q(kind="assessment", agrees__isnull=False, diagnosis="")
+                condition=(Q(kind__in=["assessment", "photo"], agrees__isnull=False, diagnosis="")
                            | Q(kind="histopathology", agrees__isnull=True) & ~Q(diagnosis="")),
                 name="feedback_fields_match_kind",
             )

@@ -20,6 +20,7 @@ from .drift import file_features, image_features
 from .inference import decode_side
 from .leakage import Fingerprint, fingerprint
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageValidationError, decode_image, resize_for_model
+from .quality import measure
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -35,6 +36,7 @@ class LoadedImage:
     image: Image.Image  # RGB at the training input size
     fingerprint: Fingerprint
     features: dict[str, float]
+    quality: dict[str, float] = field(default_factory=dict)  # mlcore.quality.measure, as a worker measures it
 
 
 @dataclass
@@ -202,6 +204,9 @@ def load_files(
                 image=resize_for_model(decoded.image, image_size),
                 fingerprint=fingerprint(decoded.image),
                 features=_features(decoded, file_size=len(data)) if with_features else {},
+                quality=measure(decoded.image, full_size=(decoded.full_width, decoded.full_height))
+                if with_features
+                else {},
             )
         )
     return split

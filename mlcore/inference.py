@@ -117,22 +117,50 @@ class Predictor:
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch.to(self.device).contiguous(memory_format=torch.channels_last)
 
-    def predict_with_gradcam_tensors(self, batch: torch.Tensor, *, embeddings: bool = False, upsample: bool = True):
+    def predict_with_gradcam_tensors(
+        self, batch: torch.Tensor, *, embeddings: bool = False, upsample: bool = True, augment: bool = False
+    ):
         """predict_with_gradcam for a batch already preprocessed (on the CPU, or on the model's device
         when it was decoded there: mlcore.tensor_decode). upsample=False: the maps at the feature map's
-        own size (7 x 7 for a ResNet at 224 px), for mlcore.heatmap.upsample_bilinear later."""
+        own size (7 x 7 for a ResNet at 224 px), for mlcore.heatmap.upsample_bilinear later.
+
+        augment=True: test-time augmentation, the photos' AUGMENTATIONS in the same forward pass, and
+        one more item returned last: per photo, the calibrated malignancy probability of each view."""
         batch = self.to_device(batch)
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         head = linear_head(self.model)
         if head is None:  # a head other than average pooling and one linear layer: let autograd do it
-            return self._gradcam_by_autograd(batch, autocast, embeddings, upsample)
+            found = self._gradcam_by_autograd(batch, autocast, embeddings, upsample)
+            return (*found, self.augmented_probabilities(batch)) if augment else found
         weight, bias = head
+        count = len(batch)
         with torch.inference_mode():
             with autocast:
-                features = resnet_features(self.model, batch)
+                features = resnet_features(self.model, augmented(batch) if augment else batch)
             features = features.float()
             pooled = features.mean(dim=(2, 3))
             logits = torch.nn.functional.linear(pooled, weight.float(), bias.float() if bias is not None else None)
+            views = None
+            if augment:
+                views = self._positive(logits[count:]).reshape(len(AUGMENTATIONS), count).T
+                features, pooled, logits = features[:count], pooled[:count], logits[:count]
+            found = self._gradcam_from_head(features, pooled, logits, weight, embeddings, upsample)
+            return (*found, views) if augment else found
+
+    def _positive(self, logits: torch.Tensor) -> np.ndarray:
+        probabilities = torch.softmax(logits.float() / self.meta.temperature, dim=1)
+        return probabilities[:, self.meta.positive_index].cpu().numpy().astype(np.float64)
+
+    @torch.inference_mode()
+    def augmented_probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        """Per photo, the calibrated malignancy probability of each of its AUGMENTATIONS (one forward)."""
+        count = len(batch)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            logits = self.model(views_of(self.to_device(batch)))
+        return self._positive(logits).reshape(len(AUGMENTATIONS), count).T
+
+    def _gradcam_from_head(self, features, pooled, logits, weight, embeddings: bool, upsample: bool):
+        with torch.inference_mode():
             results = self._results(torch.softmax(logits / self.meta.temperature, dim=1).cpu())
             targets = torch.tensor([self.meta.class_names.index(r.label) for r in results], device=logits.device)
             # The gradient of the target's log-odds z_c - logsumexp(z_others) with respect to the pooled
@@ -173,6 +201,20 @@ class Predictor:
         if embeddings:
             return results, cams, features.detach().mean(dim=(2, 3)).cpu().numpy().astype(np.float32)
         return results, cams
+
+
+# Test-time augmentation's views of a photo: a lesion has no up, down, left or right.
+AUGMENTATIONS = ("horizontal flip", "vertical flip", "transpose")
+
+
+def views_of(batch: torch.Tensor) -> torch.Tensor:
+    """The AUGMENTATIONS of a batch (N x C x H x W, square), view after view: V * N rows."""
+    return torch.cat([batch.flip(3), batch.flip(2), batch.transpose(2, 3)])
+
+
+def augmented(batch: torch.Tensor) -> torch.Tensor:
+    """The batch, then its views: (1 + V) * N rows, for one forward pass."""
+    return torch.cat([batch, views_of(batch)])
 
 
 def linear_head(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

@@ -18,7 +18,7 @@ import PIL
 import torch
 from torch import nn
 
-from . import drift, metrics, plots
+from . import drift, gate, metrics, plots
 from .datasets import DataError, ImageFolderData, LoadedSplit, load_image_folder, stratified_split
 from .leakage import find_near_duplicates
 from .model import CheckpointMeta, resnet_features
@@ -57,6 +57,7 @@ class TrainingOutcome:
     reference_features: list[dict[str, Any]]
     provenance: dict[str, Any]
     drift_projection: dict[str, Any] | None = None
+    quality_gate: dict[str, Any] | None = None  # mlcore.gate.build_gate
 
     @property
     def model(self) -> nn.Module:
@@ -149,9 +150,7 @@ def evaluate_on_test(model: nn.Module, meta: CheckpointMeta, prepared: PreparedD
     return evaluation, figures
 
 
-def reference_features(
-    model: nn.Module, meta: CheckpointMeta, prepared: PreparedData
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData, *, with_outputs: bool = False):
     """The drift reference set: the features of every training, validation and test image, the
     model's calibrated probability on it, and its embedding projected on the first principal
     components of the training set's embeddings (the projection is returned with the rows)."""
@@ -174,6 +173,8 @@ def reference_features(
                 {"path": item.path, "split": split_name, "label": prepared.data.class_names[item.label],
                  "features": features}
             )  # fmt: skip
+    if with_outputs:  # each split's (logits, embeddings), for the quality gate
+        return rows, projection.to_dict() if projection else None, outputs
     return rows, projection.to_dict() if projection else None
 
 
@@ -238,8 +239,28 @@ def finalize(
         "leakage": evaluation["leakage"],
     }
     result.meta.training["provenance"] = provenance
-    rows, projection = reference_features(result.model, result.meta, prepared)
-    return TrainingOutcome(result, evaluation, figures, rows, provenance, projection)
+    rows, projection, outputs = reference_features(result.model, result.meta, prepared, with_outputs=True)
+    return TrainingOutcome(result, evaluation, figures, rows, provenance, projection,
+                           quality_gate(result.meta, prepared, outputs))  # fmt: skip
+
+
+def quality_gate(meta: CheckpointMeta, prepared: PreparedData, outputs: dict) -> dict[str, Any] | None:
+    """The model version's photo-quality and out-of-distribution gate (mlcore.gate): the quality thresholds
+    from the training photos, the OOD reference from their embeddings with its threshold on the held-out
+    (validation and test) photos, and the refer-when-unsure band from the validation scores. None when
+    the data are too few to calibrate it (fewer than 20 training photos): the gate is then off."""
+    measures = [item.quality for item in prepared.train.items if item.quality]
+    held_out = [outputs[name][1] for name in ("validation", "test") if name in outputs]
+    if len(measures) < 20 or not held_out or "validation" not in outputs:
+        return None
+    logits = outputs["validation"][0]
+    scores = metrics.softmax(logits, meta.temperature)[:, meta.positive_index]
+    target = float(meta.training.get("config", {}).get("target_sensitivity", 0.9))
+    return gate.build_gate(
+        reference_measures=measures, train_embeddings=outputs["train"][1], held_out_embeddings=np.concatenate(held_out),
+        validation_labels=prepared.validation.labels == meta.positive_index, validation_scores=scores,
+        threshold=meta.threshold, target_sensitivity=target, input_size=meta.input_size,
+    )  # fmt: skip
 
 
 def _jsonable(value: Any) -> Any:

@@ -72,24 +72,37 @@ class Check:
 class Verdict:
     assessable: bool
     checks: tuple[Check, ...]
+    mode: str = "strict"
 
     @property
     def reasons(self) -> list[str]:
-        """What to do about each failed check, in words."""
-        return [check.advice for check in self.checks if not check.passed]
+        """What to do about each failed check that refuses the photo, in words."""
+        return [check.advice for check in self.checks if not check.passed and self._refuses(check)]
+
+    @property
+    def warnings(self) -> list[str]:
+        """Failed checks that, in this mode, do not refuse the photo."""
+        return [check.advice for check in self.checks if not check.passed and not self._refuses(check)]
+
+    def _refuses(self, check: Check) -> bool:
+        return self.mode == "strict" or (self.mode == "lenient" and check.name in HARD)
 
 
 def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
+SKIN_CR_LOW = 129  # Chai and Ngan's 133 left out very light, yellowish skin (Cr 131–132)
+
+
 def skin_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels whose colour falls in the usual skin range in YCbCr (Cb 77–127, Cr 133–173; Chai and
-    Ngan, 1999), a wide box that holds light to dark skin and most lesions on it."""
+    """Pixels whose colour falls in the usual skin range in YCbCr (Cb 77–127, Cr 129–173; after Chai and
+    Ngan, 1999, whose Cr floor of 133 missed very light skin), a wide box that holds light to dark skin
+    and most lesions on it; grey, white and blue fall outside it (Cb 128 and above)."""
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     cb = 128 - 0.168736 * red - 0.331264 * green + 0.5 * blue
     cr = 128 + 0.5 * red - 0.418688 * green - 0.081312 * blue
-    return (cb >= 77) & (cb <= 127) & (cr >= 133) & (cr <= 173)
+    return (cb >= 77) & (cb <= 127) & (cr >= SKIN_CR_LOW) & (cr <= 173)
 
 
 LESION_CONTRAST = 15.0  # luminance levels a lesion must be darker than the skin around it
@@ -138,36 +151,49 @@ def measure(image: Image.Image, *, full_size: tuple[int, int] | None = None) -> 
     }
 
 
-# How far beyond the quantile a threshold goes, in units of the quantile's distance to the median. 0 for now:
-# the policy (reference set size, rate per bound, margin) is set on bench/quality_gate.py's held-out photos.
-MARGIN = 0.0
+# The total share of good photos the gate may refuse, spread evenly over the bounds. Each bound's threshold
+# is the reference photos' quantile at that share, moved further out by MARGIN times its distance to the
+# quartile on the same side: a reference set of a few hundred photos does not know its own tails, and the
+# quartile's distance says how quickly the values thin out there (a normal tail from the median and MAD
+# would not do: brightness, for one, spreads evenly across skin tones).
+FALSE_REFUSAL = 0.02
+MARGIN = 0.25
 FLOORS = {"clipped:high": 0.02, "lesion_offset:high": 0.35}  # never stricter than these
+HARD = {"skin", "resolution"}  # refused even by a lenient check: no risk can be read from such a photo
 
 
-def calibrate(values: Iterable[Mapping[str, float]], *, false_refusal: float = 0.01,
+def calibrate(values: Iterable[Mapping[str, float]], *, false_refusal: float = FALSE_REFUSAL,
               min_resolution: int = 224, margin: float = MARGIN) -> dict[str, float]:  # fmt: skip
-    """Thresholds from reference photos' measures: for each bound, the quantile that leaves
-    `false_refusal` of them on the failing side, moved `margin` times its distance from the median further
-    out (a reference set of a few hundred photos does not know its own tails), and never stricter than
-    FLOORS. Keys are "name:low" or "name:high"."""
+    """Thresholds from reference photos' measures, so that about `false_refusal` of good photos fail the
+    gate as a whole (see MARGIN). Never stricter than FLOORS. Keys are "name:low" or "name:high"."""
     rows = list(values)
     if len(rows) < 20:
         raise ValueError(f"calibrating the quality gate needs at least 20 reference photos, not {len(rows)}")
     if not 0 < false_refusal < 0.5:
         raise ValueError("false_refusal must be between 0 and 0.5")
+    share = false_refusal / len(BOUNDS)
     thresholds = {"resolution:low": float(min_resolution)}
     for name, direction in BOUNDS:
         column = np.asarray([row[name] for row in rows], dtype=np.float64)
-        quantile = float(np.quantile(column, false_refusal if direction == "low" else 1 - false_refusal))
-        threshold = quantile + margin * (quantile - float(np.median(column)))
         key = f"{name}:{direction}"
-        thresholds[key] = max(threshold, FLOORS.get(key, threshold)) if direction == "high" else threshold
+        if direction == "low":
+            edge, quartile = np.quantile(column, [share, 0.25])
+            thresholds[key] = float(edge - margin * (quartile - edge))
+        else:
+            edge, quartile = np.quantile(column, [1 - share, 0.75])
+            thresholds[key] = float(max(edge + margin * (edge - quartile), FLOORS.get(key, -np.inf)))
     return thresholds
 
 
-def assess(values: Mapping[str, float], thresholds: Mapping[str, float]) -> Verdict:
-    """A photo's measures against the thresholds: each check, and assessable when all pass. A bound
-    without a threshold is reported but not judged."""
+MODES = ("strict", "lenient", "off")
+
+
+def assess(values: Mapping[str, float], thresholds: Mapping[str, float], *, mode: str = "strict") -> Verdict:
+    """A photo's measures against the thresholds: each check, and whether the photo can be assessed. A
+    bound without a threshold is reported but not judged. `mode`: "strict" refuses on any failed check,
+    "lenient" only on the HARD ones (the others become warnings), "off" refuses nothing."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
     checks = []
     for name, direction in (*BOUNDS, ("resolution", "low")):
         threshold = thresholds.get(f"{name}:{direction}")
@@ -175,4 +201,5 @@ def assess(values: Mapping[str, float], thresholds: Mapping[str, float]) -> Verd
         passed = threshold is None or (value >= threshold if direction == "low" else value <= threshold)
         checks.append(Check(name=name, value=value, threshold=threshold, direction=direction, passed=passed,
                             advice="" if passed else ADVICE[(name, direction)]))  # fmt: skip
-    return Verdict(assessable=all(check.passed for check in checks), checks=tuple(checks))
+    refusing = [c for c in checks if not c.passed and (mode == "strict" or (mode == "lenient" and c.name in HARD))]
+    return Verdict(assessable=not refusing, checks=tuple(checks), mode=mode)

@@ -146,6 +146,38 @@ def active_model(db, tiny_checkpoint):
     return register_model(checkpoint=tiny_checkpoint, version=f"tiny-{uuid.uuid4().hex[:8]}", activate=True)
 
 
+@pytest.fixture(scope="session")
+def tiny_gate(tiny_checkpoint) -> dict:
+    """The photo-quality gate of tiny_checkpoint (mlcore.gate), built as training builds one: quality
+    thresholds and the OOD reference from synthetic training photos at 128 px (the size the tests
+    upload), the OOD threshold and the refer-when-unsure band from held-out ones."""
+    from mlcore.data import SyntheticLesions
+    from mlcore.gate import build_gate
+    from mlcore.inference import Predictor
+    from mlcore.quality import measure
+
+    predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+    train, held = list(SyntheticLesions(120, size=128, seed=21)), list(SyntheticLesions(80, size=128, seed=22))
+    _, _, train_embeddings = predictor.predict_with_gradcam([image for image, _ in train], embeddings=True)
+    results, _, held_embeddings = predictor.predict_with_gradcam([image for image, _ in held], embeddings=True)
+    return build_gate(
+        reference_measures=[measure(image) for image, _ in train], train_embeddings=train_embeddings,
+        held_out_embeddings=held_embeddings,
+        validation_labels=[label == predictor.meta.positive_index for _, label in held],
+        validation_scores=[result.probability_malignant for result in results], threshold=predictor.meta.threshold,
+        target_sensitivity=0.9, input_size=predictor.meta.input_size,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def gated_model(db, tiny_checkpoint, tiny_gate):
+    """tiny_checkpoint registered and active with its photo-quality gate, as a trained model is."""
+    from diagnosis.services.registry import register_model
+
+    return register_model(checkpoint=tiny_checkpoint, version=f"gated-{uuid.uuid4().hex[:8]}", activate=True,
+                          quality_gate=tiny_gate)  # fmt: skip
+
+
 @pytest.fixture
 def faults_setup(tiny_checkpoint):
     """A clinic, an API token of one of its clinicians, and an active model the workers can load."""

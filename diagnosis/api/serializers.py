@@ -6,7 +6,20 @@ from django.urls import reverse
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from ..models import DISCLAIMER, BodySite, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..models import (
+    DISCLAIMER,
+    BodySite,
+    Explanation,
+    Feedback,
+    ImageState,
+    Lesion,
+    LesionImage,
+    Patient,
+    Prediction,
+    QualityCheck,
+    RiskDecision,
+)  # fmt: skip
+from ..services.status import EMPTY_OUTCOME, above_threshold, outcome
 
 
 class ClinicScopedPrimaryKeyField(serializers.PrimaryKeyRelatedField):
@@ -53,18 +66,94 @@ class LesionSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "created_at"]
 
 
+class QualityCheckSerializer(serializers.Serializer):
+    name = serializers.CharField(help_text="focus, brightness, clipped, skin, lesion_size, lesion_offset or resolution")
+    value = serializers.FloatField()
+    threshold = serializers.FloatField(allow_null=True, help_text="Null where the model version has none")
+    direction = serializers.ChoiceField(choices=["low", "high"], help_text="low: fails below it; high: above it")
+    passed = serializers.BooleanField()
+    advice = serializers.CharField(allow_blank=True, help_text="What to do about it, in words, when it failed")
+
+
+class OodSerializer(serializers.Serializer):
+    score = serializers.FloatField(allow_null=True)
+    threshold = serializers.FloatField(allow_null=True)
+    passed = serializers.BooleanField()
+
+
+class QualitySerializer(serializers.Serializer):
+    gate = serializers.ChoiceField(choices=["strict", "lenient", "off"], help_text="How the photo was judged")
+    checks = QualityCheckSerializer(many=True)
+    reasons = serializers.ListField(child=serializers.CharField(), help_text="Why it cannot be assessed, in words")
+    warnings = serializers.ListField(child=serializers.CharField(), required=False,
+                                     help_text="Failed checks that did not refuse it (a lenient check)")  # fmt: skip
+    ood = OodSerializer(required=False, help_text="The out-of-distribution score against the training photos")
+    band = serializers.ListField(child=serializers.FloatField(), allow_null=True, required=False,
+                                 help_text="The probabilities between which the result is uncertain")  # fmt: skip
+    augmented = serializers.ListField(child=serializers.FloatField(), required=False,
+                                      help_text="Test-time augmentation's probabilities, when it ran")  # fmt: skip
+    advice = serializers.CharField(required=False, help_text="For an uncertain result")
+    note = serializers.CharField(allow_blank=True, required=False)
+
+
+DECISION_HELP = (
+    "above_threshold or below_threshold (the referral call), uncertain (near the threshold, or augmented views "
+    "disagree: specialist review recommended) or not_assessable (the photo failed the quality or "
+    "out-of-distribution check: see quality.reasons and take another photo)."
+)
+
+
+class OutcomeFields(serializers.Serializer):
+    """The quality gate's fields (issue 20), shared by the prediction and the status payloads."""
+
+    decision = serializers.ChoiceField(choices=RiskDecision.choices, allow_null=True, help_text=DECISION_HELP)
+    assessable = serializers.BooleanField(allow_null=True, help_text="False: no decision is shown for this photo")
+    quality = QualitySerializer(allow_null=True)
+    ood_score = serializers.FloatField(
+        allow_null=True, help_text="Higher: less like the training photos (about 1.4 is typical)"
+    )
+
+
 class PredictionSerializer(serializers.ModelSerializer):
     model_version = serializers.CharField(source="model_version.version")
     above_threshold = serializers.SerializerMethodField(
-        help_text="Whether the probability reaches the model's operating (referral) threshold."
+        help_text="Whether the probability reaches the model's operating (referral) threshold; null when the "
+        "photo is not assessable."
     )
+    decision = serializers.SerializerMethodField(help_text=DECISION_HELP)
+    assessable = serializers.SerializerMethodField()
+    quality = serializers.SerializerMethodField()
+    ood_score = serializers.SerializerMethodField()
 
     class Meta:
         model = Prediction
-        fields = ["probability_malignant", "label", "threshold", "above_threshold", "model_version", "created_at"]
+        fields = ["probability_malignant", "label", "threshold", "above_threshold", "decision", "assessable",
+                  "quality", "ood_score", "model_version", "created_at"]  # fmt: skip
 
-    def get_above_threshold(self, prediction: Prediction) -> bool:
-        return prediction.probability_malignant >= prediction.threshold
+    def _outcome(self, prediction: Prediction) -> dict:
+        return outcome(probability=prediction.probability_malignant, threshold=prediction.threshold,
+                       decision=prediction.decision, assessable=prediction.assessable, quality=prediction.quality,
+                       ood_score=prediction.ood_score)  # fmt: skip
+
+    @extend_schema_field(serializers.BooleanField(allow_null=True))
+    def get_above_threshold(self, prediction: Prediction) -> bool | None:
+        return above_threshold(prediction.probability_malignant, prediction.threshold, self.get_decision(prediction))
+
+    @extend_schema_field(serializers.ChoiceField(choices=RiskDecision.choices))
+    def get_decision(self, prediction: Prediction) -> str:
+        return self._outcome(prediction)["decision"]
+
+    @extend_schema_field(serializers.BooleanField())
+    def get_assessable(self, prediction: Prediction) -> bool:
+        return self._outcome(prediction)["assessable"]
+
+    @extend_schema_field(QualitySerializer)
+    def get_quality(self, prediction: Prediction) -> dict:
+        return self._outcome(prediction)["quality"]
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_ood_score(self, prediction: Prediction) -> float | None:
+        return prediction.ood_score
 
 
 class ImageUploadSerializer(serializers.Serializer):
@@ -76,6 +165,12 @@ class ImageUploadSerializer(serializers.Serializer):
         pk_field=serializers.UUIDField(),
         help_text="Optional: the lesion this photo shows.",
     )
+    check = serializers.ChoiceField(
+        choices=QualityCheck.choices, required=False,
+        help_text="The photo-quality check: strict refuses a photo that fails any check, lenient only one from "
+        "which no risk can be read (not skin, too small, unlike the training photos), off refuses none. "
+        "Default: the clinic's setting.",
+    )  # fmt: skip
 
 
 class ImageSerializer(serializers.ModelSerializer):
@@ -83,6 +178,10 @@ class ImageSerializer(serializers.ModelSerializer):
     file_url = serializers.SerializerMethodField()
     lesion = serializers.UUIDField(source="lesion_id", read_only=True, allow_null=True)
     prediction = serializers.SerializerMethodField()
+    decision = serializers.SerializerMethodField(help_text=DECISION_HELP + " Null until done.")
+    assessable = serializers.SerializerMethodField()
+    quality = serializers.SerializerMethodField()
+    ood_score = serializers.SerializerMethodField()
     disclaimer = serializers.SerializerMethodField()
 
     class Meta:
@@ -101,6 +200,10 @@ class ImageSerializer(serializers.ModelSerializer):
             "created_at",
             "processed_at",
             "prediction",
+            "decision",
+            "assessable",
+            "quality",
+            "ood_score",
             "disclaimer",
         ]
         read_only_fields = fields
@@ -120,20 +223,43 @@ class ImageSerializer(serializers.ModelSerializer):
         prediction = image.latest_prediction
         return PredictionSerializer(prediction).data if prediction else None
 
+    def _outcome(self, image: LesionImage) -> dict:
+        prediction = image.latest_prediction
+        if prediction is None or image.state != ImageState.DONE:
+            return EMPTY_OUTCOME
+        return PredictionSerializer()._outcome(prediction)
+
+    @extend_schema_field(serializers.ChoiceField(choices=RiskDecision.choices, allow_null=True))
+    def get_decision(self, image: LesionImage) -> str | None:
+        return self._outcome(image)["decision"]
+
+    @extend_schema_field(serializers.BooleanField(allow_null=True))
+    def get_assessable(self, image: LesionImage) -> bool | None:
+        return self._outcome(image)["assessable"]
+
+    @extend_schema_field(QualitySerializer(allow_null=True))
+    def get_quality(self, image: LesionImage) -> dict | None:
+        return self._outcome(image)["quality"]
+
+    @extend_schema_field(serializers.FloatField(allow_null=True))
+    def get_ood_score(self, image: LesionImage) -> float | None:
+        return self._outcome(image)["ood_score"]
+
     def get_disclaimer(self, image: LesionImage) -> str:
         return DISCLAIMER
 
 
-class StatusPredictionSerializer(serializers.Serializer):
+class StatusPredictionSerializer(OutcomeFields):
     probability_malignant = serializers.FloatField()
     label = serializers.CharField()
     threshold = serializers.FloatField()
-    above_threshold = serializers.BooleanField()
+    above_threshold = serializers.BooleanField(allow_null=True)
     model_version = serializers.CharField()
 
 
-class ImageStatusSerializer(serializers.Serializer):
-    """What a polling client needs, read in one query (ImageViewSet.image_status)."""
+class ImageStatusSerializer(OutcomeFields):
+    """What a polling client needs, read in one query (ImageViewSet.image_status). The quality gate's
+    fields are the latest prediction's, null until it is done."""
 
     id = serializers.UUIDField()
     state = serializers.ChoiceField(choices=ImageState.choices)
@@ -229,6 +355,8 @@ class BatchUploadSerializer(serializers.Serializer):
         queryset=Lesion.objects.all(), required=False, allow_null=True, pk_field=serializers.UUIDField(),
         help_text="Optional: the lesion all these photos show.",
     )  # fmt: skip
+    check = serializers.ChoiceField(choices=QualityCheck.choices, required=False,
+                                    help_text="The photo-quality check for every file (see a single upload's).")  # fmt: skip
 
     def validate_images(self, files):
         if len(files) > settings.MAX_BATCH_FILES:

@@ -15,8 +15,9 @@ from concurrent.futures import Future, wait
 from django.conf import settings
 from django.core.files.storage import default_storage
 
-from mlcore.drift import FEATURE_SIZE, image_features
+from mlcore.drift import FEATURE_SIZE, feature_thumbnail, image_features
 from mlcore.preprocessing import decode_image, to_tensor
+from mlcore.quality import measure
 
 from ..models import LesionImage
 from .engine import done_future
@@ -26,14 +27,15 @@ logger = logging.getLogger(__name__)
 
 
 class Prepared:
-    """One photo ready for the model: its input tensor, and its drift image features (measured in the
-    decode thread when the photo is decoded as part of a batch) or else the picture they are measured on
-    after its prediction is stored."""
+    """One photo ready for the model: its input tensor, its photo-quality measures (mlcore.quality, always
+    measured in the decode step: the decision stored with the prediction needs them), and its drift image
+    features (measured in the decode thread when the photo is decoded as part of a batch) or else the
+    picture they are measured on after its prediction is stored."""
 
-    __slots__ = ("features", "image", "tensor")
+    __slots__ = ("features", "image", "quality", "tensor")
 
-    def __init__(self, image, tensor, features: dict | None = None) -> None:
-        self.image, self.tensor, self.features = image, tensor, features
+    def __init__(self, image, tensor, features: dict | None = None, quality: dict | None = None) -> None:
+        self.image, self.tensor, self.features, self.quality = image, tensor, features, quality
 
     def drift_source(self):
         """What services.monitoring measures: the features, or the picture."""
@@ -55,7 +57,8 @@ def _decode_and_prepare(data: bytes, spec, max_side: int, features: bool = False
     decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
                            max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
     tensor = to_tensor(decoded.image, spec)
-    return Prepared(decoded.image, tensor, image_features(decoded.image) if features else None)
+    thumbnail = feature_thumbnail(decoded.image)  # one drawing for both measures
+    return Prepared(decoded.image, tensor, image_features(thumbnail) if features else None, measure(thumbnail))
 
 
 def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = False) -> Prepared:
@@ -65,6 +68,7 @@ def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = 
 def _measured(prepared: Prepared) -> Prepared:
     """nvJPEG's thumbnail measured in a decode thread."""
     prepared.features = image_features(prepared.image)
+    prepared.quality = measure(prepared.image)
     return prepared
 
 

@@ -100,7 +100,7 @@ IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:-]{1,200}$")
 
 def submit_image(
     *, uploader, clinic: Clinic, upload, lesion: Lesion | None = None, via: str = "", idempotency_key: str = "",
-    batch=None,
+    batch=None, quality_check: str = "",
 ) -> LesionImage:  # fmt: skip
     """Validate the header, strip metadata (prepare_upload), store under a random key, record as queued,
     and enqueue on commit.
@@ -122,7 +122,7 @@ def submit_image(
         if earlier is not None:
             return earlier
     image = _store(data, clinic=clinic, lesion=lesion, uploader=uploader, idempotency_key=idempotency_key,
-                   batch=batch)  # fmt: skip
+                   batch=batch, quality_check=quality_check)  # fmt: skip
     stored_name = image.file.name
     try:
         with transaction.atomic():
@@ -147,10 +147,11 @@ def submit_image(
 
 
 def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", batch=None,
-           slot=convert_slot) -> LesionImage:  # fmt: skip
+           slot=convert_slot, quality_check: str = "") -> LesionImage:  # fmt: skip
     """Check the header (prepare_upload: the header and the file's structure only; the worker's full
     decode reports damage in the pixels), strip the metadata, store the file under a random key, and
-    return the unsaved row that describes it."""
+    return the unsaved row that describes it. `quality_check`: the upload's own (strict, lenient or
+    off), else its clinic's."""
     prepared = prepare_upload(
         data, max_bytes=settings.MAX_UPLOAD_BYTES, max_pixels=settings.MAX_IMAGE_PIXELS,
         max_convert_pixels=settings.WEB_CONVERT_MAX_PIXELS, convert_slot=slot,
@@ -160,7 +161,8 @@ def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", 
         clinic=clinic, lesion=lesion, uploaded_by=uploader, file=stored_name, content_type=prepared.content_type,
         sha256=hashlib.sha256(data).hexdigest(), width=prepared.width, height=prepared.height,
         file_size=len(prepared.data), upload_bytes=len(data), idempotency_key=idempotency_key, batch=batch,
-        state=ImageState.QUEUED, enqueued_at=timezone.now(),
+        state=ImageState.QUEUED, enqueued_at=timezone.now(), camera=prepared.camera,
+        quality_check=quality_check or clinic.quality_check,
     )  # fmt: skip
 
 
@@ -303,7 +305,8 @@ def requeue_stale_explanations(*, now) -> int:
     return count
 
 
-def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | None = None, via: str = ""):
+def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | None = None, via: str = "",
+                 quality_check: str = ""):  # fmt: skip
     """Several photos at once. Each file is validated and stored on its own, exactly as a single upload:
     the valid ones are accepted (and queued), each invalid one is listed with its error. The accepted
     ones are recorded together (one transaction: the batch, their rows, their audit events), so a
@@ -317,7 +320,8 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
         for position, upload in enumerate(uploads):
             try:
                 data = read_upload(upload, max_bytes=settings.MAX_UPLOAD_BYTES)
-                accepted.append((position, _store(data, clinic=clinic, lesion=lesion, uploader=uploader, slot=slot)))
+                accepted.append((position, _store(data, clinic=clinic, lesion=lesion, uploader=uploader, slot=slot,
+                                                  quality_check=quality_check)))  # fmt: skip
             except ImageValidationError as exc:
                 rejected.append((position, exc.code, exc.message))
             except UploadBusy as exc:

@@ -19,7 +19,7 @@ from mlcore.preprocessing import ImageValidationError
 from .. import metrics
 from ..log_context import set_image_id
 from ..models import ImageState, LesionImage, ModelVersion, Prediction
-from . import decoding, notify
+from . import decoding, notify, quality
 from .engine import Batch, Engine, Work
 from .errors import DATABASE_ERRORS, ModelUnavailable, TransientError, bucket_errors, storage_errors
 from .explanation_files import record_gradcams
@@ -72,11 +72,14 @@ def record_prediction(
 
 def record_predictions(
     *, images: list[LesionImage], model_version: ModelVersion, results: list, inference_ms: float,
-    worker_id: str | None = None,
+    worker_id: str | None = None, decisions: list | None = None,
 ) -> list[Prediction | None]:  # fmt: skip
     """record_prediction for a batch, in one transaction of two statements whatever its size (three
     when some claims were taken over). Returns, per image, its Prediction or None where the claim is
-    no longer this worker's."""
+    no longer this worker's. `decisions`: the quality gate's (mlcore.gate.Decision) per image; without
+    them, the photos are judged by the model version's gate on the band and OOD alone."""
+    if decisions is None:
+        decisions = quality.decisions_for(images, [None] * len(images), results, None, model_version)
     now = timezone.now()
     ids = [image.pk for image in images]
     with transaction.atomic():
@@ -99,8 +102,9 @@ def record_predictions(
         rows = [
             Prediction(image=image, model_version=model_version, probability_malignant=result.probability_malignant,
                        label=result.label, threshold=result.threshold, probabilities=result.probabilities,
-                       inference_ms=inference_ms)
-            for image, result in zip(images, results, strict=True) if image.pk in ours
+                       inference_ms=inference_ms, decision=decision.decision, assessable=decision.assessable,
+                       quality=decision.quality, ood_score=decision.ood_score)
+            for image, result, decision in zip(images, results, decisions, strict=True) if image.pk in ours
         ]  # fmt: skip
         stored = iter(Prediction.objects.bulk_create(
             rows, update_conflicts=True, unique_fields=["image", "model_version"], update_fields=PREDICTION_FIELDS,
@@ -109,7 +113,17 @@ def record_predictions(
     return [next(stored) if image.pk in ours else None for image in images]
 
 
-PREDICTION_FIELDS = ["probability_malignant", "label", "threshold", "probabilities", "inference_ms"]
+PREDICTION_FIELDS = [
+    "probability_malignant",
+    "label",
+    "threshold",
+    "probabilities",
+    "inference_ms",
+    "decision",
+    "assessable",
+    "quality",
+    "ood_score",
+]
 
 
 def claim_queued(*, image_ids: list[str], worker_id: str) -> list[LesionImage]:
@@ -224,29 +238,42 @@ class PredictionWork(Work):
         # Grad-CAM at the feature map's size (7 x 7): a few hundred bytes to keep in the row; the render
         # task upsamples it to the input size (mlcore.heatmap.upsample_bilinear, without torch) when it
         # draws the pictures.
-        results, cams, embeddings = predictor.predict_with_gradcam_tensors(inputs, embeddings=True, upsample=False)
-        return results, cams, embeddings, (time.perf_counter() - started) * 1000 / len(group)
+        augment = quality.augmentation_enabled(predictor.device)
+        found = predictor.predict_with_gradcam_tensors(inputs, embeddings=True, upsample=False, augment=augment)
+        results, cams, embeddings = found[:3]
+        return (
+            results,
+            cams,
+            embeddings,
+            (time.perf_counter() - started) * 1000 / len(group),
+            found[3] if augment else None,
+        )
 
     def run_failed(self, exc):
         return (f"The model could not process this image (internal error: {type(exc).__name__}). The team has "
                 "been notified in the logs.")  # fmt: skip
 
     def record(self, engine: Engine, batch: Batch, group, outputs) -> None:
-        results, cams, embeddings, inference_ms = outputs
+        results, cams, embeddings, inference_ms, augmented = outputs
         recorded = record_batch(group, results=results, cams=cams, embeddings=embeddings, inference_ms=inference_ms,
-                                model_version=batch.extra["model_version"], worker_id=engine.worker_id)  # fmt: skip
+                                model_version=batch.extra["model_version"], worker_id=engine.worker_id,
+                                augmented=augmented)  # fmt: skip
         for (image, _), done in zip(group, recorded, strict=True):
             engine.outcomes[str(image.pk)] = "done" if done else "skipped"
 
 
-def record_batch(group, *, results, cams, embeddings, inference_ms, model_version, worker_id) -> list[bool]:
-    """Store a batch's predictions (one transaction), then its Grad-CAM maps and drift features (one
-    INSERT each), and request its pictures and automatic explanations (one message each per batch).
-    Per image, False when this worker's claim was taken over meanwhile: the new owner records it."""
+def record_batch(group, *, results, cams, embeddings, inference_ms, model_version, worker_id,
+                 augmented=None) -> list[bool]:  # fmt: skip
+    """Store a batch's predictions with their decisions (the quality gate, one transaction), then its
+    Grad-CAM maps and drift features (one INSERT each), and request its pictures and automatic
+    explanations (one message each per batch). Per image, False when this worker's claim was taken
+    over meanwhile: the new owner records it."""
     images = [image for image, _ in group]
+    decisions = quality.decisions_for(images, [prepared.quality for _, prepared in group], list(results), embeddings,
+                                      model_version, augmented)  # fmt: skip
     # The predictions are stored first: a clinician sees the risk before any heatmap is drawn.
     predictions = record_predictions(images=images, model_version=model_version, results=list(results),
-                                     inference_ms=inference_ms, worker_id=worker_id)  # fmt: skip
+                                     inference_ms=inference_ms, worker_id=worker_id, decisions=decisions)  # fmt: skip
     kept = [index for index, prediction in enumerate(predictions) if prediction is not None]
     for index in kept:
         metrics.record_prediction(label=results[index].label, model_version=model_version.version)

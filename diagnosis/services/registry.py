@@ -65,6 +65,7 @@ def register_model(
     provenance: dict | None = None,
     reference_features: list[dict] | None = None,
     drift_projection: dict | None = None,
+    quality_gate: dict | None = None,
 ) -> ModelVersion:
     """Check that a checkpoint loads and predicts, store it with its plots, and record the
     ModelVersion with its drift reference set in one transaction. On any failure nothing is left:
@@ -91,6 +92,7 @@ def register_model(
                 plots=plot_names,
                 provenance=provenance or {},
                 drift_projection=drift_projection or {},
+                quality_gate=quality_gate or {},
             )
             _create_reference_features(model_version, reference_features or [])
             if activate:

@@ -13,7 +13,28 @@ from .audit import record_event
 FINAL_STATES = (ImageState.DONE, ImageState.FAILED)
 NO_SUCH_IMAGE = "No image with this id in your clinic."
 _LATEST = (("p", "probability_malignant"), ("label", "label"), ("threshold", "threshold"),
-           ("version", "model_version__version"))  # fmt: skip
+           ("version", "model_version__version"), ("decision", "decision"), ("assessable", "assessable"),
+           ("quality", "quality"), ("ood_score", "ood_score"))  # fmt: skip
+
+
+def outcome(*, probability: float, threshold: float, decision: str, assessable, quality, ood_score) -> dict:
+    """What the quality gate made of a prediction (issue 20), as the API shows it: `decision` (above_threshold,
+    below_threshold, uncertain or not_assessable), `assessable`, `quality` (each check: value, threshold,
+    pass or fail, advice; the reasons in words; the OOD score; the band) and `ood_score`. A prediction
+    stored before the gate has no decision of its own: it is read from the threshold."""
+    if not decision:
+        decision = "above_threshold" if probability >= threshold else "below_threshold"
+        assessable, quality = (
+            True,
+            {"gate": "off", "checks": [], "reasons": [], "note": "Stored before the photo-quality gate."},
+        )
+    return {"decision": decision, "assessable": assessable if assessable is not None else True,
+            "quality": quality or {}, "ood_score": ood_score}  # fmt: skip
+
+
+def above_threshold(probability: float, threshold: float, decision: str) -> bool | None:
+    """Whether the probability reaches the threshold; None (no call) for a photo that cannot be assessed."""
+    return None if decision == "not_assessable" else probability >= threshold
 
 
 def image_status(*, user, image_id: uuid.UUID, via: str, ip_address: str | None = None) -> dict | None:
@@ -37,7 +58,7 @@ def images_status(*, user, image_ids, via: str, ip_address: str | None = None) -
         .filter(clinic_id__in=ClinicMembership.objects.filter(user=user).values("clinic_id"))
         .order_by()
         .annotate(**{name: Subquery(latest.values(field)[:1]) for name, field in _LATEST})
-        .values("pk", "clinic_id", "state", "error", "processed_at", "p", "label", "threshold", "version")
+        .values("pk", "clinic_id", "state", "error", "processed_at", *(name for name, _ in _LATEST))
     )
     return {str(row["pk"]): _status(row, user=user, via=via, ip_address=ip_address) for row in rows}
 
@@ -47,16 +68,23 @@ def _status(row: dict, *, user, via: str, ip_address: str | None) -> dict:
     if done:
         record_event(actor=user, action=AuditEvent.Action.VIEW_IMAGE, obj=LesionImage(pk=row["pk"]),
                      clinic=Clinic(pk=row["clinic_id"]), via=via, ip_address=ip_address)  # fmt: skip
+    judged = outcome(probability=row["p"], threshold=row["threshold"], decision=row["decision"],
+                     assessable=row["assessable"], quality=row["quality"], ood_score=row["ood_score"]) if done else None  # fmt: skip
     return {
         "id": str(row["pk"]), "state": row["state"],
         "error": row["error"] if row["state"] == ImageState.FAILED else "",
         "processed_at": row["processed_at"],
         "prediction": {
             "probability_malignant": row["p"], "label": row["label"], "threshold": row["threshold"],
-            "above_threshold": row["p"] >= row["threshold"], "model_version": row["version"],
+            "above_threshold": above_threshold(row["p"], row["threshold"], judged["decision"]),
+            "model_version": row["version"], **judged,
         } if done else None,
+        **(judged or EMPTY_OUTCOME),
         "disclaimer": DISCLAIMER,
     }  # fmt: skip
+
+
+EMPTY_OUTCOME = {"decision": None, "assessable": None, "quality": None, "ood_score": None}
 
 
 def is_final(status: dict | None) -> bool:

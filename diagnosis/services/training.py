@@ -183,6 +183,7 @@ def _register(report: TrainingReport, outcome, run: TrainingRun, *, version: str
             checkpoint=handle.read(), version=version, plots=outcome.plots, provenance=outcome.provenance,
             reference_features=outcome.reference_features,
             drift_projection=outcome.drift_projection,
+            quality_gate=outcome.quality_gate,
         )  # fmt: skip
     TrainingRun.objects.filter(pk=run.pk).update(selected=True, model_version=model_version)
     report.model_version = model_version

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from mlcore.data import generate_lesion
-from mlcore.quality import ADVICE, assess, calibrate, measure
+from mlcore.quality import ADVICE, BOUNDS, FALSE_REFUSAL, MARGIN, assess, calibrate, measure
 
 
 def good_photos(count: int, *, seed: int = 0, size: int = 256) -> list[Image.Image]:
@@ -20,7 +20,7 @@ def good_photos(count: int, *, seed: int = 0, size: int = 256) -> list[Image.Ima
 @pytest.fixture(scope="module")
 def reference():
     photos = good_photos(60, seed=1)
-    return photos, calibrate([measure(photo) for photo in photos], false_refusal=0.01)
+    return photos, calibrate([measure(photo) for photo in photos])
 
 
 def failed(photo: Image.Image, thresholds, **kwargs) -> set[str]:
@@ -69,9 +69,9 @@ def test_calibration_refuses_few_good_photos_and_most_damaged_ones(reference):
     _, thresholds = reference
     held_out = good_photos(60, seed=7)
     refused = [photo for photo in held_out if failed(photo, thresholds)]
-    # 1% per bound on a reference set of 60: on other good photos, some more (the rate the product promises
-    # is set on a larger reference set by bench/quality_gate.py).
-    assert len(refused) <= 0.15 * len(held_out)
+    # 2% in all on a reference set of 60: on other good photos, some more at most (the rate the product
+    # promises is measured on a larger reference set by bench/quality_gate.py).
+    assert len(refused) <= 0.10 * len(held_out)
     blurred = sum(bool(failed(photo.filter(ImageFilter.GaussianBlur(4)), thresholds)) for photo in held_out[:20])
     dark = sum(bool(failed(ImageEnhance.Brightness(photo).enhance(0.3), thresholds)) for photo in held_out[:20])
     bright = sum(bool(failed(ImageEnhance.Brightness(photo).enhance(2.5), thresholds)) for photo in held_out[:20])
@@ -96,12 +96,33 @@ def test_without_thresholds_only_the_resolution_is_judged():
     assert assess(measure(good_photos(1, seed=8)[0]), {}).assessable
 
 
-def test_thresholds_are_the_reference_quantiles_within_their_floors(reference):
+def test_thresholds_are_the_reference_quantiles_moved_out_by_the_margin(reference):
     photos, thresholds = reference
     rows = [measure(photo) for photo in photos]
-    assert thresholds["focus:low"] == pytest.approx(np.quantile([row["focus"] for row in rows], 0.01))
-    assert thresholds["brightness:high"] == pytest.approx(np.quantile([row["brightness"] for row in rows], 0.99))
+    share = FALSE_REFUSAL / len(BOUNDS)
+    focus = [row["focus"] for row in rows]
+    edge, quartile = np.quantile(focus, [share, 0.25])
+    assert thresholds["focus:low"] == pytest.approx(edge - MARGIN * (quartile - edge)) and thresholds[
+        "focus:low"
+    ] < min(focus)
+    brightness = [row["brightness"] for row in rows]
+    edge, quartile = np.quantile(brightness, [1 - share, 0.75])
+    assert thresholds["brightness:high"] == pytest.approx(edge + MARGIN * (edge - quartile))
     assert thresholds["clipped:high"] >= 0.02 and thresholds["resolution:low"] == 224
+    assert calibrate(rows, margin=0)["focus:low"] == pytest.approx(np.quantile(focus, share))
+
+
+def test_a_lenient_check_refuses_only_what_cannot_be_read_and_off_refuses_nothing(reference):
+    photos, thresholds = reference
+    blurred = measure(photos[1].filter(ImageFilter.GaussianBlur(4)))
+    lenient = assess(blurred, thresholds, mode="lenient")
+    assert lenient.assessable and lenient.warnings[0].startswith("out of focus") and not lenient.reasons
+    page = Image.new("RGB", (256, 256), (90, 110, 230))
+    assert not assess(measure(page), thresholds, mode="lenient").assessable
+    off = assess(measure(page), thresholds, mode="off")
+    assert off.assessable and off.warnings and not off.reasons
+    with pytest.raises(ValueError, match="mode"):
+        assess(blurred, thresholds, mode="loose")
 
 
 def test_calibration_refuses_too_few_photos_or_a_bad_rate():

@@ -5,6 +5,7 @@ variable, default and a comment on what it does; dev.py, test.py and prod.py onl
 
 from __future__ import annotations
 
+import json
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -271,6 +272,18 @@ AUTO_EXPLAIN_METHODS = [m for m in env_list("AUTO_EXPLAIN_METHODS", ["integrated
 # the default queue. on_view spares the CPU of uploads whose pictures nobody opens (most API clients),
 # which on a small machine is the CPU the next prediction needs (bench/README.md, issue 19).
 GRADCAM_PICTURES = env_str("GRADCAM_PICTURES", "on_view")
+# The photo-quality gate (issue 20; README, "Photo quality"): its thresholds are stored with each model
+# version. QUALITY_GATE_OVERRIDES replaces some, as JSON: {"focus:low": 0.9, "brightness:high": 230,
+# "ood": 3.5, "band": [0.2, 0.4]} (keys: mlcore.quality's "measure:low|high", "ood" for the
+# out-of-distribution score, "band" for the refer-when-unsure probabilities). A clinic's check (strict,
+# lenient or off) is set in the admin; an upload may ask for another (`check`).
+try:
+    QUALITY_GATE_OVERRIDES = json.loads(env_str("QUALITY_GATE_OVERRIDES", "") or "{}")
+except ValueError as exc:
+    raise ImproperlyConfigured(f"QUALITY_GATE_OVERRIDES is not valid JSON: {exc}") from None
+# Test-time augmentation (three flips of each photo in the same forward pass; a disagreement makes the
+# result "uncertain"): "auto" runs it on a GPU only, where it costs little; "on"; "off".
+TEST_TIME_AUGMENTATION = env_str("TEST_TIME_AUGMENTATION", "auto")
 # Results without polling (docs/api.md, "Waiting for the result"): the worker that changes an upload's
 # state notifies the web processes, which wake the requests waiting for it. RESULT_NOTIFY: "auto" (a
 # Redis channel when the broker is Redis, else PostgreSQL LISTEN/NOTIFY when the database is PostgreSQL,

@@ -154,7 +154,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         body.is_valid(raise_exception=True)
         batch, accepted, rejected = image_services.submit_batch(
             uploader=request.user, clinic=clinic_of(request.user), uploads=body.validated_data["images"],
-            lesion=body.validated_data.get("lesion"), via=VIA,
+            lesion=body.validated_data.get("lesion"), via=VIA, quality_check=body.validated_data.get("check", ""),
         )  # fmt: skip
         status_url = request.build_absolute_uri(reverse("api:batch-detail", kwargs={"pk": batch.pk}))
         data = {
@@ -185,6 +185,7 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
                 lesion=upload.validated_data.get("lesion"),
                 via=VIA,
                 idempotency_key=request.headers.get("Idempotency-Key", "").strip(),
+                quality_check=upload.validated_data.get("check", ""),
             )
         except image_services.ImageValidationError as exc:
             raise InvalidImage(exc.code, exc.message) from None
