@@ -201,8 +201,10 @@ LEGACY_NOTE = (
 )
 
 
-def decide(*, probability: float, threshold: float, gate: Gate | None, measures: Mapping[str, float] | None,
-           ood_score: float | None = None, augmented: Sequence[float] = (), mode: str = "strict") -> Decision:  # fmt: skip
+def decide(
+    *, probability: float, threshold: float, gate: Gate | None, measures: Mapping[str, float] | None,
+    ood_score: float | None = None, augmented: Sequence[float] = (), mode: str = "strict",
+) -> Decision:  # fmt: skip
     """Put the quality verdict, the OOD score and the refer-when-unsure band together for one photo.
     `augmented`: the probabilities of the photo's test-time augmentations, when they ran."""
     band = gate.band if gate else None

@@ -355,8 +355,11 @@ class BatchUploadSerializer(serializers.Serializer):
         queryset=Lesion.objects.all(), required=False, allow_null=True, pk_field=serializers.UUIDField(),
         help_text="Optional: the lesion all these photos show.",
     )  # fmt: skip
-    check = serializers.ChoiceField(choices=QualityCheck.choices, required=False,
-                                    help_text="The photo-quality check for every file (see a single upload's).")  # fmt: skip
+    check = serializers.ChoiceField(
+        choices=QualityCheck.choices,
+        required=False,
+        help_text="The photo-quality check for every file (as one upload's).",
+    )
 
     def validate_images(self, files):
         if len(files) > settings.MAX_BATCH_FILES:

@@ -42,9 +42,9 @@ def decisions_for(images, measures, results, embeddings, model_version: ModelVer
     the photo's own shorter side, as uploaded."""
     gate = gate_for(model_version)
     scores = [None] * len(images)
-    if gate is not None and gate.ood is not None and embeddings is not None and len(images):
-        if len(embeddings[0]) == len(gate.ood.mean):
-            scores = [float(score) for score in gate.ood.scores(embeddings)]
+    ood = gate.ood if gate is not None else None
+    if ood is not None and embeddings is not None and len(images) and len(embeddings[0]) == len(ood.mean):
+        scores = [float(score) for score in ood.scores(embeddings)]
     decisions = []
     for index, (image, values, result) in enumerate(zip(images, measures, results, strict=True)):
         values = {**values, "resolution": float(min(image.width, image.height))} if values else None

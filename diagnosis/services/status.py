@@ -68,8 +68,10 @@ def _status(row: dict, *, user, via: str, ip_address: str | None) -> dict:
     if done:
         record_event(actor=user, action=AuditEvent.Action.VIEW_IMAGE, obj=LesionImage(pk=row["pk"]),
                      clinic=Clinic(pk=row["clinic_id"]), via=via, ip_address=ip_address)  # fmt: skip
-    judged = outcome(probability=row["p"], threshold=row["threshold"], decision=row["decision"],
-                     assessable=row["assessable"], quality=row["quality"], ood_score=row["ood_score"]) if done else None  # fmt: skip
+    judged = None
+    if done:
+        judged = outcome(probability=row["p"], threshold=row["threshold"], decision=row["decision"],
+                         assessable=row["assessable"], quality=row["quality"], ood_score=row["ood_score"])  # fmt: skip
     return {
         "id": str(row["pk"]), "state": row["state"],
         "error": row["error"] if row["state"] == ImageState.FAILED else "",
