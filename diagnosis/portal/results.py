@@ -83,6 +83,7 @@ class TimelineRow:
     flagged: bool = False
     assessment: Feedback | None = None
     outcome: Feedback | None = None
+    photo: Feedback | None = None  # the clinician's word on the quality gate's verdict
     explanations: list = field(default_factory=list)
 
     @property

@@ -36,6 +36,19 @@ def record_outcome(*, image: LesionImage, diagnosis: str, note: str = "", record
                    note=note, recorded_by=recorded_by, via=via)  # fmt: skip
 
 
+def record_photo_feedback(*, image: LesionImage, photo_was_fine: bool, note: str = "", recorded_by,
+                          via: str = "") -> Feedback:  # fmt: skip
+    """The clinician's word on the quality gate's verdict on a photo: "this photo was fine" on one the
+    gate refused (photo_was_fine=True), or that an accepted photo was in fact poor. Stored as kind
+    `photo` with `agrees` whether the gate was right; the calibration report counts them per check."""
+    prediction = image.predictions.order_by("-created_at").first()
+    if image.state != ImageState.DONE or prediction is None:
+        raise ValidationError("This photo has not been checked yet; its quality can be judged once it is done.")
+    refused = prediction.assessable is False
+    return _record(image=image, prediction=prediction, kind=Feedback.Kind.PHOTO, agrees=refused != bool(photo_was_fine),
+                   note=note, recorded_by=recorded_by, via=via)  # fmt: skip
+
+
 def _record(*, image, prediction, kind, recorded_by, via, note="", agrees=None, diagnosis="", ground_truth=""):
     feedback = Feedback(
         image=image, prediction=prediction, kind=kind, agrees=agrees, diagnosis=diagnosis,
@@ -55,4 +68,5 @@ def latest_feedback(image: LesionImage) -> dict[str, Feedback | None]:
     return {
         "assessment": next((f for f in records if f.kind == Feedback.Kind.ASSESSMENT), None),
         "outcome": next((f for f in records if f.kind == Feedback.Kind.HISTOPATHOLOGY), None),
+        "photo": next((f for f in records if f.kind == Feedback.Kind.PHOTO), None),
     }
