@@ -559,6 +559,7 @@ class MonitoringAlert(models.Model):
         DRIFT = "drift", "Data drift"
         FAILURES = "failures", "Share of failed uploads"
         LATENCY = "latency", "Processing latency"
+        QUALITY = "quality", "Share of photos not assessable"
 
     kind = models.CharField(max_length=20, choices=Kind.choices)
     opened_at = models.DateTimeField(default=timezone.now, db_index=True)
