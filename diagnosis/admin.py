@@ -23,6 +23,7 @@ from .models import (
     Prediction,
     TrainingRun,
 )
+from .services.quality import LEGACY_NOTE
 from .services.registry import (
     PromotionBlocked,
     activate_model,
@@ -48,7 +49,8 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 @admin.register(Clinic)
 class ClinicAdmin(admin.ModelAdmin):
-    list_display = ["name", "created_at"]
+    list_display = ["name", "quality_check", "created_at"]
+    list_editable = ["quality_check"]  # the photo-quality check for the clinic's uploads (issue 20)
 
 
 @admin.register(ClinicMembership)
@@ -160,7 +162,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
     readonly_fields = [
         "version", "arch", "input_size", "class_names", "threshold", "is_active", "activated_at", "created_at",
         "weights_file", "weights_sha256", "metrics_table", "comparison_with_active", "plot_images", "provenance",
-        "metadata",
+        "metadata", "quality_gate_summary",
     ]  # fmt: skip
     fields = readonly_fields
     actions = ["activate", "activate_forced", "roll_back"]
@@ -171,6 +173,25 @@ class ModelVersionAdmin(admin.ModelAdmin):
     @admin.display(description="test AUC")
     def test_auc(self, obj):
         return _number((obj.metrics or {}).get("test", {}).get("auc"))
+
+    @admin.display(description="photo-quality gate")
+    def quality_gate_summary(self, obj):
+        """The thresholds, the OOD threshold and the band (mlcore.gate), or the note for a version without."""
+        gate = obj.quality_gate or {}
+        if not gate:
+            return LEGACY_NOTE
+        thresholds = format_html_join(
+            "",
+            "<tr><th>{}</th><td>{}</td></tr>",
+            sorted((key, _number(value)) for key, value in gate["thresholds"].items()),
+        )
+        ood, band = gate.get("ood") or {}, gate.get("band") or [None, None]
+        return format_html(
+            "<table>{}<tr><th>out of distribution</th><td>score above {} ({} held-out photos, {} flagged)</td></tr>"
+            "<tr><th>uncertain between</th><td>{} and {}</td></tr></table><p>Calibrated on {} photos; {}.</p>",
+            thresholds, _number(ood.get("threshold")), ood.get("held_out"), ood.get("false_flag"), _number(band[0]),
+            _number(band[1]), gate.get("reference_photos"), gate.get("band_source", ""),
+        )  # fmt: skip
 
     @admin.display(description="weights")
     def weights_file(self, obj):

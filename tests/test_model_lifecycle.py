@@ -160,6 +160,14 @@ def test_train_model_evaluates_calibrates_plots_and_registers(lifecycle_data, tm
     assert len(projection["components"]) == 4 and len(projection["mean"]) == len(projection["components"][0])
     assert 0 < sum(projection["explained_variance_ratio"]) <= 1.0 + 1e-9
 
+    # The photo-quality gate (issue 20), calibrated on the same photos and stored with the version: the
+    # thresholds from the training photos, the OOD threshold on the held-out ones, the band on validation.
+    gate = version.quality_gate
+    assert gate["reference_photos"] == references.filter(split="train").count()
+    assert gate["thresholds"]["resolution:low"] == 64 and gate["thresholds"]["focus:low"] < 0
+    assert gate["ood"]["held_out"] == references.exclude(split="train").count() and gate["ood"]["threshold"] > 0
+    assert gate["band"][0] < version.threshold < gate["band"][1]
+
     # The training run: recorded, finished, selected, linked.
     run = TrainingRun.objects.get()
     assert run.status == TrainingRun.Status.FINISHED and run.finished_at is not None
@@ -651,7 +659,7 @@ def trained_version(db, small_run) -> ModelVersion:
     return register_model(
         checkpoint=checkpoint_bytes(outcome.model, outcome.meta), version="admin-trained", plots=outcome.plots,
         provenance=outcome.provenance, reference_features=outcome.reference_features,
-        drift_projection=outcome.drift_projection,
+        drift_projection=outcome.drift_projection, quality_gate=outcome.quality_gate,
     )  # fmt: skip
 
 

@@ -156,6 +156,15 @@ class PredictionSerializer(serializers.ModelSerializer):
         return prediction.ood_score
 
 
+def validate_check(serializer, attrs):
+    """An empty `check` is an error, not the default: a client that sends the field means a value."""
+    if "check" in serializer.initial_data and not serializer.initial_data.get("check"):
+        raise serializers.ValidationError(
+            {"check": ["Use strict, lenient or off; leave the field out for the clinic's default."]}
+        )
+    return attrs
+
+
 class ImageUploadSerializer(serializers.Serializer):
     image = serializers.FileField(help_text="A JPEG, PNG or WebP photo of the lesion.", allow_empty_file=True)
     lesion = ClinicScopedPrimaryKeyField(
@@ -171,6 +180,9 @@ class ImageUploadSerializer(serializers.Serializer):
         "which no risk can be read (not skin, too small, unlike the training photos), off refuses none. "
         "Default: the clinic's setting.",
     )  # fmt: skip
+
+    def validate(self, attrs):
+        return validate_check(self, attrs)
 
 
 class ImageSerializer(serializers.ModelSerializer):
@@ -367,6 +379,9 @@ class BatchUploadSerializer(serializers.Serializer):
                 f"{len(files)} files were sent; a batch takes at most {settings.MAX_BATCH_FILES}."
             )
         return files
+
+    def validate(self, attrs):
+        return validate_check(self, attrs)
 
 
 class BatchItemSerializer(serializers.Serializer):

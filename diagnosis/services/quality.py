@@ -10,9 +10,11 @@ import threading
 
 from django.conf import settings
 
-from mlcore.gate import Decision, Gate, decide
+from mlcore.gate import LEGACY_NOTE, Decision, Gate, decide
 
 from ..models import ModelVersion, QualityCheck
+
+__all__ = ["LEGACY_NOTE", "augmentation_enabled", "decisions_for", "gate_for"]
 
 _lock = threading.Lock()
 _gates: dict[tuple, Gate | None] = {}
