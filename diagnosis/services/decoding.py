@@ -58,7 +58,7 @@ def _decode_and_prepare(data: bytes, spec, max_side: int, features: bool = False
                            max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
     tensor = to_tensor(decoded.image, spec)
     thumbnail = feature_thumbnail(decoded.image)  # one drawing for both measures
-    return Prepared(decoded.image, tensor, image_features(thumbnail) if features else None, measure(thumbnail))
+    return Prepared(decoded.image, tensor, image_features(thumbnail) if features else None, _quality(thumbnail))
 
 
 def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = False) -> Prepared:
@@ -68,8 +68,18 @@ def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = 
 def _measured(prepared: Prepared) -> Prepared:
     """nvJPEG's thumbnail measured in a decode thread."""
     prepared.features = image_features(prepared.image)
-    prepared.quality = measure(prepared.image)
+    prepared.quality = _quality(prepared.image)
     return prepared
+
+
+def _quality(thumbnail) -> dict | None:
+    """The photo-quality measures, or None (the photo is then judged on its OOD score and the band
+    alone) if measuring fails: a monitoring-grade measure must never fail a photo the model can read."""
+    try:
+        return measure(thumbnail)
+    except Exception:
+        logger.exception("the photo-quality measures could not be taken")
+        return None
 
 
 def tensor_decoding(predictor) -> bool:
