@@ -195,6 +195,44 @@ def test_database_failure_after_storing_leaves_no_orphan_file(api_client, monkey
     assert stored_image_files() == []
 
 
+def _commit_then_drop(monkeypatch, *, committed: bool):
+    """The connection drops while COMMIT is under way: the server committed (or not), the client only
+    sees the error. The network fault is the outside world; the database and the storage are real."""
+    from django.db import OperationalError, connection
+
+    real_commit = connection._commit
+
+    def commit():
+        if committed:
+            real_commit()
+        else:
+            connection._rollback()
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(connection, "_commit", commit)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_whose_commit_happened_before_the_connection_dropped_keeps_its_file(api_client, monkeypatch):
+    _commit_then_drop(monkeypatch, committed=True)
+    response = post_image(api_client, lesion_jpeg(seed=3))
+    monkeypatch.undo()
+    assert response.status_code == 202, response.content  # stored: the sweeper enqueues it
+    image = LesionImage.objects.get(pk=response.json()["id"])
+    assert image.state == ImageState.QUEUED and [path.name for path in stored_image_files()] == [
+        image.file.name.split("/")[-1]
+    ]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_an_upload_whose_commit_did_not_happen_leaves_no_file(api_client, monkeypatch):
+    _commit_then_drop(monkeypatch, committed=False)
+    response = post_image(api_client, lesion_jpeg(seed=4))
+    monkeypatch.undo()
+    assert response.status_code == 503 and response.json()["code"] == "service_unavailable", response.content
+    assert not LesionImage.objects.exists() and stored_image_files() == []
+
+
 # --- reading ------------------------------------------------------------------------------------
 
 

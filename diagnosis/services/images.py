@@ -8,6 +8,7 @@ import hashlib
 import logging
 import re
 import threading
+import time
 import uuid
 from datetime import timedelta
 
@@ -26,6 +27,7 @@ from ..log_context import set_image_id
 from ..models import AuditEvent, Clinic, Explanation, ImageState, Lesion, LesionImage, UploadBatch
 from . import explanation_files, explanations, notify, wakeups
 from .audit import record_event, record_events
+from .errors import DATABASE_ERRORS
 from .transactions import update_returning
 from .wakeups import enqueue_prediction
 
@@ -124,6 +126,7 @@ def submit_image(
     image = _store(data, clinic=clinic, lesion=lesion, uploader=uploader, idempotency_key=idempotency_key,
                    batch=batch, quality_check=quality_check)  # fmt: skip
     stored_name = image.file.name
+    committing = False
     try:
         with transaction.atomic():
             image.save(force_insert=True)
@@ -133,6 +136,14 @@ def submit_image(
             # robust: a broker outage must not turn a committed upload into a 500. The image stays
             # queued and the sweeper enqueues it again once the broker is back.
             transaction.on_commit(lambda: announce_upload(image_id, file=stored_name), robust=True)
+            committing = True
+    except DATABASE_ERRORS:
+        if not committing:
+            default_storage.delete(stored_name)  # rolled back: never leave a file whose row did not commit
+        elif _kept_after_commit_error(LesionImage, [image.pk], [stored_name]):
+            image.replayed = False
+            return image  # the row is there: the sweeper enqueues it, as after a broker outage
+        raise
     except IntegrityError:
         default_storage.delete(stored_name)
         earlier = _replay(uploader=uploader, clinic=clinic, key=idempotency_key, data=data) if idempotency_key else None
@@ -164,6 +175,30 @@ def _store(data: bytes, *, clinic, lesion, uploader, idempotency_key: str = "", 
         state=ImageState.QUEUED, enqueued_at=timezone.now(), camera=prepared.camera,
         quality_check=quality_check or clinic.quality_check,
     )  # fmt: skip
+
+
+def _kept_after_commit_error(model, pks, file_names, *, attempts: int = 6, pause: float = 0.5) -> bool:
+    """After COMMIT itself failed (the connection dropped while it was under way), the rows may or may not
+    have been committed. Ask again on a new connection: True when they were (keep the files: the upload
+    is stored); False when they were not (the files are deleted). While the database cannot tell, the
+    files are kept and logged by name: a file without a row can be removed later, a row without its
+    file would be a photo lost."""
+    from django.db import connection
+
+    for attempt in range(attempts):
+        try:
+            connection.close()
+            found = model.objects.filter(pk__in=pks).exists()
+        except DATABASE_ERRORS:
+            time.sleep(pause * (attempt + 1))
+            continue
+        if not found:
+            for name in file_names:
+                default_storage.delete(name)
+        logger.warning("COMMIT of an upload failed; its rows are %s", "there" if found else "not there")
+        return found
+    logger.error("COMMIT of an upload failed and the database cannot tell whether it happened; kept %s", file_names)
+    return False
 
 
 def _replay(*, uploader, clinic: Clinic, key: str, data: bytes) -> LesionImage | None:
@@ -316,6 +351,7 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
         raise ValidationError({"lesion": ["Unknown lesion."]})
     accepted, rejected = [], []
     slot = convert_slot  # after one file found the converters busy, the rest do not wait again
+    committing = False
     try:
         for position, upload in enumerate(uploads):
             try:
@@ -338,6 +374,15 @@ def submit_batch(*, uploader, clinic: Clinic, uploads: list, lesion: Lesion | No
             record_events(actor=uploader, action=AuditEvent.Action.UPLOAD_IMAGE, objects=images, via=via)
             ids = [str(image.pk) for image in images]
             transaction.on_commit(lambda: announce_batch(ids), robust=True)
+            committing = True
+    except DATABASE_ERRORS:
+        names = [image.file.name for _, image in accepted]
+        if not committing:
+            for name in names:
+                default_storage.delete(name)
+        elif _kept_after_commit_error(UploadBatch, [batch.pk], names):
+            return batch, accepted, rejected
+        raise
     except BaseException:
         for _, image in accepted:  # never leave a file whose row did not commit
             default_storage.delete(image.file.name)
