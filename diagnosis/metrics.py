@@ -36,6 +36,11 @@ TASK_DURATION = Histogram(
 PREDICTIONS = Counter(
     "triage_predictions", "Predictions recorded, by predicted label and model version.", ["label", "model_version"]
 )
+DECISIONS = Counter(
+    "triage_decisions",
+    "Photos decided, by decision (above_threshold, below_threshold, uncertain, not_assessable) and model version.",
+    ["decision", "model_version"],
+)
 EXPLANATION_DURATION = Histogram(
     "triage_explanation_duration_seconds",
     "Time to compute an explanation (Grad-CAM: its share of the prediction pass plus drawing), by method.",
@@ -54,6 +59,10 @@ def observe_task(*, task: str, seconds: float) -> None:
 
 def record_prediction(*, label: str, model_version: str) -> None:
     PREDICTIONS.labels(label=label, model_version=model_version).inc()
+
+
+def record_decision(*, decision: str, model_version: str) -> None:
+    DECISIONS.labels(decision=decision, model_version=model_version).inc()
 
 
 def observe_explanation(*, method: str, seconds: float) -> None:

@@ -230,6 +230,9 @@ def test_worker_metrics_show_tasks_queues_predictions_and_explanations(stack, up
     assert value(metrics, "celery_queue_depth", queue="explain") == 2
     assert value(metrics, "celery_broker_up") == 1
     assert value(metrics, "triage_predictions_total", label=upload.label, model_version=upload.model_version) == 1
+    decided = [value(metrics, "triage_decisions_total", decision=decision, model_version=upload.model_version) or 0
+               for decision in ("above_threshold", "below_threshold", "uncertain", "not_assessable")]  # fmt: skip
+    assert sum(decided) == 1
     assert value(metrics, "triage_explanation_duration_seconds_count", method="gradcam") >= 1
 
 

@@ -277,6 +277,7 @@ def record_batch(group, *, results, cams, embeddings, inference_ms, model_versio
     kept = [index for index, prediction in enumerate(predictions) if prediction is not None]
     for index in kept:
         metrics.record_prediction(label=results[index].label, model_version=model_version.version)
+        metrics.record_decision(decision=decisions[index].decision, model_version=model_version.version)
         images[index].state = ImageState.DONE
     # A heatmap or monitoring problem must never undo a stored prediction: each logs and moves on.
     record_gradcams(
