@@ -1321,3 +1321,205 @@ def test_photo_is_shown_upright_and_transparency_white_as_the_model_saw_it(porta
     transparent = add_image(lesion, clinician, state=ImageState.QUEUED, data=buffer.getvalue())
     shown = photo_of(portal.get(url("image-photo", transparent.pk), {"size": "thumb"})).convert("RGB")
     assert min(shown.getpixel((50, 50))) >= 250  # white, not the hidden grey
+
+
+# --- the photo-quality gate (issue 20): uncertain and not assessable, in words -----------------------
+
+BLUR_REASON = "out of focus: hold the camera 10–15 cm away, keep it still and tap the lesion to focus"
+SMALL_REASON = "the lesion is too small in the frame: move closer so it fills about a third of it"
+NOT_ASSESSABLE = "Not assessable: take another photo"
+UNCERTAIN = "Uncertain: specialist review recommended"
+
+
+def add_gated_image(lesion, user, model, *, decision: str, probability: float, days_ago: float = 0,
+                    reasons=(BLUR_REASON,)) -> LesionImage:  # fmt: skip
+    """An image scored through the quality gate: its prediction carries the gate's decision and report."""
+    image = add_image(lesion, user, probability=probability, model=model, days_ago=days_ago)
+    refused = decision == "not_assessable"
+    quality = {"gate": "strict", "checks": [], "reasons": list(reasons) if refused else [], "warnings": [],
+               "ood": {"score": 1.0, "threshold": 3.0, "passed": True}, "band": [0.4, 0.55], "augmented": [],
+               "note": ""}  # fmt: skip
+    if decision == "uncertain":
+        quality["advice"] = "uncertain: specialist review recommended"
+    Prediction.objects.filter(image=image).update(decision=decision, assessable=not refused, quality=quality,
+                                                  ood_score=1.0)  # fmt: skip
+    return LesionImage.objects.get(pk=image.pk)
+
+
+def rows_of(page: str) -> list[str]:
+    """The timeline's items, newest first (an item holds lists of its own, so split rather than match)."""
+    return page.split('<li class="timeline-item')[1:]
+
+
+@pytest.fixture
+def refused_image(lesion, clinician, active_model):
+    return add_gated_image(lesion, clinician, active_model, decision="not_assessable", probability=0.93,
+                           reasons=(BLUR_REASON, SMALL_REASON))  # fmt: skip
+
+
+@pytest.fixture
+def uncertain_image(lesion, clinician, active_model):
+    return add_gated_image(lesion, clinician, active_model, decision="uncertain", probability=0.48)
+
+
+def test_status_json_of_a_refused_photo_gives_its_reasons_and_no_risk(portal, refused_image, active_model):
+    add_explanation(refused_image, active_model)  # a heatmap of a risk that is not shown is not offered either
+    body = portal.get(url("image-status", refused_image.pk)).json()
+    assert body["state"] == "done" and body["final"] is True
+    assert body["decision"] == NOT_ASSESSABLE and body["decision_code"] == "not_assessable"
+    assert body["summary"] == NOT_ASSESSABLE and body["assessable"] is False
+    assert body["reasons"] == [BLUR_REASON, SMALL_REASON]
+    assert "take another photo" in body["advice"].lower()
+    assert body["probability"] is None and body["percent"] is None and body["above_threshold"] is None
+    assert body["photo_fine_url"] == url("image-photo-fine", refused_image.pk)
+    assert body["explanations"] == []
+    assert "93%" not in repr(body) and 0.93 not in body.values()
+
+
+def test_status_json_of_an_uncertain_photo_says_so_with_its_probability(portal, uncertain_image, done_image):
+    body = portal.get(url("image-status", uncertain_image.pk)).json()
+    assert body["decision"] == UNCERTAIN and body["decision_code"] == "uncertain" and body["assessable"] is True
+    assert body["summary"] == "Uncertain (48%): specialist review recommended"
+    assert body["percent"] == "48%" and body["probability"] == pytest.approx(0.48)
+    assert body["reasons"] == [] and body["photo_fine_url"] is None
+    assert "specialist" in body["advice"]
+    # a result of a model without a gate: as before, with its code
+    body = portal.get(url("image-status", done_image.pk)).json()
+    assert body["decision_code"] == "above_threshold" and body["summary"] == "80% · Above referral threshold"
+    assert body["assessable"] is True and body["photo_fine_url"] is None
+
+
+def test_timeline_shows_not_assessable_and_uncertain_in_words_and_skips_the_refused_photo_in_the_change(
+    portal, lesion, clinician, active_model
+):
+    add_image(lesion, clinician, probability=0.2, model=active_model, days_ago=30)  # stored before the gate
+    add_gated_image(lesion, clinician, active_model, decision="not_assessable", probability=0.93, days_ago=10)
+    add_gated_image(lesion, clinician, active_model, decision="uncertain", probability=0.48, days_ago=5)
+    add_gated_image(lesion, clinician, active_model, decision="below_threshold", probability=0.35, days_ago=1)
+    for address in (url("lesion", lesion.pk), url("lesion", lesion.pk) + "?partial=timeline"):
+        page = text_of(portal.get(address))
+        below, uncertain, refused, legacy = rows_of(page)
+        assert "35%" in below and "Below referral threshold" in below and "-13 pts since previous" in below
+        assert "Uncertain (48%)</span>: specialist review recommended" in uncertain
+        assert "+28 pts since previous" in uncertain  # from the 20% before the refused photo, not from it
+        assert "Not assessable</span>: take another photo" in refused
+        assert "Out of focus: hold the camera" in refused
+        assert "Take another photo" in refused and "This photo was fine" in refused
+        assert "%" not in refused and "since previous" not in refused and "▲" not in refused
+        assert "20%" in legacy and "Below referral threshold" in legacy
+        assert "93%" not in page
+
+
+def test_lesion_page_offers_the_camera_for_another_photo(portal, lesion):
+    page = portal.get(url("lesion", lesion.pk)).content.decode()
+    assert re.search(r'<input type="file" name="images" id="id_camera" accept="image/\*" capture="environment"', page)
+    assert '<label for="id_camera" class="button">Take a photo</label>' in page
+    assert 'id="add-photos"' in page
+
+
+def test_result_page_of_a_refused_photo_shows_the_reasons_and_no_risk(portal, refused_image, active_model, lesion):
+    add_explanation(refused_image, active_model)
+    response = portal.get(url("image", refused_image.pk))
+    assert response.status_code == 200
+    page = text_of(response)
+    assert f"<strong>{NOT_ASSESSABLE}</strong>" in page
+    assert "Out of focus: hold the camera" in page and "The lesion is too small in the frame" in page
+    assert f'href="{url("lesion", lesion.pk)}?retake={refused_image.pk}#add-photos">Take another photo</a>' in page
+    assert f'action="{url("image-photo-fine", refused_image.pk)}"' in page and "This photo was fine" in page
+    assert "93%" not in page and "Malignancy probability" not in page and "referral threshold</strong>" not in page
+    assert "Your assessment" not in page and "heatmap-layer" not in page
+    assert "Histopathology outcome" in page and DISCLAIMER in page
+
+
+def test_result_page_of_an_uncertain_photo_says_uncertain_beside_its_probability(portal, uncertain_image):
+    page = text_of(portal.get(url("image", uncertain_image.pk)))
+    assert "<strong>Uncertain (48%)</strong>" in page and f"<strong>{UNCERTAIN}</strong>" in page
+    assert "a specialist should review this lesion" in page
+    assert "This photo was fine" not in page and "Your assessment" in page
+
+
+def test_result_page_of_a_prediction_stored_before_the_gate_is_as_before(portal, done_image):
+    page = text_of(portal.get(url("image", done_image.pk)))
+    assert "<strong>80%</strong>" in page and "<strong>Above referral threshold</strong>" in page
+    assert "Uncertain" not in page and "Not assessable" not in page and "Stored before" not in page
+    assert "This photo was fine" not in page
+
+
+def test_report_shows_not_assessable_and_uncertain_in_words(portal, lesion, clinician, active_model):
+    add_image(lesion, clinician, probability=0.2, model=active_model, days_ago=30)
+    add_gated_image(lesion, clinician, active_model, decision="not_assessable", probability=0.93, days_ago=10)
+    add_gated_image(lesion, clinician, active_model, decision="uncertain", probability=0.48, days_ago=5)
+    page = text_of(portal.get(url("lesion-report", lesion.pk)))
+    rows = re.findall(r"<tr>\s*<td>.*?</tr>", page.split('<table class="report-table">')[1], flags=re.S)
+    uncertain, refused, legacy = rows
+    assert "<td>Uncertain (48%)</td>" in uncertain and UNCERTAIN in uncertain and "+28 pts" in uncertain
+    assert "<td>Not assessable</td>" in refused and NOT_ASSESSABLE in refused and BLUR_REASON in refused
+    assert "%" not in refused and "pts" not in refused
+    assert "<td>20%</td>" in legacy
+    assert page.count('class="report-figure"') == 2  # the refused photo is not pictured with a risk
+    assert "93%" not in page
+
+
+def test_history_shows_and_filters_the_gates_decisions(portal, lesion, clinician, active_model):
+    images = {
+        "high": add_image(lesion, clinician, probability=0.9, model=active_model, days_ago=3),
+        "refused": add_gated_image(lesion, clinician, active_model, decision="not_assessable", probability=0.93),
+        "uncertain": add_gated_image(lesion, clinician, active_model, decision="uncertain", probability=0.52),
+        "low": add_gated_image(lesion, clinician, active_model, decision="below_threshold", probability=0.1),
+    }
+    page = text_of(portal.get(url("history")))
+    assert "Not assessable</span>: take another photo" in page and "93%" not in page
+    assert "Uncertain (52%)</span>: specialist review recommended" in page
+    for band, expected in (("above", {"high"}), ("below", {"low"}), ("uncertain", {"uncertain"}),
+                           ("not_assessable", {"refused"})):  # fmt: skip
+        assert listed(portal.get(url("history"), {"band": band}), images) == expected, band
+
+
+def test_patient_page_shows_the_latest_assessable_risk(portal, lesion, clinician, active_model):
+    add_image(lesion, clinician, probability=0.2, model=active_model, days_ago=30)
+    add_gated_image(lesion, clinician, active_model, decision="not_assessable", probability=0.93, days_ago=1)
+    page = text_of(portal.get(url("patient", lesion.patient.pk)))
+    assert "20%" in page and "93%" not in page
+
+
+def test_this_photo_was_fine_is_recorded_with_a_confirmation(portal, refused_image, clinician, clinic):
+    response = portal.post(url("image-photo-fine", refused_image.pk), {"note": "Sharp on my screen"}, follow=True)
+    assert response.redirect_chain == [(url("image", refused_image.pk) + "#result", 302)]
+    page = text_of(response)
+    assert "your word that this photo was fine was recorded" in page
+    assert f"Marked as fine by {clinician.username}" in page and "This photo was fine</button>" not in page
+    feedback = Feedback.objects.get(image=refused_image)
+    assert feedback.kind == Feedback.Kind.PHOTO and feedback.agrees is False  # the gate was wrong
+    assert feedback.note == "Sharp on my screen" and feedback.recorded_by == clinician
+    assert feedback.prediction == refused_image.predictions.get()
+    assert portal_events("record_feedback", object_id=str(feedback.pk), clinic=clinic).count() == 1
+    timeline = text_of(portal.get(url("lesion", refused_image.lesion_id)))
+    assert f"Marked as fine by {clinician.username}." in timeline and "This photo was fine</button>" not in timeline
+
+
+def test_this_photo_was_fine_answers_the_script_in_json_and_goes_back_to_a_page_of_this_site(portal, refused_image):
+    response = portal.post(url("image-photo-fine", refused_image.pk), headers={"accept": "application/json"})
+    assert response.status_code == 201 and response.json()["ok"] is True
+    assert "recorded" in response.json()["message"]
+    lesion_page = url("lesion", refused_image.lesion_id)
+    assert portal.post(url("image-photo-fine", refused_image.pk), {"next": lesion_page})["Location"] == lesion_page
+    elsewhere = portal.post(url("image-photo-fine", refused_image.pk), {"next": "https://evil.example/"})
+    assert elsewhere["Location"] == url("image", refused_image.pk) + "#result"
+    assert Feedback.objects.filter(image=refused_image, kind=Feedback.Kind.PHOTO).count() == 3
+
+
+def test_this_photo_was_fine_is_only_for_a_refused_photo_of_ones_own_clinic_and_by_post(
+    client, portal, other_portal, refused_image, done_image
+):
+    address = url("image-photo-fine", refused_image.pk)
+    assert other_portal.post(address).status_code == 404  # another clinic's photo
+    portal.force_login(refused_image.uploaded_by)
+    assert portal.get(address).status_code == 405
+    response = portal.post(url("image-photo-fine", done_image.pk), headers={"accept": "application/json"})
+    assert response.status_code == 400 and "refused" in response.json()["error"]
+    queued = add_image(refused_image.lesion, refused_image.uploaded_by, state=ImageState.QUEUED)
+    assert portal.post(url("image-photo-fine", queued.pk), headers={"accept": "application/json"}).status_code == 400
+    assert not Feedback.objects.exists()
+    client.logout()
+    assert client.post(address).status_code == 302  # to the login page
+    assert not Feedback.objects.exists()

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from django import forms
 from django.contrib.auth import authenticate
+from django.db.models import F
 
-from ..models import BodySite, Diagnosis, ImageState, pseudonymous_reference
+from ..models import BodySite, Diagnosis, ImageState, RiskDecision, pseudonymous_reference
 
 
 class PatientForm(forms.Form):
@@ -81,7 +82,13 @@ class TokenForm(forms.Form):
         return password
 
 
-RISK_BANDS = [("", "Any risk"), ("above", "Above referral threshold"), ("below", "Below referral threshold")]
+RISK_BANDS = [
+    ("", "Any risk"),
+    ("above", "Above referral threshold"),
+    ("below", "Below referral threshold"),
+    ("uncertain", "Uncertain: specialist review"),
+    ("not_assessable", "Not assessable: photo refused"),
+]
 
 
 class HistoryFilterForm(forms.Form):
@@ -95,3 +102,18 @@ class HistoryFilterForm(forms.Form):
         if data.get("date_from") and data.get("date_to") and data["date_from"] > data["date_to"]:
             raise forms.ValidationError("The 'From' date is after the 'To' date.")
         return data
+
+
+def filter_by_band(queryset, band: str):
+    """History's risk filter over the latest prediction: above or below the threshold (photos the gate found
+    uncertain or not assessable are neither), uncertain, or not assessable."""
+    if band in (RiskDecision.UNCERTAIN, RiskDecision.NOT_ASSESSABLE):
+        return queryset.filter(state=ImageState.DONE, latest_decision=band)
+    if band not in ("above", "below"):
+        return queryset
+    queryset = queryset.filter(state=ImageState.DONE).exclude(
+        latest_decision__in=[RiskDecision.UNCERTAIN, RiskDecision.NOT_ASSESSABLE]
+    )
+    if band == "above":
+        return queryset.filter(latest_probability__gte=F("latest_threshold"))
+    return queryset.filter(latest_probability__lt=F("latest_threshold"))

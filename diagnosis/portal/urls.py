@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import views
+from . import photo_views, views
 
 app_name = "portal"
 
@@ -16,6 +16,7 @@ urlpatterns = [
     path("images/<uuid:pk>/photo/", views.image_photo, name="image-photo"),
     path("images/<uuid:pk>/explanations/", views.image_explanations, name="image-explanations"),
     path("images/<uuid:pk>/feedback/", views.image_feedback, name="image-feedback"),
+    path("images/<uuid:pk>/photo-fine/", photo_views.image_photo_fine, name="image-photo-fine"),
     path("explanations/<uuid:pk>/<str:kind>/", views.explanation_file, name="explanation-file"),
     path("history/", views.history, name="history"),
     path("tokens/", views.tokens, name="tokens"),

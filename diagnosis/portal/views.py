@@ -19,7 +19,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.db.models import Count, F, Max, OuterRef, Subquery
+from django.db.models import Count, Max, OuterRef, Subquery
 from django.http import Http404, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
@@ -28,7 +28,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_POST
 
 from ..client_address import client_ip
-from ..models import ApiToken, AuditEvent, Explanation, Feedback, ImageState, Lesion, LesionImage, Patient, Prediction
+from ..models import ApiToken, AuditEvent, Explanation, Feedback, Lesion, LesionImage, Patient, Prediction
 from ..request_wait import InvalidWait, hung_up_check, wait_option
 from ..services import explanations as explanation_services
 from ..services import feedback as feedback_services
@@ -41,7 +41,7 @@ from ..services.audit import record_event
 from ..services.clinics import clinic_of
 from ..services.explanations import METHOD_LABELS, method_label
 from ..services.previews import PreviewUnavailable, preview_jpeg
-from .forms import AssessmentForm, HistoryFilterForm, LesionForm, OutcomeForm, PatientForm, TokenForm
+from .forms import AssessmentForm, HistoryFilterForm, LesionForm, OutcomeForm, PatientForm, TokenForm, filter_by_band
 from .results import explanation_payload, result_explanations, result_of, status_payload, timeline, with_predictions
 
 VIA = "portal"
@@ -129,7 +129,7 @@ def patient_detail(request, pk):
     lesions = []
     for lesion in patient.lesions.order_by("created_at"):
         rows = timeline(lesion)
-        latest = next((row for row in rows if row.decision), None)
+        latest = next((row for row in rows if row.decision and row.decision.assessable), None)  # the latest risk
         last_at = rows[0].image.created_at if rows else None
         lesions.append({"lesion": lesion, "image_count": len(rows), "latest": latest, "last_at": last_at})
     status = 400 if request.method == "POST" else 200
@@ -222,8 +222,8 @@ def lesion_report(request, pk):
     audit(request, AuditEvent.Action.VIEW_REPORT, lesion)
     versions = sorted({row.decision.model_version for row in rows if row.decision})
     context = {
-        "lesion": lesion, "patient": lesion.patient, "rows": rows, "pictured": [r for r in rows if r.decision][:4],
-        "versions": versions, "generated_at": timezone.now(),
+        "lesion": lesion, "patient": lesion.patient, "rows": rows, "versions": versions, "generated_at": timezone.now(),
+        "pictured": [r for r in rows if r.decision and r.decision.assessable][:4],  # not the refused photos
     }  # fmt: skip
     return render(request, "portal/report.html", context)
 
@@ -248,7 +248,8 @@ def image_page(request, image: LesionImage, *, assessment_form=None, outcome_for
         "requestable": [(m, label) for m, label in METHOD_LABELS.items() if m not in requested],
         "assessment_form": assessment_form or AssessmentForm(auto_id=ASSESSMENT_IDS),
         "outcome_form": outcome_form or OutcomeForm(auto_id=OUTCOME_IDS),
-        "feedback": image.feedback.select_related("recorded_by").order_by("-recorded_at", "-id"),
+        "feedback": image.feedback.select_related("recorded_by", "prediction").order_by("-recorded_at", "-id"),
+        "photo": feedback_services.latest_feedback(image)["photo"],  # "this photo was fine", once said
     }  # fmt: skip
     return render(request, "portal/image.html", context, status=status)
 
@@ -396,17 +397,15 @@ def history(request):
         with_predictions(LesionImage.objects.for_clinic(request.clinic))
         .select_related("lesion__patient")
         .annotate(latest_probability=Subquery(latest.values("probability_malignant")[:1]),
-                  latest_threshold=Subquery(latest.values("threshold")[:1]))
+                  latest_threshold=Subquery(latest.values("threshold")[:1]),
+                  latest_decision=Subquery(latest.values("decision")[:1]))
         .order_by("-created_at")
     )  # fmt: skip
     if form.is_valid():
         data = form.cleaned_data
         if data["state"]:
             queryset = queryset.filter(state=data["state"])
-        if data["band"] == "above":
-            queryset = queryset.filter(state=ImageState.DONE, latest_probability__gte=F("latest_threshold"))
-        elif data["band"] == "below":
-            queryset = queryset.filter(state=ImageState.DONE, latest_probability__lt=F("latest_threshold"))
+        queryset = filter_by_band(queryset, data["band"])
         if data["date_from"]:
             queryset = queryset.filter(created_at__date__gte=data["date_from"])
         if data["date_to"]:

@@ -55,10 +55,39 @@
     next();
   }
 
+  /* The result in one line, as the server words it: never a bare percentage ("Uncertain (49%): specialist
+     review recommended", "Not assessable: take another photo"). */
   function describe(data) {
-    if (data.state === "done") return data.percent + " · " + data.decision;
+    if (data.state === "done") return data.summary || (data.percent + " · " + data.decision);
     if (data.state === "failed") return data.error || "The photo could not be scored.";
     return "";
+  }
+
+  function capitalised(text) {
+    return text ? text.charAt(0).toUpperCase() + text.slice(1) : text;
+  }
+
+  /* "This photo was fine" on a photo the quality check refused: recorded without leaving the page. */
+  function postPhotoFine(url, token) {
+    return fetch(url, { method: "POST", credentials: "same-origin",
+                        headers: { Accept: "application/json", "X-CSRFToken": token } })
+      .then(function (response) {
+        return response.json().then(function (body) {
+          if (!response.ok || !body.ok) throw new Error(body.error || "The request failed.");
+          return body.message;
+        });
+      });
+  }
+
+  function confirmPhotoFine(url, token, control, button) {
+    button.disabled = true;
+    postPhotoFine(url, token).then(function (message) {
+      control.replaceWith(el("p", { "class": "confirmation", role: "status" }, message));
+    }).catch(function (error) {
+      button.disabled = false;
+      var note = el("p", { "class": "error", role: "alert" }, error.message || "The request failed; check your connection.");
+      control.parentNode.appendChild(note);
+    });
   }
 
   /* --- status badges already on the page (timeline rows, a result still being computed) ------ */
@@ -108,7 +137,11 @@
     var maxBytes = parseInt(form.getAttribute("data-max-bytes"), 10) || 0;
     var pending = [];
 
+    var camera = document.getElementById("id_camera");
+    var retaking = null; // the refused upload that the photo being taken replaces
+
     function addFiles(files) {
+      var added = [];
       Array.prototype.forEach.call(files, function (file) {
         var item = el("li", { "class": "upload-item" });
         var preview = el("img", { alt: "Preview of " + file.name });
@@ -136,10 +169,55 @@
         preview.onload = function () { URL.revokeObjectURL(preview.src); };
         preview.onerror = function () { preview.removeAttribute("src"); };
         status.textContent = "Ready to upload";
-        pending.push({ file: file, item: item, status: status, preview: preview, key: newKey() });
+        var entry = { file: file, item: item, status: status, preview: preview, key: newKey() };
+        pending.push(entry);
+        added.push(entry);
       });
       button.disabled = pending.length === 0;
       button.textContent = pending.length > 1 ? "Upload " + pending.length + " photos" : "Upload";
+      return added;
+    }
+
+    /* "Take another photo": the camera input (on a phone, the back camera; elsewhere a file chooser). The
+       photo taken is uploaded at once: the camera has shown it already. */
+    function takeAnotherPhoto(replaces) {
+      retaking = replaces || null;
+      var target = camera || input;
+      target.focus();
+      target.click();
+    }
+
+    /* A photo the quality check refused: its reasons in words and what to do next, where it was uploaded. */
+    function showRefusal(entry, data) {
+      if (entry.item.querySelector(".refused")) return;
+      entry.item.classList.add("refused");
+      var box = el("div", { "class": "refused" });
+      if (data.reasons && data.reasons.length) {
+        var reasons = el("ul", { "class": "reasons" });
+        data.reasons.forEach(function (reason) { reasons.appendChild(el("li", {}, capitalised(reason))); });
+        box.appendChild(reasons);
+      }
+      var actions = el("div", { "class": "retake-actions" });
+      var again = el("button", { type: "button", "class": "primary" }, "Take another photo");
+      again.addEventListener("click", function () { takeAnotherPhoto(entry); });
+      actions.appendChild(again);
+      if (data.photo_fine_url) {
+        var fine = el("button", { type: "button" }, "This photo was fine");
+        fine.addEventListener("click", function () { confirmPhotoFine(data.photo_fine_url, csrfToken(form), fine, fine); });
+        actions.appendChild(fine);
+      }
+      box.appendChild(actions);
+      entry.status.appendChild(box);
+    }
+
+    function send(batch) {
+      button.disabled = true;
+      button.textContent = "Uploading…";
+      return batch.reduce(function (chain, entry) { return chain.then(function () { return uploadOne(entry); }); }, Promise.resolve())
+        .then(function () {
+          button.textContent = pending.length > 1 ? "Upload " + pending.length + " photos" : "Upload";
+          button.disabled = pending.length === 0;
+        });
     }
 
     function uploadOne(entry) {
@@ -180,6 +258,7 @@
             if (!update.final) return false;
             entry.status.appendChild(document.createTextNode(" "));
             entry.status.appendChild(link);
+            if (update.decision_code === "not_assessable") showRefusal(entry, update);
             refreshTimeline();
             return true;
           });
@@ -199,6 +278,33 @@
     }
 
     input.addEventListener("change", function () { addFiles(input.files); input.value = ""; });
+    if (camera) {
+      var cameraLabel = form.querySelector("label[for=id_camera]");
+      if (cameraLabel) cameraLabel.addEventListener("click", function () { retaking = null; });
+      camera.addEventListener("change", function () {
+        var added = addFiles(camera.files);
+        camera.value = "";
+        if (!retaking) return;
+        var replaced = retaking;
+        retaking = null;
+        if (!added.length) return;
+        replaced.item.classList.add("replaced");
+        var again = replaced.item.querySelector(".retake-actions button.primary");
+        if (again) again.replaceWith(el("span", { "class": "small" }, "Replaced by the photo below."));
+        pending = pending.filter(function (entry) { return added.indexOf(entry) < 0; });
+        send(added);
+      });
+    }
+    // A refused photo in the timeline: its "Take another photo" opens the camera too.
+    document.addEventListener("click", function (event) {
+      var link = event.target.closest && event.target.closest("[data-retake]");
+      if (!link) return;
+      event.preventDefault();
+      document.getElementById("add-photos").scrollIntoView({ block: "start" });
+      takeAnotherPhoto(null);
+    });
+    // Sent here by a refused photo's result page: the camera is one key (or tap) away.
+    if (/[?&]retake=/.test(window.location.search) && camera) camera.focus();
     ["dragenter", "dragover"].forEach(function (name) {
       zone.addEventListener(name, function (event) { event.preventDefault(); zone.classList.add("dragover"); });
     });
@@ -212,10 +318,7 @@
       event.preventDefault();
       var batch = pending;
       pending = [];
-      button.disabled = true;
-      button.textContent = "Uploading…";
-      batch.reduce(function (chain, entry) { return chain.then(function () { return uploadOne(entry); }); }, Promise.resolve())
-        .then(function () { button.textContent = "Upload"; button.disabled = pending.length === 0; });
+      send(batch);
     });
     button.disabled = true;
   }
@@ -328,6 +431,14 @@
     watchStatuses(document);
     document.querySelectorAll("[data-print]").forEach(function (button) {
       button.addEventListener("click", function () { window.print(); });
+    });
+    // "This photo was fine" in the timeline: recorded in place (without script the form posts as usual).
+    document.addEventListener("submit", function (event) {
+      var form = event.target;
+      if (!form.hasAttribute || !form.hasAttribute("data-photo-fine")) return;
+      event.preventDefault();
+      var submit = form.querySelector("button");
+      if (submit && !submit.disabled) confirmPhotoFine(form.action, csrfToken(form), form, submit);
     });
     document.querySelectorAll("[data-select-on-focus]").forEach(function (input) {
       input.addEventListener("focus", function () { input.select(); });
