@@ -3,6 +3,8 @@ the view permission on drift reports; "run now" needs the change permission (ser
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -15,7 +17,7 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
 from .models import DriftReport, MonitoringAlert, UploadFeatures
-from .services import drift_plots, drift_requests, monitoring
+from .services import drift_plots, drift_requests, monitoring, quality_monitoring
 from .services.registry import active_model_version
 
 TIMELINE_REPORTS = 60
@@ -58,8 +60,35 @@ def dashboard(request):
         "can_run": request.user.has_perm(drift_requests.RUN_PERMISSION),
         "recent_outliers": UploadFeatures.objects.exclude(outlier_features=[]).select_related("image")
         .order_by("-computed_at")[:10],
+        **_quality_context(report),
     }  # fmt: skip
     return TemplateResponse(request, "admin/monitoring/dashboard.html", context)
+
+
+def _quality_context(report: DriftReport | None) -> dict:
+    """The photo-quality gate over the dashboard's window (for a window of the last N uploads: the shown
+    report's span), and its calibration against clinicians' feedback."""
+    now = timezone.now()
+    start, end, description = monitoring.window_bounds(now)
+    if start is None:
+        start = report.window_start if report else now - timedelta(days=settings.DRIFT_WINDOW_DAYS)
+        description = f"since {start:%Y-%m-%d %H:%M}"
+    summary = quality_monitoring.summary(start, end)
+    return {
+        "quality": summary,
+        "quality_window": description,
+        "quality_tables": [("Clinic", summary.clinics), ("Camera", summary.cameras), ("Day", summary.days)],
+        "quality_svg": mark_safe(drift_plots.quality_series_svg(summary.days)),  # numbers and dates only
+        "quality_alert": {
+            "hours": settings.QUALITY_ALERT_WINDOW_HOURS,
+            "rate": settings.QUALITY_ALERT_RATE,
+            "margin": settings.QUALITY_ALERT_MARGIN,
+            "min_photos": settings.QUALITY_ALERT_MIN_PHOTOS,
+            "baseline_days": settings.QUALITY_ALERT_BASELINE_DAYS,
+        },
+        "calibration": quality_monitoring.calibration_report(),
+        "calibration_days": settings.QUALITY_CALIBRATION_DAYS,
+    }
 
 
 def _grouped(features: list[dict]) -> list[tuple[str, list[dict]]]:

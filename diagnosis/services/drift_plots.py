@@ -1,4 +1,5 @@
-"""The drift dashboard's charts, drawn from stored drift reports with mlcore.plots (inline SVG).
+"""The drift dashboard's charts, drawn from stored drift reports with mlcore.plots (inline SVG), and the
+photo-quality gate's daily rates (drawn here with matplotlib in the same style).
 
 The admin asks this service for its pictures rather than importing mlcore itself: admin → services →
 mlcore. The SVG comes from matplotlib and holds only numbers and feature names, so the admin may mark
@@ -7,11 +8,13 @@ it safe.
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 from mlcore import plots
 
 from ..models import DriftReport
+from .quality_monitoring import Rates
 
 
 @dataclass(frozen=True)
@@ -45,3 +48,30 @@ def timeline_points(recent: list[DriftReport]) -> list[dict]:
             "threshold": past.alpha / max(len(judged), 1),
         })  # fmt: skip
     return points
+
+
+def quality_series_svg(days: list[Rates]) -> str:
+    """Per day (oldest first): the share of done photos not assessable and uncertain, in percent; each day's
+    date and number of photos under its point. "" when no day had a photo."""
+    import matplotlib.pyplot as plt  # here, after mlcore.plots chose the Agg backend
+
+    days = [day for day in days if day.photos]
+    if not days:
+        return ""
+    figure, axis = plt.subplots(figsize=(9, 2.4))
+    positions = list(range(len(days)))
+    axis.plot(positions, [100 * day.not_assessable_share for day in days], marker="o", color="#c0392b",
+              linewidth=1, markersize=4, label="not assessable")  # fmt: skip
+    axis.plot(positions, [100 * day.uncertain_share for day in days], marker="s", color="#e67e22", linewidth=1,
+              markersize=4, label="uncertain")  # fmt: skip
+    axis.set_xticks(positions, [f"{day.label[5:]}\n{day.photos}" for day in days])  # MM-DD, photos that day
+    axis.set_ylim(bottom=0)
+    axis.set_ylabel("% of done photos", fontsize=8)
+    axis.tick_params(labelsize=7)
+    axis.legend(fontsize=7, loc="upper left")
+    buffer = io.StringIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="svg")
+    plt.close(figure)
+    text = buffer.getvalue()
+    return text[text.index("<svg") :]  # inlined in HTML: no XML prolog

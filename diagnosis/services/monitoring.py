@@ -40,6 +40,7 @@ from ..models import (
     ReferenceFeature,
     UploadFeatures,
 )
+from . import quality_monitoring
 from .registry import VersionCache, active_model_version
 from .transactions import savepoint_if_inside
 
@@ -149,7 +150,9 @@ def window_bounds(now):
 
 
 def operations_summary(start, end) -> dict:
-    """Uploads, failures and processing latency (upload to result) in the window."""
+    """Uploads, failures and processing latency (upload to result) in the window; and the quality gate's
+    rates (not assessable, uncertain; per clinic and camera; the checks that refused most) under "quality"
+    when photos of the window went through it."""
     images = LesionImage.objects.filter(created_at__lte=end)
     if start is not None:
         images = images.filter(created_at__gte=start)
@@ -167,6 +170,7 @@ def operations_summary(start, end) -> dict:
         "failed_share": failed / total if total else None,
         "latency_p50_s": float(np.percentile(waits, 50)) if waits else None,
         "latency_p95_s": float(np.percentile(waits, 95)) if waits else None,
+        **quality_monitoring.operations_quality(start, end),
     }
 
 
@@ -252,7 +256,8 @@ def _store_evidently(report: DriftReport, reference: list[dict], current: list[d
 
 
 def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
-    """Per alert kind that this report can judge: (is the condition present, message)."""
+    """Per alert kind that this report can judge: (is the condition present, message). The quality
+    gate's alert judges its own recent window against a baseline (services.quality_monitoring)."""
     conditions: dict[str, tuple[bool, str]] = {}
     if report.status in (DriftReport.Status.DRIFT, DriftReport.Status.NO_DRIFT):
         conditions[MonitoringAlert.Kind.DRIFT] = (
@@ -276,6 +281,9 @@ def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
             f"95% of uploads got their result within {p95:.1f} s in the window ({report.window_description}); "
             f"the alert threshold is {settings.ALERT_LATENCY_P95_SECONDS:g} s.",
         )
+    quality = quality_monitoring.alert_condition(report.window_end)  # its own window: the last day or so
+    if quality is not None:
+        conditions[MonitoringAlert.Kind.QUALITY] = quality
     return conditions
 
 

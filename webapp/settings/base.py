@@ -344,6 +344,19 @@ ALERT_LATENCY_P95_SECONDS = env_float("ALERT_LATENCY_P95_SECONDS", 120.0)
 ALERT_MIN_UPLOADS = env_int("ALERT_MIN_UPLOADS", 20)
 # A condition that returns within this many minutes of its alert closing reopens it silently.
 ALERT_COOLDOWN_MINUTES = env_int("ALERT_COOLDOWN_MINUTES", 60)
+# The photo-quality gate's alert (issue 20, services.quality_monitoring): over the last
+# QUALITY_ALERT_WINDOW_HOURS, a clinic or a camera with at least QUALITY_ALERT_MIN_PHOTOS done photos whose
+# share not assessable is above QUALITY_ALERT_RATE and more than QUALITY_ALERT_MARGIN above its baseline (its
+# own share in the QUALITY_ALERT_BASELINE_DAYS before; everyone's when it had too few photos then) opens the
+# alert; it closes when no clinic or camera is above. Judged with every drift report.
+QUALITY_ALERT_WINDOW_HOURS = env_float("QUALITY_ALERT_WINDOW_HOURS", 24.0)
+QUALITY_ALERT_BASELINE_DAYS = env_float("QUALITY_ALERT_BASELINE_DAYS", 14.0)
+QUALITY_ALERT_MIN_PHOTOS = env_int("QUALITY_ALERT_MIN_PHOTOS", 20)
+QUALITY_ALERT_RATE = env_float("QUALITY_ALERT_RATE", 0.15)
+QUALITY_ALERT_MARGIN = env_float("QUALITY_ALERT_MARGIN", 0.10)
+# The quality-gate calibration report (the drift dashboard, manage.py quality_report): predictions of the
+# last this many days.
+QUALITY_CALIBRATION_DAYS = env_float("QUALITY_CALIBRATION_DAYS", 30.0)
 DEFAULT_FROM_EMAIL = env_str("DEFAULT_FROM_EMAIL", "lesion-triage@localhost")
 # Outgoing mail (alerts): an SMTP relay. dev and test settings replace the backend.
 EMAIL_HOST = env_str("EMAIL_HOST", "localhost")
