@@ -338,16 +338,22 @@ class FeedbackSerializer(serializers.ModelSerializer):
     image = serializers.UUIDField(source="image_id", read_only=True)
     recorded_by = serializers.CharField(source="recorded_by.get_username", read_only=True, default=None)
     model_version = serializers.CharField(source="prediction.model_version.version", read_only=True, default=None)
+    photo_was_fine = serializers.BooleanField(
+        required=False, write_only=True,
+        help_text="kind=photo: true for \"this photo was fine\" (on a photo the quality gate refused), false when "
+        "the photo was poor (on one it accepted). Stored as `agrees`: whether the gate's verdict was right.",
+    )  # fmt: skip
 
     class Meta:
         model = Feedback
-        fields = ["id", "image", "kind", "agrees", "diagnosis", "ground_truth", "note", "model_version",
-                  "recorded_by", "recorded_at"]  # fmt: skip
+        fields = ["id", "image", "kind", "agrees", "photo_was_fine", "diagnosis", "ground_truth", "note",
+                  "model_version", "recorded_by", "recorded_at"]  # fmt: skip
         read_only_fields = ["id", "ground_truth", "recorded_at"]
         extra_kwargs = {
-            "agrees": {"help_text": "kind=assessment: does the clinician agree with the result?"},
+            "agrees": {"help_text": "kind=assessment: does the clinician agree with the result? Read back for "
+                                    "kind=photo: was the quality gate's verdict on the photo right?"},
             "diagnosis": {"help_text": "kind=histopathology: the outcome."},
-        }
+        }  # fmt: skip
 
     def validate(self, attrs):
         kind = attrs.get("kind")
@@ -355,6 +361,12 @@ class FeedbackSerializer(serializers.ModelSerializer):
             raise serializers.ValidationError({"agrees": ["An assessment needs agrees: true or false."]})
         if kind == Feedback.Kind.HISTOPATHOLOGY and not attrs.get("diagnosis"):
             raise serializers.ValidationError({"diagnosis": ["A histopathology outcome needs a diagnosis."]})
+        if kind == Feedback.Kind.PHOTO and ("photo_was_fine" not in attrs or "agrees" in attrs):
+            field = "agrees" if "agrees" in attrs else "photo_was_fine"
+            message = "Feedback on a photo needs photo_was_fine: true or false (agrees is read back, not sent)."
+            raise serializers.ValidationError({field: [message]})
+        if kind != Feedback.Kind.PHOTO and "photo_was_fine" in attrs:
+            raise serializers.ValidationError({"photo_was_fine": ["photo_was_fine is for kind=photo only."]})
         return attrs
 
 

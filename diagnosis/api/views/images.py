@@ -370,11 +370,12 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
     )
     @extend_schema(
         methods=["POST"],
-        summary="Record an assessment (agree or disagree) or a histopathology outcome",
+        summary="Record an assessment (agree or disagree), feedback on the photo, or a histopathology outcome",
         description=(
-            '`{"kind": "assessment", "agrees": false, "note": "..."}` once the image is done, or '
-            '`{"kind": "histopathology", "diagnosis": "melanoma"}` at any time. Records are append-only; the '
-            "newest of each kind is the image's ground truth for monitoring."
+            '`{"kind": "assessment", "agrees": false, "note": "..."}` or `{"kind": "photo", "photo_was_fine": true}` '
+            '(on the quality gate\'s verdict) once the image is done, or `{"kind": "histopathology", "diagnosis": '
+            '"melanoma"}` at any time. Records are append-only; the newest of each kind is the image\'s ground truth '
+            "for monitoring and the quality gate's calibration report."
         ),
         request=FeedbackSerializer,
         responses={201: FeedbackSerializer, **error_responses(400, 401, 403, 404, 409)},
@@ -388,16 +389,14 @@ class ImageViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Crea
         body = FeedbackSerializer(data=request.data)
         body.is_valid(raise_exception=True)
         data = body.validated_data
+        who = {"image": image, "note": data.get("note", ""), "recorded_by": request.user, "via": VIA}
         try:
             if data["kind"] == "assessment":
-                record = feedback_services.record_assessment(
-                    image=image, agrees=data["agrees"], note=data.get("note", ""), recorded_by=request.user, via=VIA
-                )
+                record = feedback_services.record_assessment(agrees=data["agrees"], **who)
+            elif data["kind"] == "photo":
+                record = feedback_services.record_photo_feedback(photo_was_fine=data["photo_was_fine"], **who)
             else:
-                record = feedback_services.record_outcome(
-                    image=image, diagnosis=data["diagnosis"], note=data.get("note", ""), recorded_by=request.user,
-                    via=VIA,
-                )  # fmt: skip
+                record = feedback_services.record_outcome(diagnosis=data["diagnosis"], **who)
         except DjangoValidationError as exc:
             raise RequestRefused(" ".join(exc.messages), code="no_prediction", status_code=409) from None
         return Response(FeedbackSerializer(record).data, status=status.HTTP_201_CREATED)
