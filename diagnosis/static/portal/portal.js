@@ -82,7 +82,9 @@
   function confirmPhotoFine(url, token, control, button) {
     button.disabled = true;
     postPhotoFine(url, token).then(function (message) {
+      var inTimeline = !!control.closest("#timeline");
       control.replaceWith(el("p", { "class": "confirmation", role: "status" }, message));
+      if (!inTimeline) refreshTimeline(); // the timeline's copy of the photo says it was marked fine
     }).catch(function (error) {
       button.disabled = false;
       var note = el("p", { "class": "error", role: "alert" }, error.message || "The request failed; check your connection.");
@@ -303,8 +305,13 @@
       document.getElementById("add-photos").scrollIntoView({ block: "start" });
       takeAnotherPhoto(null);
     });
-    // Sent here by a refused photo's result page: the camera is one key (or tap) away.
-    if (/[?&]retake=/.test(window.location.search) && camera) camera.focus();
+    // Sent here by a refused photo's result page: the camera is one key (or tap) away. Focused once the page
+    // has loaded: the browser's move to #add-photos would otherwise take the focus back to the page.
+    if (/[?&]retake=/.test(window.location.search) && camera) {
+      var focusCamera = function () { setTimeout(function () { camera.focus({ preventScroll: true }); }, 0); };
+      if (document.readyState === "complete") focusCamera();
+      else window.addEventListener("load", focusCamera);
+    }
     ["dragenter", "dragover"].forEach(function (name) {
       zone.addEventListener(name, function (event) { event.preventDefault(); zone.classList.add("dragover"); });
     });
