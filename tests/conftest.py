@@ -150,14 +150,25 @@ def active_model(db, tiny_checkpoint):
 def tiny_gate(tiny_checkpoint) -> dict:
     """The photo-quality gate of tiny_checkpoint (mlcore.gate), built as training builds one: quality
     thresholds and the OOD reference from synthetic training photos at 128 px (the size the tests
-    upload), the OOD threshold and the refer-when-unsure band from held-out ones."""
+    upload), the OOD threshold and the refer-when-unsure band from held-out ones. The photos are JPEG
+    files decoded, as a data set on disk and the tests' uploads are."""
     from mlcore.data import SyntheticLesions
     from mlcore.gate import build_gate
     from mlcore.inference import Predictor
+    from mlcore.preprocessing import decode_image
     from mlcore.quality import measure
 
+    def as_jpeg(pairs):
+        encoded = []
+        for image, label in pairs:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=92)
+            encoded.append((decode_image(buffer.getvalue()).image, label))
+        return encoded
+
     predictor = Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
-    train, held = list(SyntheticLesions(120, size=128, seed=21)), list(SyntheticLesions(80, size=128, seed=22))
+    train = as_jpeg(SyntheticLesions(150, size=128, seed=21))
+    held = as_jpeg(SyntheticLesions(150, size=128, seed=22))
     _, _, train_embeddings = predictor.predict_with_gradcam([image for image, _ in train], embeddings=True)
     results, _, held_embeddings = predictor.predict_with_gradcam([image for image, _ in held], embeddings=True)
     return build_gate(

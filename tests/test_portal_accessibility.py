@@ -109,6 +109,8 @@ PAGES = [
     "lesion",
     "image",
     "image-queued",
+    "image-not-assessable",
+    "image-uncertain",
     "image-with-errors",
     "report",
     "history",
@@ -139,6 +141,15 @@ def render_all(checkpoint: bytes) -> dict[str, tuple[int, str]]:
     add_explanation(image, model, method="integrated_gradients")
     add_explanation(image, model, method="occlusion", state="queued")
     queued = add_image(lesion, clinician, state=ImageState.QUEUED)
+    refused = add_image(lesion, clinician, probability=0.7, model=model, days_ago=2)
+    refused.predictions.update(decision="not_assessable", assessable=False, quality={
+        "gate": "strict", "reasons": ["out of focus: hold the camera 10–15 cm away"], "warnings": [],
+        "checks": [{"name": "focus", "value": -3.0, "threshold": -2.0, "direction": "low", "passed": False,
+                    "advice": "out of focus: hold the camera 10–15 cm away"}]})  # fmt: skip
+    unsure = add_image(lesion, clinician, probability=0.48, model=model, days_ago=3)
+    unsure.predictions.update(decision="uncertain", assessable=True, quality={
+        "gate": "strict", "reasons": [], "warnings": [], "checks": [], "band": [0.4, 0.55],
+        "advice": "uncertain: specialist review recommended"})  # fmt: skip
     create_api_token(user=clinician, name="EHR integration")
 
     anonymous, no_clinic, client = Client(), Client(), Client()
@@ -152,6 +163,8 @@ def render_all(checkpoint: bytes) -> dict[str, tuple[int, str]]:
         "lesion": lambda: client.get(reverse("portal:lesion", args=[lesion.pk])),
         "image": lambda: client.get(reverse("portal:image", args=[image.pk])),
         "image-queued": lambda: client.get(reverse("portal:image", args=[queued.pk])),
+        "image-not-assessable": lambda: client.get(reverse("portal:image", args=[refused.pk])),
+        "image-uncertain": lambda: client.get(reverse("portal:image", args=[unsure.pk])),
         "image-with-errors": lambda: client.post(
             reverse("portal:image-feedback", args=[image.pk]), {"kind": "histopathology", "diagnosis": "nope"}
         ),
