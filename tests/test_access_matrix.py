@@ -285,6 +285,9 @@ BASE_TABLE: dict[str, Entry] = {
         PORTAL, image_kw, get=portal_object(405, 405), post=portal_object(302),
         post_data=lambda w: {"kind": "histopathology", "diagnosis": "melanoma", "note": "matrix"},
     ),
+    "portal:image-photo-fine": Entry(
+        PORTAL, image_kw, get=portal_object(405, 405), post=portal_object(302), post_data=lambda w: {"note": "matrix"}
+    ),
     "portal:explanation-file": Entry(
         PORTAL, lambda w: [{"pk": w.gradcam.pk, "kind": "overlay"}, {"pk": w.gradcam.pk, "kind": "heatmap"}],
         get=portal_object(),
