@@ -90,53 +90,61 @@ def blur(sigma: float):
     return lambda image, mask, rng: image.filter(ImageFilter.GaussianBlur(sigma))
 
 
-def _skin_plane(pixels: np.ndarray, band: int) -> np.ndarray:
-    """Per channel, the plane (a + b x + c y, x and y in pixels) fitted to the outer `band` pixels."""
+def _light(pixels: np.ndarray, band: int | None = None) -> np.ndarray:
+    """Per channel, the plane (a + b x + c y, x and y in pixels) fitted to the outer `band` pixels, or to
+    all of them."""
     height, width = pixels.shape[:2]
     ys, xs = np.mgrid[0:height, 0:width]
-    border = np.ones((height, width), bool)
-    border[band:-band, band:-band] = False
-    design = np.stack([np.ones(border.sum()), xs[border], ys[border]], axis=1)
-    return np.linalg.lstsq(design, pixels[border].astype(np.float64), rcond=None)[0]  # 3 x channels
+    used = np.ones((height, width), bool)
+    if band is not None:
+        used[band:-band, band:-band] = False
+    design = np.stack([np.ones(used.sum()), xs[used], ys[used]], axis=1)
+    return np.linalg.lstsq(design, pixels[used].astype(np.float64), rcond=None)[0]  # 3 x channels
+
+
+def _texture(image: Image.Image, mask: np.ndarray) -> np.ndarray:
+    """The skin's fine texture at the camera's own scale, about 1 everywhere: the photo's plainest
+    lesion-free corner (a quarter of its side) divided by its own light, mirrored and tiled to the size."""
+    pixels = np.asarray(image, dtype=np.float64)
+    size, quarter = pixels.shape[0], pixels.shape[0] // 4
+    ys, xs = np.mgrid[0:quarter, 0:quarter]
+
+    def detrended(corner: tuple[int, int]) -> np.ndarray:
+        patch = pixels[corner[0] : corner[0] + quarter, corner[1] : corner[1] + quarter]
+        plane = _light(patch)
+        return patch / np.maximum(plane[0] + plane[1] * xs[..., None] + plane[2] * ys[..., None], 1)
+
+    corners = [(0, 0), (0, size - quarter), (size - quarter, 0), (size - quarter, size - quarter)]
+    # no lesion, and the fewest pixels far off the light (a hair, mirrored and tiled, would make a pattern)
+    best = min(corners, key=lambda c: (mask[c[0] : c[0] + quarter, c[1] : c[1] + quarter].sum(),
+                                       np.count_nonzero(np.abs(detrended(c) - 1) > 0.15)))  # fmt: skip
+    patch = detrended(best)
+    tile = np.concatenate([patch, patch[:, ::-1]], axis=1)
+    tile = np.concatenate([tile, tile[::-1]], axis=0)
+    reps = -(-size // (2 * quarter))
+    return np.tile(tile, (reps, reps, 1))[:size, :size]
 
 
 def small_in_frame(image: Image.Image, mask: np.ndarray, rng: np.random.Generator, centred: bool) -> Image.Image:
-    """The photo as if taken from three times as far: shrunk to 1/SHRINK of its side and pasted into the
-    middle of the frame (`centred`, as off-centre as the good photos' lesions: 5% of the side) or at a
-    random place, into a frame of the same size made of its own skin, without a seam. The frame's colour
-    is the small photo's skin light (a plane per channel fitted to its outer tenth) carried on across the
-    frame; its texture is the small photo's plainest lesion-free corner, divided by that light, mirrored
-    and tiled."""
+    """The photo as if taken from three times as far with the same camera: shrunk to 1/SHRINK of its side
+    and pasted into the middle of a frame of the same size (`centred`, as off-centre as the good photos'
+    lesions: 5% of the side) or at a random place. The frame is its skin, without a seam: the small
+    photo's light (a plane per channel fitted to its outer tenth) carried on across the frame; and the
+    whole frame, the small photo too, has the skin's fine texture at the camera's own scale (_texture),
+    which shrinking the photo smoothed away (the synthetic skin's texture has a single scale; real skin
+    shows detail at every scale)."""
     size = image.width
     small = np.asarray(image.resize((size // SHRINK, size // SHRINK), Image.Resampling.LANCZOS), dtype=np.float64)
     side = small.shape[0]
-    plane = _skin_plane(small, max(2, side // 10))
+    plane = _light(small, max(2, side // 10))
     if centred:
         x0, y0 = (int(np.clip(round((size - side) / 2 + v), 0, size - side)) for v in rng.normal(0, 0.05 * size, 2))
     else:
         x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, size=2))
     ys, xs = np.mgrid[0:size, 0:size]
-    light = plane[0] + plane[1] * (xs - x0)[..., None] + plane[2] * (ys - y0)[..., None]
-    quarter = side // 4
-    small_mask = mask[::SHRINK, ::SHRINK][:side, :side]
-    corners = [(0, 0), (0, side - quarter), (side - quarter, 0), (side - quarter, side - quarter)]
-
-    def texture(corner: tuple[int, int]) -> np.ndarray:
-        top, left = corner
-        patch_light = plane[0] + plane[1] * (np.arange(quarter)[None, :, None] + left) + plane[2] * (
-            np.arange(quarter)[:, None, None] + top)  # fmt: skip
-        return small[top : top + quarter, left : left + quarter] / np.maximum(patch_light, 1)
-
-    # the corner with no lesion and the least detail (a hair, mirrored and tiled, would make a pattern)
-    best = min(corners, key=lambda c: (small_mask[c[0] : c[0] + quarter, c[1] : c[1] + quarter].sum(),
-                                       float(texture(c).std())))  # fmt: skip
-    texture = texture(best)
-    tile = np.concatenate([texture, texture[:, ::-1]], axis=1)
-    tile = np.concatenate([tile, tile[::-1]], axis=0)
-    reps = -(-size // (2 * quarter))
-    frame = light * np.tile(tile, (reps, reps, 1))[:size, :size]
+    frame = plane[0] + plane[1] * (xs - x0)[..., None] + plane[2] * (ys - y0)[..., None]
     frame[y0 : y0 + side, x0 : x0 + side] = small
-    return Image.fromarray(frame.clip(0, 255).astype(np.uint8))
+    return Image.fromarray((frame * _texture(image, mask)).clip(0, 255).astype(np.uint8))
 
 
 CONDITIONS = {

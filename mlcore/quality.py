@@ -94,12 +94,18 @@ def _luminance(rgb: np.ndarray) -> np.ndarray:
     return rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def _sums(values: np.ndarray, k: int, dtype=None) -> np.ndarray:
-    """Sums over k x k blocks of a 2-D array (rows and columns that do not fill a block are left out): the
-    rows of each block by a reduction, then its columns by k strided additions (a reduction over a short
-    last axis, or over two small axes at once, is several times slower)."""
+def _sums(values: np.ndarray, k: int) -> np.ndarray:
+    """Sums over k x k blocks of a 2-D array (rows and columns that do not fill a block are left out), in
+    its own dtype. For a small k by k strided additions, else by reductions one axis at a time: NumPy's
+    reduction over a short axis, or over two strided axes at once, is several times slower."""
     height, width = values.shape[0] // k * k, values.shape[1] // k * k
-    rows = values[:height, :width].reshape(height // k, k, width).sum(axis=1, dtype=dtype)
+    values = values[:height, :width]
+    if k > 4:
+        rows = values.reshape(height // k, k, width).sum(axis=1, dtype=values.dtype)
+        return rows.reshape(height // k, width // k, k).sum(axis=2, dtype=values.dtype)
+    rows = values[0::k].copy()
+    for offset in range(1, k):
+        rows += values[offset::k]
     total = rows[:, 0::k].copy()
     for offset in range(1, k):
         total += rows[:, offset::k]
@@ -107,32 +113,40 @@ def _sums(values: np.ndarray, k: int, dtype=None) -> np.ndarray:
 
 
 def _gradient(luminance: np.ndarray) -> np.ndarray:
-    """|d/dx| + |d/dy| at each pixel (forward differences; 0 past the last row and column)."""
-    gradient = np.abs(np.diff(luminance, axis=1, append=luminance[:, -1:]))
-    gradient += np.abs(np.diff(luminance, axis=0, append=luminance[-1:]))
+    """|d/dx| + |d/dy| at each pixel of a float array (forward differences; 0 past the last row and
+    column), less the frame's mean slope in each direction: light falling evenly across it is no detail."""
+    across = np.diff(luminance, axis=1)
+    down = np.diff(luminance, axis=0)
+    gradient = np.zeros_like(luminance)
+    gradient[:, :-1] = np.abs(across - across.mean())
+    gradient[:-1] += np.abs(down - down.mean())
     return gradient
 
 
-FOCUS_BLOCK = 16  # pixels of the 256-pixel thumbnail per block
-FOCUS_SCALE = 4  # the coarse scale the fine one is compared with
-FLAT = 0.25  # luminance levels per pixel: a block with less detail than this says nothing about focus
+FOCUS_FINE = 2  # the fine scale: 2 x 2 means of the thumbnail (below it, JPEG's blocks and an upscaled photo's
+# interpolation say more about the file than about the focus)
+FOCUS_SCALE = 4  # the coarse scale, in fine pixels, the fine one is compared with
+FOCUS_BLOCK = 16  # fine pixels per block (32 pixels of the 256-pixel thumbnail)
+FLAT = 0.5  # luminance levels per fine pixel: a block with less detail than this says nothing about focus
 
 
 def focus(luminance: np.ndarray) -> float:
-    """How much of a block's detail is at the finest scale: log2 of the mean gradient per pixel over the
-    mean gradient per pixel of the picture reduced FOCUS_SCALE times, per FOCUS_BLOCK block, and the
-    sharpest quarter of the blocks (a lesion in focus before a soft background passes). A smooth ramp,
-    the most blurred picture, gives log2(1/4) = -2; texture in focus -1 to 0, noise above. It does not
-    depend on exposure or on the lesion's contrast. Flat blocks (a solid colour, blown-out skin) are
-    left out; with hardly any detail at all the photo is as blurred as can be: -2. `luminance`: 8-bit
-    (computed in 16-bit integers: the temporaries stay small) or float."""
-    exact = luminance.dtype == np.uint8
-    values = luminance.astype(np.int16) if exact else luminance
-    total = np.int32 if exact else np.float64
-    fine = _sums(_gradient(values), FOCUS_BLOCK, total) / FOCUS_BLOCK**2
-    coarse_pixels = _sums(values, FOCUS_SCALE, total) / FOCUS_SCALE**2
+    """How much of the detail is at the fine scale: per block, log2 of the mean gradient per pixel of the
+    picture reduced FOCUS_FINE times over that of the picture reduced FOCUS_SCALE times more, per pixel of
+    the first; and the sharpest quarter of the blocks (a lesion in focus before a soft background
+    passes). A smooth picture, the most blurred there is, gives about log2(1/4) = -2; skin in focus about
+    0 to 1, noise above. It does not depend on exposure, on the lesion's contrast, or on light falling
+    evenly across the frame (the frame's mean slope is taken out of every gradient). Flat blocks (a solid colour,
+    blown-out skin) are left out; with hardly any detail at all the photo is as blurred as can be: -2.
+    `luminance`: 8-bit or float."""
+    # 8-bit values summed in 16-bit integers (exact: 4 pixels at most 1020) and the rest in float32: small,
+    # fast temporaries
+    values = luminance.astype(np.int16) if luminance.dtype == np.uint8 else luminance.astype(np.float32)
+    fine_pixels = _sums(values, FOCUS_FINE).astype(np.float32)  # sums of FOCUS_FINE**2 pixels
+    fine = _sums(_gradient(fine_pixels), FOCUS_BLOCK) / (FOCUS_BLOCK**2 * FOCUS_FINE**2)
+    coarse_pixels = _sums(fine_pixels, FOCUS_SCALE) / (FOCUS_SCALE * FOCUS_FINE) ** 2
     step = FOCUS_BLOCK // FOCUS_SCALE
-    coarse = _sums(_gradient(coarse_pixels), step) / step**2 / FOCUS_SCALE  # per pixel of the thumbnail
+    coarse = _sums(_gradient(coarse_pixels), step) / step**2 / FOCUS_SCALE  # per fine pixel
     detailed = fine >= FLAT
     if detailed.sum() < max(1, detailed.size // 16):
         return -2.0
