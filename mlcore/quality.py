@@ -127,18 +127,22 @@ FOCUS_FINE = 2  # the fine scale: 2 x 2 means of the thumbnail (below it, JPEG's
 # interpolation say more about the file than about the focus)
 FOCUS_SCALE = 4  # the coarse scale, in fine pixels, the fine one is compared with
 FOCUS_BLOCK = 16  # fine pixels per block (32 pixels of the 256-pixel thumbnail)
-FLAT = 0.5  # luminance levels per fine pixel: a block with less detail than this says nothing about focus
+# A block whose mean gradient per fine pixel is below this share of the photo's median luminance has no detail
+# to judge focus by: flat skin in a blurred photo, JPEG's noise, a solid colour. Skin in focus has about 1% to
+# 2% of its level at this scale (the darkest skin too: the share does not depend on the tone), a photo
+# blurred by 4 pixels about 0.4%.
+FLAT = 0.006
 
 
-def focus(luminance: np.ndarray) -> float:
+def focus(luminance: np.ndarray, level: float | None = None) -> float:
     """How much of the detail is at the fine scale: per block, log2 of the mean gradient per pixel of the
     picture reduced FOCUS_FINE times over that of the picture reduced FOCUS_SCALE times more, per pixel of
     the first; and the sharpest quarter of the blocks (a lesion in focus before a soft background
     passes). A smooth picture, the most blurred there is, gives about log2(1/4) = -2; skin in focus about
     0 to 1, noise above. It does not depend on exposure, on the lesion's contrast, or on light falling
-    evenly across the frame (the frame's mean slope is taken out of every gradient). Flat blocks (a solid colour,
-    blown-out skin) are left out; with hardly any detail at all the photo is as blurred as can be: -2.
-    `luminance`: 8-bit or float."""
+    evenly across the frame (the frame's mean slope is taken out of every gradient). Blocks with too
+    little detail to judge (FLAT) are left out; with hardly any detail at all the photo is as blurred as
+    can be: -2. `luminance`: 8-bit or float; `level`: its median, when known."""
     # 8-bit values summed in 16-bit integers (exact: 4 pixels at most 1020) and the rest in float32: small,
     # fast temporaries
     values = luminance.astype(np.int16) if luminance.dtype == np.uint8 else luminance.astype(np.float32)
@@ -147,7 +151,8 @@ def focus(luminance: np.ndarray) -> float:
     coarse_pixels = _sums(fine_pixels, FOCUS_SCALE) / (FOCUS_SCALE * FOCUS_FINE) ** 2
     step = FOCUS_BLOCK // FOCUS_SCALE
     coarse = _sums(_gradient(coarse_pixels), step) / step**2 / FOCUS_SCALE  # per fine pixel
-    detailed = fine >= FLAT
+    level = float(np.median(luminance)) if level is None else level
+    detailed = fine >= FLAT * max(level, 1.0)
     if detailed.sum() < max(1, detailed.size // 16):
         return -2.0
     ratio = np.sort(np.log2(fine[detailed] / np.maximum(coarse[detailed], 1e-6) / FOCUS_SCALE))
@@ -261,9 +266,10 @@ def measure(image: Image.Image, *, full_size: tuple[int, int] | None = None) -> 
     else:
         offset = 1.0
     width, height = full_size or image.size
+    brightness = _median(grey.histogram())
     return {
-        "focus": focus(np.asarray(grey)),
-        "brightness": _median(grey.histogram()),
+        "focus": focus(np.asarray(grey), brightness),
+        "brightness": brightness,
         "clipped": float(np.count_nonzero(blown) / blown.size),
         "skin": float(skin),
         "lesion_size": float(np.count_nonzero(lesion) / lesion.size),
