@@ -1,6 +1,8 @@
 from django.conf import settings
 from django.core.checks import Error, register
 
+from mlcore.quality import BOUNDS
+
 
 @register()
 def claim_timeout_outlives_tasks(app_configs, **kwargs):
@@ -36,8 +38,6 @@ def known_choices(app_configs, **kwargs):
 @register()
 def quality_gate_overrides(app_configs, **kwargs):
     """QUALITY_GATE_OVERRIDES: known keys with numbers, so that a typo cannot turn a check off unseen."""
-    from mlcore.quality import BOUNDS
-
     allowed = {f"{name}:{direction}" for name, direction in BOUNDS} | {"resolution:low", "ood", "band"}
     overrides = settings.QUALITY_GATE_OVERRIDES
     if not isinstance(overrides, dict):

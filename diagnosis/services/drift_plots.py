@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass
 
 from mlcore import plots
+from mlcore.plots import plt  # pyplot, after mlcore.plots chose the Agg backend
 
 from ..models import DriftReport
 from .quality_monitoring import Rates
@@ -53,8 +54,6 @@ def timeline_points(recent: list[DriftReport]) -> list[dict]:
 def quality_series_svg(days: list[Rates]) -> str:
     """Per day (oldest first): the share of done photos not assessable and uncertain, in percent; each day's
     date and number of photos under its point. "" when no day had a photo."""
-    import matplotlib.pyplot as plt  # here, after mlcore.plots chose the Agg backend
-
     days = [day for day in days if day.photos]
     if not days:
         return ""

@@ -16,7 +16,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -183,8 +183,6 @@ def _kept_after_commit_error(model, pks, file_names, *, attempts: int = 6, pause
     is stored); False when they were not (the files are deleted). While the database cannot tell, the
     files are kept and logged by name: a file without a row can be removed later, a row without its
     file would be a photo lost."""
-    from django.db import connection
-
     for attempt in range(attempts):
         try:
             connection.close()
