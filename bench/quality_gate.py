@@ -425,9 +425,10 @@ def _why(photos: list[Photo], limit: int = 4) -> str:
 
 
 def condition_rows(photos: list[Photo]) -> list[str]:
-    """Per condition: photos, refused, the goal, the model's error on passed and refused photos, why."""
-    lines = [f"{'condition':<28}{'photos':>7}{'refused':>9}{'goal':>8}   {'error, passed':>15} {'error, refused':>15}"
-             "   failed checks (share of the condition's photos)"]  # fmt: skip
+    """Per condition: photos, refused, the goal, the model's AUC and error on all its photos and its error
+    on the passed and the refused ones, and which checks failed."""
+    lines = [f"{'condition':<26}{'photos':>7}{'refused':>9}{'goal':>8}{'AUC':>7}{'error':>8}   {'error, passed':>14}"
+             f" {'error, refused':>14}   failed checks (share of the condition's photos)"]  # fmt: skip
     groups = [(name, [p for p in photos if p.condition == name]) for name in CONDITIONS]
     non_skin = [p for p in photos if p.condition == "non-skin"]
     groups += [(f"non-skin: {kind}", [p for p in non_skin if p.kind == kind]) for kind in NON_SKIN]
@@ -435,9 +436,13 @@ def condition_rows(photos: list[Photo]) -> list[str]:
     for name, group in groups:
         refused = [p for p in group if p.outcome["refused"]]
         passed = [p for p in group if not p.outcome["refused"]]
-        errors = ("", "") if group[0].label is None else (_error(passed), _error(refused))
-        lines.append(f"{name:<28}{len(group):>7}{_share(len(refused), len(group)):>9}{GOALS.get(name, ''):>8}   "
-                     f"{errors[0]:>15} {errors[1]:>15}   {_why(group)}")  # fmt: skip
+        model = ("", "", "", "")
+        if group[0].label is not None:
+            auc = metrics.roc_auc([p.label for p in group], [p.outcome["probability"] for p in group])
+            wrong = sum(p.outcome["wrong"] for p in group)
+            model = (f"{auc:.3f}", _share(wrong, len(group)), _error(passed), _error(refused))
+        lines.append(f"{name:<26}{len(group):>7}{_share(len(refused), len(group)):>9}{GOALS.get(name, ''):>8}"
+                     f"{model[0]:>7}{model[1]:>8}   {model[2]:>14} {model[3]:>14}   {_why(group)}")  # fmt: skip
     return lines
 
 

@@ -9,7 +9,7 @@ picture the drift features use, so a worker draws it once) and on its size:
 | focus | an out-of-focus or shaken photo | little of the detail is at the finest scale (see `focus`) |
 | brightness | too dark, or overexposed | the median luminance is below its low or above its high threshold |
 | clipped | glare, blown highlights, overexposure | the share of pixels with a channel at full scale is high |
-| skin | not skin (a document, a scene, a solid colour) | the skin-coloured share of the pixels not white is low |
+| skin | not skin (a document, a scene, a solid colour) | few pixels around the lesion (not white) are skin-coloured |
 | lesion_size | the lesion too small in the frame | the share of the frame unlike the skin around it is small |
 | lesion_offset | the lesion far from the centre | that region's centre is far from the frame's |
 | resolution | a photo too small to assess | its shorter side is below the model's input size |
@@ -255,10 +255,12 @@ def measure(image: Image.Image, *, full_size: tuple[int, int] | None = None) -> 
     quarter = np.asarray(half.reduce(2), dtype=np.float32)
     half = np.asarray(half)
     blown = np.maximum(np.maximum(half[..., 0], half[..., 1]), half[..., 2]) >= CLIP_LEVEL  # elementwise: faster
-    seen = np.minimum(np.minimum(quarter[..., 0], quarter[..., 1]), quarter[..., 2]) < CLIP_LEVEL  # not white
-    count = np.count_nonzero(seen)
-    skin = np.count_nonzero(skin_mask(quarter) & seen) / count if count >= 0.05 * seen.size else 0.0
     lesion = lesion_mask(quarter)
+    # The skin around the lesion, not white: a blue-grey melanoma is not skin-coloured, and must not make
+    # its photo "not skin"; nor must blown-out skin, whose colour is gone.
+    around = ~lesion & (np.minimum(np.minimum(quarter[..., 0], quarter[..., 1]), quarter[..., 2]) < CLIP_LEVEL)
+    count = np.count_nonzero(around)
+    skin = np.count_nonzero(skin_mask(quarter) & around) / count if count >= 0.05 * around.size else 0.0
     if lesion.any():
         rows, cols = np.nonzero(lesion)
         height, width = lesion.shape
@@ -285,7 +287,10 @@ def measure(image: Image.Image, *, full_size: tuple[int, int] | None = None) -> 
 # would not do: brightness, for one, spreads evenly across skin tones).
 FALSE_REFUSAL = 0.02
 MARGIN = 0.25
-FLOORS = {"clipped:high": 0.02, "lesion_offset:high": 0.35}  # never stricter than these
+# Never stricter than these: a high bound's threshold is at least, a low bound's at most, its floor. Skin:
+# at least 60% of the pixels around the lesion skin-coloured is enough (the synthetic reference is all skin,
+# and its quantile would refuse a photo for a few pixels of a ruler or a sleeve).
+FLOORS = {"clipped:high": 0.02, "lesion_offset:high": 0.35, "skin:low": 0.6}
 # Shares of the frame whose spread grows with their size (a lesion covers 2% of one good photo and 40% of
 # another): their margin is taken on a log scale, a ratio rather than a difference.
 RATIO_SCALE = {"lesion_size"}
@@ -312,7 +317,7 @@ def calibrate(values: Iterable[Mapping[str, float]], *, false_refusal: float = F
             continue
         if direction == "low":
             edge, quartile = np.quantile(column, [share, 0.25])
-            thresholds[key] = float(edge - margin * (quartile - edge))
+            thresholds[key] = float(min(edge - margin * (quartile - edge), FLOORS.get(key, np.inf)))
         else:
             edge, quartile = np.quantile(column, [1 - share, 0.75])
             thresholds[key] = float(max(edge + margin * (edge - quartile), FLOORS.get(key, -np.inf)))

@@ -118,6 +118,18 @@ def test_a_mole_lighter_than_dark_skin_is_found():
     assert (found & disc).sum() / (found | disc).sum() > 0.9
 
 
+def test_a_blue_grey_melanoma_does_not_make_its_photo_not_skin(reference):
+    """The skin share is of the pixels around the lesion: a large lesion of any colour is still on skin."""
+    _, thresholds = reference
+    yy, xx = np.mgrid[0:256, 0:256]
+    disc = (yy - 128) ** 2 + (xx - 128) ** 2 < 80**2  # 31% of the frame, blue-grey
+    pixels = np.where(disc[..., None], np.array([95.0, 105, 125]), skin(_SKIN_TONES[1]))
+    values = measure(picture(pixels))
+    assert values["skin"] > 0.95 and values["lesion_size"] > 0.25
+    assert thresholds["skin:low"] <= 0.6  # never stricter than its floor
+    assert "skin:low" not in failed(picture(pixels), thresholds)
+
+
 def test_neither_light_falling_across_the_skin_nor_hairs_are_a_lesion():
     plain = picture(skin(_SKIN_TONES[2], light=0.3))
     draw = ImageDraw.Draw(plain)
