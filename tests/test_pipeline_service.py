@@ -277,3 +277,30 @@ def test_concurrent_claims_from_two_connections_give_the_image_to_exactly_one(ti
             thread.join()
         winners.append(sorted(results))
     assert winners == [[False, True]] * 10
+
+
+def test_test_time_augmentation_stores_the_views_and_decides_with_them(queued_image, gated_model, settings):
+    """TEST_TIME_AUGMENTATION=on (a GPU's default, here on the CPU): the three flipped views' probabilities
+    from the batch's own forward pass are stored with the decision; off stores none."""
+    from mlcore.gate import Gate, decide
+    from mlcore.inference import Predictor
+    from mlcore.preprocessing import decode_image
+
+    settings.TEST_TIME_AUGMENTATION = "on"
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "done"
+    prediction = Prediction.objects.get(image=queued_image)
+    views = prediction.quality["augmented"]
+    predictor = Predictor.from_checkpoint(default_storage.open(gated_model.weights.name).read(), device="cpu")
+    photo = decode_image(queued_image.file.open("rb").read()).image
+    expected = predictor.augmented_probabilities(predictor.preprocess(photo)[None])[0]
+    assert views == pytest.approx(list(expected), abs=1e-5) and len(views) == 3
+    again = decide(probability=prediction.probability_malignant, threshold=prediction.threshold,
+                   gate=Gate.from_dict(gated_model.quality_gate), measures=None, ood_score=prediction.ood_score,
+                   augmented=views)  # fmt: skip
+    assert prediction.decision == again.decision or prediction.decision == "not_assessable"
+
+    settings.TEST_TIME_AUGMENTATION = "auto"  # on the CPU: off
+    second = submit_image(uploader=queued_image.uploaded_by, clinic=queued_image.clinic,
+                          upload=upload_file(lesion_jpeg(seed=5, size=128)))  # fmt: skip
+    assert process_image(image_id=str(second.pk), worker_id="w1") == "done"
+    assert Prediction.objects.get(image=second).quality["augmented"] == []

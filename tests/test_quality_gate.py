@@ -182,3 +182,30 @@ def test_the_schema_documents_the_gate():
     upload_body = schema["paths"]["/api/v1/images/"]["post"]["requestBody"]["content"]["multipart/form-data"]
     check = upload_body["schema"]["$ref"].split("/")[-1]
     assert "check" in components[check]["properties"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"focus:lo": 1.0}, "'focus:lo' is not a threshold"),
+        ({"focus:low": "sharp"}, "'focus:low' must be a number"),
+        ({"band": [0.6, 0.4]}, "'band' must be [low, high]"),
+        ({"ood": True}, "'ood' must be a number"),
+    ],
+)
+def test_a_mistyped_gate_override_is_a_system_check_error(settings, overrides, named):
+    from django.core.checks import run_checks
+
+    settings.QUALITY_GATE_OVERRIDES = {"focus:low": -2.5, "ood": 3.0, "band": [0.2, 0.4]}
+    assert not [error for error in run_checks() if error.id == "diagnosis.E003"]
+    settings.QUALITY_GATE_OVERRIDES = overrides
+    errors = [error for error in run_checks() if error.id == "diagnosis.E003"]
+    assert len(errors) == 1 and named in errors[0].msg, errors
+
+
+def test_a_mistyped_augmentation_choice_is_a_system_check_error(settings):
+    from django.core.checks import run_checks
+
+    settings.TEST_TIME_AUGMENTATION = "always"
+    errors = [error for error in run_checks() if error.id == "diagnosis.E002"]
+    assert len(errors) == 1 and "TEST_TIME_AUGMENTATION" in errors[0].msg
