@@ -27,7 +27,11 @@ Everything is made here, in one run, with no downloads and no Django:
    transform, drift features and forward (the worker's path without the gate), and the same with
    measure, the OOD score and decide.
 
-It prints a plain-text table and writes it to bench/results/quality-gate.txt.
+It prints a plain-text table and writes it to bench/results/quality-gate.txt (bench/README.md, "Photo-quality
+gate (issue 20)", says what the figures mean).
+
+Long because: one self-contained run (the photos and their damage, the worker's path, the cost and the
+report), which no other bench shares.
 """
 
 from __future__ import annotations

@@ -162,12 +162,12 @@ def focus(luminance: np.ndarray, level: float | None = None) -> float:
     return float(np.clip(sharpest, -2.0, 4.0))
 
 
-SKIN_CR_LOW = 129  # Chai and Ngan's 133 left out very light, yellowish skin (Cr 131–132)
+SKIN_CR_LOW = 127  # Chai and Ngan's 133 left out very light, yellowish skin (Cr 127–132)
 
 
 def skin_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels whose colour falls in the usual skin range in YCbCr (Cb 77–127, Cr 129–173; after Chai and
-    Ngan, 1999, whose Cr floor of 133 missed very light skin), a wide box that holds light to dark skin
+    """Pixels whose colour falls in the usual skin range in YCbCr (Cb 77–127, Cr 127–173; after Chai and
+    Ngan, 1999, whose Cr floor of 133 missed very light, yellowish skin), a wide box that holds light to dark skin
     and most lesions on it; grey, white and blue fall outside it (Cb 128 and above)."""
     red, green, blue = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     cb = 128 - 0.168736 * red - 0.331264 * green + 0.5 * blue
