@@ -14,10 +14,10 @@ Everything is made here, in one run, with no downloads and no Django:
 2. Good held-out photos (a fresh seed, same size and camera) and versions of them: Gaussian blur
    (sigma 1, 2, 4 px), exposure (pixel values x0.3, x0.6, x1.6, x2.5, clipped at 255: in linear light
    about x0.07, x0.33, x2.8 and x7.5), JPEG quality 10, and the lesion under 5% of the frame (the photo
-   shrunk to a third of its side and pasted at a random place into a frame of its own skin: a
-   lesion-free corner of the photo, mirrored and tiled to the full size). And non-skin images of the
-   same size: textures (noise, smooth noise, stripes), scenes (a gradient with shapes), documents (a
-   page with lines of text) and solid colours.
+   as if taken from three times as far: shrunk to a third of its side and pasted, in the middle or
+   anywhere, into a frame of its own skin; see small_in_frame). And non-skin images of the same size:
+   textures (noise, smooth noise, stripes), scenes (a gradient with shapes), documents (a page with
+   lines of text) and solid colours.
 3. Each photo goes the worker's way: JPEG bytes, mlcore.preprocessing.decode_image (draft mode at the
    worker's decode side), the model's tensor, mlcore.quality.measure on the feature thumbnail (the
    resolution from the photo's own size), the model's probability and embedding in one batched forward
@@ -45,13 +45,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from mlcore import metrics  # noqa: E402
-from mlcore.data import _SKIN_TONES, SyntheticLesions  # noqa: E402
+from mlcore.data import _SKIN_TONES, SyntheticLesions, write_image_folder  # noqa: E402
+from mlcore.drift import feature_thumbnail, image_features  # noqa: E402
+from mlcore.gate import Gate, decide  # noqa: E402
+from mlcore.inference import Predictor, decode_side  # noqa: E402
+from mlcore.pipeline import finalize, prepare_data, train_candidate  # noqa: E402
+from mlcore.preprocessing import decode_image, to_tensor  # noqa: E402
+from mlcore.quality import measure  # noqa: E402
+from mlcore.train import TrainConfig  # noqa: E402
 
 SIZE = 256  # the camera's photos: training folder and held-out photos alike
 SHRINK = 3  # the lesion under 5% of the frame: the photo at a third of its side in a frame of skin
@@ -285,10 +293,6 @@ QUICK = Setup("resnet_tiny", 64, 400, 100, 3, 150, 25, 15)
 
 def train(setup: Setup, seed: int):
     """The model and its gate through the product's pipeline, on a folder of synthetic photos."""
-    from mlcore.data import write_image_folder
-    from mlcore.pipeline import finalize, prepare_data, train_candidate
-    from mlcore.train import TrainConfig
-
     config = TrainConfig(arch=setup.arch, input_size=setup.input_size, epochs=setup.epochs, seed=seed, lr=2e-3,
                          device="cpu")  # fmt: skip
     started = time.perf_counter()
@@ -312,18 +316,11 @@ class Worker:
     quality measures; one forward pass with Grad-CAM and embeddings; then the OOD score and decide."""
 
     def __init__(self, outcome) -> None:
-        from mlcore.gate import Gate
-        from mlcore.inference import Predictor, decode_side
-
         self.predictor = Predictor(outcome.model, outcome.meta, device="cpu")
         self.gate = Gate.from_dict(outcome.quality_gate)
         self.side = decode_side(outcome.meta.input_size)
 
     def prepare(self, data: bytes, gated: bool):
-        from mlcore.drift import feature_thumbnail, image_features
-        from mlcore.preprocessing import decode_image, to_tensor
-        from mlcore.quality import measure
-
         decoded = decode_image(data, max_side=self.side, copy_pixels=False)
         tensor = to_tensor(decoded.image, self.predictor.spec)
         thumbnail = feature_thumbnail(decoded.image)
@@ -334,10 +331,6 @@ class Worker:
         return tensor, values
 
     def batch(self, photos: list[bytes], gated: bool = True):
-        import torch
-
-        from mlcore.gate import decide
-
         prepared = [self.prepare(data, gated) for data in photos]
         found = self.predictor.predict_with_gradcam_tensors(torch.stack([tensor for tensor, _ in prepared]),
                                                             embeddings=True, upsample=False)  # fmt: skip
@@ -371,13 +364,6 @@ class Worker:
 def cost(worker: Worker, photos: list[bytes], rounds: int, size: int = 8) -> dict:
     """CPU seconds per image of a batch without and with the gate, alternating, torch on one thread (as
     each child of a worker); and the gate's own parts timed alone."""
-    import torch
-
-    from mlcore.drift import feature_thumbnail
-    from mlcore.gate import decide
-    from mlcore.preprocessing import decode_image
-    from mlcore.quality import measure
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
