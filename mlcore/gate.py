@@ -183,8 +183,8 @@ class Gate:
 
     @classmethod
     def from_dict(cls, data: Mapping | None, overrides: Mapping | None = None) -> Gate | None:
-        if not data:
-            return None
+        if not data or data.get("version") != GATE_VERSION:
+            return None  # none, or calibrated on other measures' scales: measured, not judged
         overrides = dict(overrides or {})
         thresholds = {**data.get("thresholds", {}),
                       **{k: float(v) for k, v in overrides.items() if k not in ("ood", "band")}}  # fmt: skip
@@ -196,8 +196,8 @@ class Gate:
 
 
 LEGACY_NOTE = (
-    "This model version was registered before the photo-quality gate, so photos are measured but not checked. "
-    "Register a model trained by this version of the service to check them."
+    "This model version was registered before the photo-quality gate (or with an older gate), so photos are "
+    "measured but not checked. Register a model trained by this version of the service to check them."
 )
 
 

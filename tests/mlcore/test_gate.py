@@ -63,6 +63,7 @@ def test_the_band_holds_the_threshold_and_at_most_a_fifth_of_the_cases():
 
 def gate(**overrides) -> Gate:
     data = {
+        "version": 1,
         "thresholds": {"focus:low": 0.0, "brightness:low": 50.0, "brightness:high": 230.0, "clipped:high": 0.05,
                        "skin:low": 0.5, "lesion_size:low": 0.01, "lesion_offset:high": 0.6, "resolution:low": 64},
         "ood": OodReference.fit(clustered(50, seed=1), components=4).calibrate(clustered(20, seed=2)).to_dict(
@@ -127,6 +128,7 @@ def test_a_version_without_a_gate_is_measured_but_never_refused():
     assert legacy.quality["note"] == LEGACY_NOTE and legacy.quality["gate"] == "off"
     assert all(check["threshold"] is None and check["passed"] for check in legacy.quality["checks"][:-1])
     assert Gate.from_dict({}) is None and Gate.from_dict(None) is None
+    assert Gate.from_dict({"version": 0, "thresholds": {"focus:low": 0.0}}) is None  # other measures' scales
 
 
 def test_build_gate_calibrates_every_part():
