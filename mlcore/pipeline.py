@@ -150,10 +150,11 @@ def evaluate_on_test(model: nn.Module, meta: CheckpointMeta, prepared: PreparedD
     return evaluation, figures
 
 
-def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData, *, with_outputs: bool = False):
+def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData):
     """The drift reference set: the features of every training, validation and test image, the
     model's calibrated probability on it, and its embedding projected on the first principal
-    components of the training set's embeddings (the projection is returned with the rows)."""
+    components of the training set's embeddings; returned with the projection and each split's (logits,
+    embeddings), which the quality gate is calibrated on."""
     spec = TransformSpec(meta.input_size, meta.mean, meta.std)
     splits = (("train", prepared.train), ("validation", prepared.validation), ("test", prepared.data.test))
     outputs = {name: logits_and_embeddings(model, split.pairs(), spec) for name, split in splits if split.items}
@@ -173,9 +174,7 @@ def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: Prepare
                 {"path": item.path, "split": split_name, "label": prepared.data.class_names[item.label],
                  "features": features}
             )  # fmt: skip
-    if with_outputs:  # each split's (logits, embeddings), for the quality gate
-        return rows, projection.to_dict() if projection else None, outputs
-    return rows, projection.to_dict() if projection else None
+    return rows, projection.to_dict() if projection else None, outputs
 
 
 @torch.no_grad()
@@ -239,7 +238,7 @@ def finalize(
         "leakage": evaluation["leakage"],
     }
     result.meta.training["provenance"] = provenance
-    rows, projection, outputs = reference_features(result.model, result.meta, prepared, with_outputs=True)
+    rows, projection, outputs = reference_features(result.model, result.meta, prepared)
     return TrainingOutcome(result, evaluation, figures, rows, provenance, projection,
                            quality_gate(result.meta, prepared, outputs))  # fmt: skip
 

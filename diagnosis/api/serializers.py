@@ -19,7 +19,7 @@ from ..models import (
     QualityCheck,
     RiskDecision,
 )  # fmt: skip
-from ..services.status import EMPTY_OUTCOME, above_threshold, outcome
+from ..services.status import EMPTY_OUTCOME, above_threshold, prediction_outcome
 from .quality_serializers import DECISION_HELP, OutcomeFields, QualitySerializer, validate_check
 
 
@@ -84,9 +84,7 @@ class PredictionSerializer(serializers.ModelSerializer):
                   "quality", "ood_score", "model_version", "created_at"]  # fmt: skip
 
     def _outcome(self, prediction: Prediction) -> dict:
-        return outcome(probability=prediction.probability_malignant, threshold=prediction.threshold,
-                       decision=prediction.decision, assessable=prediction.assessable, quality=prediction.quality,
-                       ood_score=prediction.ood_score)  # fmt: skip
+        return prediction_outcome(prediction)
 
     @extend_schema_field(serializers.BooleanField(allow_null=True))
     def get_above_threshold(self, prediction: Prediction) -> bool | None:
@@ -183,7 +181,7 @@ class ImageSerializer(serializers.ModelSerializer):
         prediction = image.latest_prediction
         if prediction is None or image.state != ImageState.DONE:
             return EMPTY_OUTCOME
-        return PredictionSerializer()._outcome(prediction)
+        return prediction_outcome(prediction)
 
     @extend_schema_field(serializers.ChoiceField(choices=RiskDecision.choices, allow_null=True))
     def get_decision(self, image: LesionImage) -> str | None:

@@ -18,7 +18,7 @@ from django.urls import reverse
 from ..models import Explanation, Feedback, ImageState, Lesion, LesionImage, Prediction, RiskDecision
 from ..services import feedback as feedback_services
 from ..services.explanations import method_label
-from ..services.status import FINAL_STATES, outcome
+from ..services.status import FINAL_STATES, prediction_outcome
 
 
 def with_predictions(queryset):
@@ -111,12 +111,8 @@ class Decision:
 def decision_for(prediction: Prediction | None) -> Decision | None:
     if prediction is None:
         return None
-    judged = outcome(probability=prediction.probability_malignant, threshold=prediction.threshold,
-                     decision=prediction.decision, assessable=prediction.assessable, quality=prediction.quality,
-                     ood_score=prediction.ood_score)  # fmt: skip
+    judged = prediction_outcome(prediction)
     kind, quality = judged["decision"], judged["quality"]
-    if kind not in TITLES:  # a value this portal does not know: read it from the threshold
-        kind = RiskDecision.ABOVE if prediction.probability_malignant >= prediction.threshold else RiskDecision.BELOW
     return Decision(
         probability=prediction.probability_malignant,
         threshold=prediction.threshold,

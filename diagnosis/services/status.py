@@ -17,6 +17,9 @@ _LATEST = (("p", "probability_malignant"), ("label", "label"), ("threshold", "th
            ("quality", "quality"), ("ood_score", "ood_score"))  # fmt: skip
 
 
+BEFORE_THE_GATE = "Stored before the photo-quality gate."
+
+
 def outcome(*, probability: float, threshold: float, decision: str, assessable, quality, ood_score) -> dict:
     """What the quality gate made of a prediction (issue 20), as the API shows it: `decision` (above_threshold,
     below_threshold, uncertain or not_assessable), `assessable`, `quality` (each check: value, threshold,
@@ -24,12 +27,16 @@ def outcome(*, probability: float, threshold: float, decision: str, assessable, 
     stored before the gate has no decision of its own: it is read from the threshold."""
     if not decision:
         decision = "above_threshold" if probability >= threshold else "below_threshold"
-        assessable, quality = (
-            True,
-            {"gate": "off", "checks": [], "reasons": [], "note": "Stored before the photo-quality gate."},
-        )
+        assessable, quality = True, {"gate": "off", "checks": [], "reasons": [], "note": BEFORE_THE_GATE}
     return {"decision": decision, "assessable": assessable if assessable is not None else True,
             "quality": quality or {}, "ood_score": ood_score}  # fmt: skip
+
+
+def prediction_outcome(prediction: Prediction) -> dict:
+    """outcome() of a Prediction row."""
+    return outcome(probability=prediction.probability_malignant, threshold=prediction.threshold,
+                   decision=prediction.decision, assessable=prediction.assessable, quality=prediction.quality,
+                   ood_score=prediction.ood_score)  # fmt: skip
 
 
 def above_threshold(probability: float, threshold: float, decision: str) -> bool | None:
