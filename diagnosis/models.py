@@ -239,6 +239,10 @@ class ModelVersion(models.Model):
     arch = models.CharField(max_length=50)
     input_size = models.PositiveIntegerField()
     class_names = models.JSONField()
+    malignant_classes = models.JSONField(
+        default=list, blank=True,
+        help_text="The classes whose probabilities add up to the malignancy probability (empty: the last class)",
+    )  # fmt: skip
     threshold = models.FloatField(help_text="Operating threshold on the malignancy probability")
     metrics = models.JSONField(default=dict, blank=True)
     metadata = models.JSONField(default=dict, blank=True, help_text="The checkpoint's full metadata")
@@ -268,6 +272,11 @@ class ModelVersion(models.Model):
 
     def __str__(self) -> str:
         return self.version + (" (active)" if self.is_active else "")
+
+    @property
+    def malignant_set(self) -> list[str]:
+        """The malignant classes; for a row made without them, the checkpoint's positive class."""
+        return list(self.malignant_classes) or [(self.metadata or {}).get("positive_class", "malignant")]
 
 
 class ModelActivation(models.Model):

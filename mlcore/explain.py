@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -131,12 +132,10 @@ class Explainer:
         self.ig_forward = LogOdds(self.model, bf16=True) if self.precision == "bf16" else self.forward
         self._sample_bytes: dict[bool, int] = {}
 
-    def target_for(self, probability_positive: float) -> int:
-        """The predicted class at the model's operating threshold, as the default target."""
-        positive = self.meta.positive_index
-        if probability_positive >= self.meta.threshold:
-            return positive
-        return next(i for i in range(len(self.meta.class_names)) if i != positive)
+    def target_for(self, probabilities: Sequence[float]) -> int:
+        """The predicted class of one row of class probabilities, as the default target: for a binary model
+        the class at the operating threshold, for several the most probable diagnosis."""
+        return self.meta.class_names.index(self.meta.label_for(probabilities))
 
     def input_tensor(self, image: Image.Image) -> torch.Tensor:
         return to_tensor(image, self.spec).unsqueeze(0).to(self.device)

@@ -70,17 +70,17 @@ class Predictor:
         return torch.cat(outputs)
 
     def _results(self, probabilities: torch.Tensor) -> list[PredictionResult]:
-        positive = self.meta.positive_index
-        negative_label = next(name for name in self.meta.class_names if name != self.meta.positive_class)
+        """One result per row of calibrated class probabilities: the malignancy probability (the sum over the
+        malignant classes), the label (mlcore.model.CheckpointMeta.label_for) and every class's probability."""
+        meta = self.meta
         results = []
         for row in probabilities.tolist():
-            p = float(row[positive])
             results.append(
                 PredictionResult(
-                    probability_malignant=p,
-                    label=self.meta.positive_class if p >= self.meta.threshold else negative_label,
-                    threshold=self.meta.threshold,
-                    probabilities=dict(zip(self.meta.class_names, (float(v) for v in row), strict=True)),
+                    probability_malignant=float(sum(row[i] for i in meta.malignant_indices)),
+                    label=meta.label_for(row),
+                    threshold=meta.threshold,
+                    probabilities=dict(zip(meta.class_names, (float(v) for v in row), strict=True)),
                 )
             )
         return results
@@ -149,7 +149,7 @@ class Predictor:
 
     def _positive(self, logits: torch.Tensor) -> np.ndarray:
         probabilities = torch.softmax(logits.float() / self.meta.temperature, dim=1)
-        return probabilities[:, self.meta.positive_index].cpu().numpy().astype(np.float64)
+        return self.meta.malignant_probability(probabilities).cpu().numpy().astype(np.float64)
 
     @torch.inference_mode()
     def augmented_probabilities(self, batch: torch.Tensor) -> np.ndarray:

@@ -195,3 +195,45 @@ def full_report(
         low, high = bootstrap_auc_interval(y, s, n_resamples=bootstrap, seed=seed)
         report["auc_ci95"] = [low, high]
     return report
+
+
+# --- several diagnoses ---------------------------------------------------------------------------
+
+
+def confusion_matrix(labels: ArrayLike, predicted: ArrayLike, n_classes: int) -> np.ndarray:
+    """Counts, row = true class, column = predicted class."""
+    y, p = np.asarray(labels, dtype=int), np.asarray(predicted, dtype=int)
+    return np.bincount(y * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def balanced_accuracy(labels: ArrayLike, predicted: ArrayLike, n_classes: int) -> float:
+    """The mean of each class's recall over the classes present (ISIC 2018 task 3's metric)."""
+    matrix = confusion_matrix(labels, predicted, n_classes)
+    totals = matrix.sum(axis=1)
+    present = totals > 0
+    return float((np.diag(matrix)[present] / totals[present]).mean())
+
+
+def multiclass_report(labels: ArrayLike, probabilities: ArrayLike, class_names: tuple[str, ...]) -> dict:
+    """Per class: cases, one-vs-rest AUC (None when the class is absent or alone) and recall; overall:
+    accuracy, balanced accuracy and the confusion matrix of the most probable class."""
+    y = np.asarray(labels, dtype=int)
+    p = np.asarray(probabilities, dtype=np.float64)
+    n = len(class_names)
+    predicted = p.argmax(axis=1)
+    matrix = confusion_matrix(y, predicted, n)
+    per_class = {}
+    for index, name in enumerate(class_names):
+        members = y == index
+        auc = roc_auc(members, p[:, index]) if 0 < members.sum() < len(y) else None
+        recall = float(matrix[index, index] / members.sum()) if members.any() else None
+        per_class[name] = {"n": int(members.sum()), "auc": auc, "recall": recall}
+    aucs = [c["auc"] for c in per_class.values() if c["auc"] is not None]
+    return {
+        "classes": list(class_names),
+        "per_class": per_class,
+        "mean_auc": float(np.mean(aucs)) if aucs else None,
+        "accuracy": float((predicted == y).mean()),
+        "balanced_accuracy": balanced_accuracy(y, predicted, n),
+        "confusion_matrix": matrix.tolist(),
+    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -138,6 +139,10 @@ class CheckpointMeta:
     positive_class: str = "malignant"
     metrics: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] = field(default_factory=dict)
+    # The diagnoses whose probabilities add up to the malignancy probability the threshold applies to
+    # (e.g. mel, bcc and akiec for HAM10000's seven). Empty (a checkpoint from before multi-class models):
+    # the positive class alone.
+    malignant_classes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.class_names = tuple(self.class_names)
@@ -148,6 +153,12 @@ class CheckpointMeta:
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.positive_class not in self.class_names:
             raise CheckpointError(f"positive class {self.positive_class!r} is not among {self.class_names}")
+        self.malignant_classes = tuple(self.malignant_classes) or (self.positive_class,)
+        unknown = [name for name in self.malignant_classes if name not in self.class_names]
+        if unknown:
+            raise CheckpointError(f"malignant classes {unknown} are not among {self.class_names}")
+        if len(self.malignant_classes) >= len(self.class_names):
+            raise CheckpointError("at least one class must be benign: not every class can be malignant")
         if not 0.0 <= self.threshold <= 1.0:
             raise CheckpointError(f"threshold must lie between 0 and 1, not {self.threshold}")
         if not self.temperature > 0:
@@ -159,9 +170,33 @@ class CheckpointMeta:
     def positive_index(self) -> int:
         return self.class_names.index(self.positive_class)
 
+    @property
+    def malignant_indices(self) -> list[int]:
+        return [self.class_names.index(name) for name in self.malignant_classes]
+
+    @property
+    def binary(self) -> bool:
+        """Two classes, one of them malignant: the label is read from the threshold, as before multi-class."""
+        return len(self.class_names) == 2
+
+    def malignant_probability(self, probabilities):
+        """The malignancy probability of each row of class probabilities (N x classes, numpy or torch): the
+        sum over the malignant classes."""
+        return probabilities[:, self.malignant_indices].sum(1)
+
+    def label_for(self, probabilities: Sequence[float]) -> str:
+        """The label of one row of class probabilities: for a binary model, the positive class at or above
+        the operating threshold and the other below it; for several classes, the most probable diagnosis
+        (the threshold then applies to the malignancy probability, not to the label)."""
+        if self.binary:
+            positive = self.positive_index
+            return self.class_names[positive if probabilities[positive] >= self.threshold else 1 - positive]
+        return self.class_names[max(range(len(probabilities)), key=probabilities.__getitem__)]
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["class_names"] = list(self.class_names)
+        data["malignant_classes"] = list(self.malignant_classes)
         data["mean"] = list(self.mean)
         data["std"] = list(self.std)
         return data

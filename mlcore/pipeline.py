@@ -103,12 +103,15 @@ def evaluate_split(model: nn.Module, meta: CheckpointMeta, split: LoadedSplit, *
     """The full metrics table on one labelled split, with calibration before and after."""
     spec = TransformSpec(meta.input_size, meta.mean, meta.std)
     logits = predict_logits(model, split.pairs(), spec)
-    positive = meta.positive_index
-    labels = split.labels == positive
-    calibrated = metrics.softmax(logits, meta.temperature)[:, positive]
+    labels = np.isin(split.labels, meta.malignant_indices)
+    probabilities = metrics.softmax(logits, meta.temperature)
+    calibrated = meta.malignant_probability(probabilities)
+    raw = meta.malignant_probability(metrics.softmax(logits))
     report = metrics.full_report(labels, calibrated, meta.threshold, bootstrap=bootstrap)
-    report["ece_before_calibration"] = metrics.expected_calibration_error(labels, metrics.softmax(logits)[:, positive])
-    report["_scores"] = {"labels": labels, "raw": metrics.softmax(logits)[:, positive], "calibrated": calibrated}
+    report["ece_before_calibration"] = metrics.expected_calibration_error(labels, raw)
+    if not meta.binary:
+        report["diagnoses"] = metrics.multiclass_report(split.labels, probabilities, meta.class_names)
+    report["_scores"] = {"labels": labels, "raw": raw, "calibrated": calibrated, "probabilities": probabilities}
     return report
 
 
@@ -147,6 +150,10 @@ def evaluate_on_test(model: nn.Module, meta: CheckpointMeta, prepared: PreparedD
         "reliability": plots.reliability_plot(scores["labels"], scores["raw"], scores["calibrated"]),
         "training_curves": plots.training_curves_plot(meta.training.get("history", [])),
     }
+    if "diagnoses" in test:
+        figures["confusion_matrix"] = plots.confusion_matrix_plot(
+            test["diagnoses"]["confusion_matrix"], meta.class_names
+        )
     return evaluation, figures
 
 
@@ -164,7 +171,7 @@ def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: Prepare
         if not split.items:
             continue
         logits, embeddings = outputs[split_name]
-        probabilities = metrics.softmax(logits, meta.temperature)[:, meta.positive_index]
+        probabilities = meta.malignant_probability(metrics.softmax(logits, meta.temperature))
         projected = projection.transform(embeddings) if projection else None
         for index, (item, probability) in enumerate(zip(split.items, probabilities, strict=True)):
             features = {**item.features, "probability_malignant": float(probability)}
@@ -253,11 +260,11 @@ def quality_gate(meta: CheckpointMeta, prepared: PreparedData, outputs: dict) ->
     if len(measures) < 20 or not held_out or "validation" not in outputs:
         return None
     logits = outputs["validation"][0]
-    scores = metrics.softmax(logits, meta.temperature)[:, meta.positive_index]
+    scores = meta.malignant_probability(metrics.softmax(logits, meta.temperature))
     target = float(meta.training.get("config", {}).get("target_sensitivity", 0.9))
     return gate.build_gate(
         reference_measures=measures, train_embeddings=outputs["train"][1], held_out_embeddings=np.concatenate(held_out),
-        validation_labels=prepared.validation.labels == meta.positive_index, validation_scores=scores,
+        validation_labels=np.isin(prepared.validation.labels, meta.malignant_indices), validation_scores=scores,
         threshold=meta.threshold, target_sensitivity=target, input_size=meta.input_size,
     )  # fmt: skip
 

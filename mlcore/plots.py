@@ -139,3 +139,22 @@ def drift_timeline_svg(reports: list[dict]) -> str:
     axis.legend(fontsize=7, loc="lower left")
     figure.autofmt_xdate()
     return _svg(figure)
+
+
+def confusion_matrix_plot(matrix: ArrayLike, class_names: list[str] | tuple[str, ...]) -> bytes:
+    """The confusion matrix of the most probable diagnosis: each row (true class) as shares of its cases,
+    with the counts written in the cells."""
+    counts = np.asarray(matrix, dtype=np.int64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    size = 1.6 + 0.55 * len(class_names)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ticks = range(len(class_names))
+    axis.set_xticks(ticks, class_names, rotation=45, ha="right")
+    axis.set_yticks(ticks, [f"{name} ({row.sum()})" for name, row in zip(class_names, counts, strict=True)])
+    for row, column in np.ndindex(counts.shape):
+        colour = "white" if shares[row, column] > 0.6 else "black"
+        axis.text(column, row, str(counts[row, column]), ha="center", va="center", fontsize=8, color=colour)
+    axis.set(xlabel="predicted (most probable)", ylabel="true diagnosis (cases)", title="Confusion matrix (test set)")
+    figure.colorbar(image, ax=axis, fraction=0.046, label="share of the true class")
+    return _png(figure)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchvision.transforms import v2 as T
 from tqdm import tqdm
 
@@ -44,6 +44,11 @@ class TrainConfig:
     device: str = "auto"
     class_names: tuple[str, ...] = ("benign", "malignant")
     positive_class: str = "malignant"
+    # The classes whose probabilities sum to the malignancy probability; empty: the positive class alone.
+    malignant_classes: tuple[str, ...] = ()
+    # How an imbalanced set is evened out: "weights" (class-weighted loss) or "sampling" (each batch drawn
+    # with every class equally likely, plain loss).
+    class_balance: str = "weights"
     pretrained_weights: str | None = None
     download_pretrained: bool = False
 
@@ -109,10 +114,15 @@ def predict_probabilities(
     items: Sequence[tuple[Image.Image, int]],
     spec: TransformSpec,
     *,
-    positive_index: int = 1,
+    malignant: Sequence[int] = (1,),
     temperature: float = 1.0,
 ) -> np.ndarray:
-    return metrics.softmax(predict_logits(model, items, spec), temperature)[:, positive_index]
+    """The malignancy probability of each item: the sum of its malignant classes' probabilities."""
+    return metrics.softmax(predict_logits(model, items, spec), temperature)[:, list(malignant)].sum(axis=1)
+
+
+def malignant_indices(config: TrainConfig) -> list[int]:
+    return [config.class_names.index(name) for name in (config.malignant_classes or (config.positive_class,))]
 
 
 def train_classifier(
@@ -136,7 +146,7 @@ def train_classifier(
     device = select_device(config.device)
     spec = TransformSpec(config.input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     train_loader, model = _loader_and_model(train_items, config, spec, generator, device)
-    positive_index = config.class_names.index(config.positive_class)
+    malignant = malignant_indices(config)
     step = _Stepper(model, train_items, config, device, total_steps=max(1, config.epochs * len(train_loader)))
     val_labels = np.asarray([label for _, label in val_items])
     best_auc, best_state, stale_epochs, interrupted = -1.0, None, 0, False
@@ -145,8 +155,8 @@ def train_classifier(
         for epoch in range(1, config.epochs + 1):
             bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", disable=not progress, leave=False)
             loss = step.epoch(bar, history)
-            scores = predict_probabilities(model, val_items, spec, positive_index=positive_index)
-            val_auc = metrics.roc_auc(val_labels == positive_index, scores)
+            scores = predict_probabilities(model, val_items, spec, malignant=malignant)
+            val_auc = metrics.roc_auc(np.isin(val_labels, malignant), scores)
             history.append({"epoch": epoch, "loss": loss, "val_auc": val_auc})
             summary = f"epoch {epoch}/{config.epochs}  loss {loss:.3f}  val AUC {val_auc:.3f}"
             if progress:
@@ -170,7 +180,7 @@ def train_classifier(
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    threshold, temperature, validation = _calibrate(model, val_items, spec, config, positive_index)
+    threshold, temperature, validation = _calibrate(model, val_items, spec, config, malignant)
     meta = _meta(config, device, history, threshold, temperature, {"validation": validation})
     meta.training["interrupted"] = interrupted
     return TrainResult(
@@ -184,10 +194,18 @@ def _loader_and_model(
 ) -> tuple[DataLoader, nn.Module]:  # fmt: skip
     """The shuffled, augmented training batches (seeded by `generator`) and the model to train, on `device`."""
     augment = augmentation(config.input_size)
+    if config.class_balance not in ("weights", "sampling"):
+        raise ValueError(f"class_balance must be 'weights' or 'sampling', not {config.class_balance!r}")
+    sampler = None
+    if config.class_balance == "sampling":
+        labels = np.asarray([label for _, label in train_items])
+        per_item = 1.0 / np.bincount(labels, minlength=len(config.class_names))[labels]
+        sampler = WeightedRandomSampler(per_item.tolist(), num_samples=len(labels), generator=generator)
     train_loader = DataLoader(
         _TransformedItems(train_items, lambda im: to_tensor(augment(im), spec)),
         batch_size=config.batch_size,
-        shuffle=True,
+        shuffle=sampler is None,
+        sampler=sampler,
         generator=generator,
         drop_last=len(train_items) > config.batch_size,
     )
@@ -213,7 +231,7 @@ class _Stepper:
         labels = np.asarray([label for _, label in train_items])
         counts = np.bincount(labels, minlength=len(config.class_names)).astype(np.float64)
         weights = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
-        self.criterion = nn.CrossEntropyLoss(weight=weights)
+        self.criterion = nn.CrossEntropyLoss(weight=weights if config.class_balance == "weights" else None)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.OneCycleLR(self.optimizer, max_lr=config.lr, total_steps=total_steps)
 
@@ -245,6 +263,7 @@ def _meta(
         input_size=config.input_size,
         class_names=config.class_names,
         positive_class=config.positive_class,
+        malignant_classes=config.malignant_classes,
         threshold=threshold,
         temperature=temperature,
         metrics=extra,
@@ -254,19 +273,19 @@ def _meta(
 
 def _calibrate(
     model: nn.Module, val_items: Sequence[tuple[Image.Image, int]], spec: TransformSpec, config: TrainConfig,
-    positive_index: int,
+    malignant: Sequence[int],
 ) -> tuple[float, float, dict[str, Any]]:  # fmt: skip
     """(threshold, temperature, validation metrics): a temperature fitted on validation, and the operating
     threshold on the calibrated validation probabilities for the target sensitivity."""
     val_labels = np.asarray([label for _, label in val_items])
     val_logits = predict_logits(model, val_items, spec)
-    positives = val_labels == positive_index
+    positives = np.isin(val_labels, malignant)
     temperature = metrics.fit_temperature(val_logits, val_labels)
-    calibrated = metrics.softmax(val_logits, temperature)[:, positive_index]
+    calibrated = metrics.softmax(val_logits, temperature)[:, list(malignant)].sum(axis=1)
     threshold = metrics.threshold_for_sensitivity(positives, calibrated, config.target_sensitivity)
     validation = metrics.summarise(positives, calibrated, threshold)
     validation["ece_before_calibration"] = metrics.expected_calibration_error(
-        positives, metrics.softmax(val_logits)[:, positive_index]
+        positives, metrics.softmax(val_logits)[:, list(malignant)].sum(axis=1)
     )
     validation["ece"] = metrics.expected_calibration_error(positives, calibrated)
     return threshold, temperature, validation

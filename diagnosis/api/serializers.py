@@ -19,7 +19,7 @@ from ..models import (
     QualityCheck,
     RiskDecision,
 )  # fmt: skip
-from ..services.status import EMPTY_OUTCOME, above_threshold, prediction_outcome
+from ..services.status import EMPTY_OUTCOME, above_threshold, diagnoses, prediction_outcome
 from .quality_serializers import DECISION_HELP, OutcomeFields, QualitySerializer, validate_check
 
 
@@ -67,6 +67,12 @@ class LesionSerializer(serializers.ModelSerializer):
         read_only_fields = ["id", "created_at"]
 
 
+class DiagnosisSerializer(serializers.Serializer):
+    diagnosis = serializers.CharField(help_text="A class the model knows, e.g. mel or nv for HAM10000's seven")
+    probability = serializers.FloatField()
+    malignant = serializers.BooleanField(help_text="Whether it counts towards probability_malignant")
+
+
 class PredictionSerializer(serializers.ModelSerializer):
     model_version = serializers.CharField(source="model_version.version")
     above_threshold = serializers.SerializerMethodField(
@@ -77,11 +83,15 @@ class PredictionSerializer(serializers.ModelSerializer):
     assessable = serializers.SerializerMethodField()
     quality = serializers.SerializerMethodField()
     ood_score = serializers.SerializerMethodField()
+    diagnoses = serializers.SerializerMethodField(
+        help_text="Every class's probability, the most probable first, each marked malignant or not; "
+        "probability_malignant is the sum over the malignant ones. A binary model lists its two classes."
+    )
 
     class Meta:
         model = Prediction
         fields = ["probability_malignant", "label", "threshold", "above_threshold", "decision", "assessable",
-                  "quality", "ood_score", "model_version", "created_at"]  # fmt: skip
+                  "quality", "ood_score", "diagnoses", "model_version", "created_at"]  # fmt: skip
 
     def _outcome(self, prediction: Prediction) -> dict:
         return prediction_outcome(prediction)
@@ -105,6 +115,10 @@ class PredictionSerializer(serializers.ModelSerializer):
     @extend_schema_field(serializers.FloatField(allow_null=True))
     def get_ood_score(self, prediction: Prediction) -> float | None:
         return prediction.ood_score
+
+    @extend_schema_field(DiagnosisSerializer(many=True))
+    def get_diagnoses(self, prediction: Prediction) -> list[dict]:
+        return diagnoses(prediction.probabilities, prediction.model_version.malignant_set)
 
 
 class ImageUploadSerializer(serializers.Serializer):
@@ -208,6 +222,7 @@ class StatusPredictionSerializer(OutcomeFields):
     label = serializers.CharField()
     threshold = serializers.FloatField()
     above_threshold = serializers.BooleanField(allow_null=True)
+    diagnoses = DiagnosisSerializer(many=True)
     model_version = serializers.CharField()
 
 

@@ -18,7 +18,7 @@ from django.urls import reverse
 from ..models import Explanation, Feedback, ImageState, Lesion, LesionImage, Prediction, RiskDecision
 from ..services import feedback as feedback_services
 from ..services.explanations import method_label
-from ..services.status import FINAL_STATES, prediction_outcome
+from ..services.status import FINAL_STATES, diagnoses, prediction_outcome
 
 
 def with_predictions(queryset):
@@ -61,6 +61,9 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     note: str = ""  # e.g. the gate was off for this model version; empty for rows stored before the gate
+    # A model with several diagnoses: the most probable ones (services.status.diagnoses), each with its
+    # percentage; empty for a binary model, whose one probability is the whole result.
+    diagnoses: list[dict] = field(default_factory=list)
 
     @property
     def assessable(self) -> bool:
@@ -124,7 +127,19 @@ def decision_for(prediction: Prediction | None) -> Decision | None:
         reasons=[str(reason) for reason in quality.get("reasons") or []],
         warnings=[str(warning) for warning in quality.get("warnings") or []],
         note=str(quality.get("note") or "") if prediction.decision else "",  # rows before the gate: as before
+        diagnoses=top_diagnoses(prediction),
     )
+
+
+TOP_DIAGNOSES = 3
+
+
+def top_diagnoses(prediction: Prediction) -> list[dict]:
+    """The TOP_DIAGNOSES most probable classes of a model with more than two, with their percentages."""
+    if len(prediction.probabilities or {}) <= 2:
+        return []
+    ranked = diagnoses(prediction.probabilities, prediction.model_version.malignant_set)[:TOP_DIAGNOSES]
+    return [{**row, "percent": f"{row['probability'] * 100:.0f}%"} for row in ranked]
 
 
 def result_of(image: LesionImage) -> Decision | None:

@@ -245,7 +245,10 @@ def image_page(request, image: LesionImage, *, assessment_form=None, outcome_for
     context = {
         "image": image, "lesion": image.lesion, "patient": image.lesion.patient if image.lesion else None,
         "decision": decision, "explanations": explanations, "done_explanations": done, "selected": preferred,
-        "requestable": [(m, label) for m, label in METHOD_LABELS.items() if m not in requested],
+        # A model with several diagnoses can explain any of them, by any method: all stay requestable.
+        "requestable": [(m, label) for m, label in METHOD_LABELS.items()
+                        if m not in requested or (decision and decision.diagnoses)],  # fmt: skip
+        "targets": [row["diagnosis"] for row in decision.diagnoses] if decision else [],
         "assessment_form": assessment_form or AssessmentForm(auto_id=ASSESSMENT_IDS),
         "outcome_form": outcome_form or OutcomeForm(auto_id=OUTCOME_IDS),
         "feedback": image.feedback.select_related("recorded_by", "prediction").order_by("-recorded_at", "-id"),
@@ -343,7 +346,7 @@ def image_explanations(request, pk):
     method = request.POST.get("method", "")
     try:
         explanation, _ = explanation_services.request_explanation(
-            image=image, method=method, requested_by=request.user, via=VIA
+            image=image, method=method, requested_by=request.user, via=VIA, target=request.POST.get("target") or None
         )
     except explanation_services.ExplanationRefused as exc:
         if wants_json(request):

@@ -84,6 +84,7 @@ def register_model(
                 arch=meta.arch,
                 input_size=meta.input_size,
                 class_names=list(meta.class_names),
+                malignant_classes=list(meta.malignant_classes),
                 threshold=meta.threshold,
                 metrics=meta.metrics,
                 metadata=meta.to_dict(),

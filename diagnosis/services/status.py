@@ -14,7 +14,8 @@ FINAL_STATES = (ImageState.DONE, ImageState.FAILED)
 NO_SUCH_IMAGE = "No image with this id in your clinic."
 _LATEST = (("p", "probability_malignant"), ("label", "label"), ("threshold", "threshold"),
            ("version", "model_version__version"), ("decision", "decision"), ("assessable", "assessable"),
-           ("quality", "quality"), ("ood_score", "ood_score"))  # fmt: skip
+           ("quality", "quality"), ("ood_score", "ood_score"), ("probabilities", "probabilities"),
+           ("malignant", "model_version__malignant_classes"))  # fmt: skip
 
 
 BEFORE_THE_GATE = "Stored before the photo-quality gate."
@@ -37,6 +38,16 @@ def prediction_outcome(prediction: Prediction) -> dict:
     return outcome(probability=prediction.probability_malignant, threshold=prediction.threshold,
                    decision=prediction.decision, assessable=prediction.assessable, quality=prediction.quality,
                    ood_score=prediction.ood_score)  # fmt: skip
+
+
+def diagnoses(probabilities: dict | None, malignant) -> list[dict]:
+    """Every class's probability, the most probable first, each marked malignant or not: what the API and
+    the portal show as the top diagnoses of a model with several classes (issue 21). The malignancy
+    probability is the sum over those marked malignant. `malignant`: the model version's malignant classes
+    (empty for a version made without them: the class named "malignant")."""
+    chosen = set(malignant or ["malignant"])
+    ranked = sorted((probabilities or {}).items(), key=lambda item: (-item[1], item[0]))
+    return [{"diagnosis": name, "probability": value, "malignant": name in chosen} for name, value in ranked]
 
 
 def above_threshold(probability: float, threshold: float, decision: str) -> bool | None:
@@ -86,7 +97,8 @@ def _status(row: dict, *, user, via: str, ip_address: str | None) -> dict:
         "prediction": {
             "probability_malignant": row["p"], "label": row["label"], "threshold": row["threshold"],
             "above_threshold": above_threshold(row["p"], row["threshold"], judged["decision"]),
-            "model_version": row["version"], **judged,
+            "model_version": row["version"], "diagnoses": diagnoses(row["probabilities"], row["malignant"]),
+            **judged,
         } if done else None,
         **(judged or EMPTY_OUTCOME),
         "disclaimer": DISCLAIMER,
