@@ -5,6 +5,11 @@ Diameter. Each generated lesion draws a latent severity (benign ~ Beta(2, 5), ma
 Beta(5, 2)) and derives all four from it with noise, so the classes overlap like atypical naevi
 and early melanomas do: a model can learn real signal, but not reach a perfect score. Skin tone,
 lighting, hairs, position and elongation vary independently of the class, as nuisances.
+
+Skin tone can also be set by its individual typology angle (``skin_ita``): ITA = arctan((L* - 50) / b*)
+in CIELAB (D65, sRGB), the angle dermatology uses to band skin from very light to dark. This module holds
+the numpy sRGB <-> CIELAB conversion and ``skin_rgb_for_ita``; mlcore.synthetic_classes draws the seven
+HAM10000 diagnoses and mlcore.synthetic_sets writes the published data set layouts.
 """
 
 from __future__ import annotations
@@ -29,6 +34,80 @@ _MALIGNANT_PALETTE = np.array(
 )
 
 
+# The six standard ITA bands, lightest first: (name, lower bound in degrees, exclusive). "dark" is below -30.
+ITA_BANDS = (
+    ("very light", 55.0),
+    ("light", 41.0),
+    ("intermediate", 28.0),
+    ("tan", 10.0),
+    ("brown", -30.0),
+    ("dark", -np.inf),
+)
+_SRGB_TO_XYZ = np.array(
+    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
+)
+_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
+_DELTA = 6.0 / 29.0
+
+
+def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """sRGB (0-255, any shape ending in 3) to CIELAB under D65: the last axis becomes (L*, a*, b*)."""
+    c = np.asarray(rgb, dtype=np.float64) / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    t = (linear @ _SRGB_TO_XYZ.T) / _D65_WHITE
+    f = np.where(t > _DELTA**3, np.cbrt(t), t / (3 * _DELTA**2) + 4.0 / 29.0)
+    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIELAB (D65) to sRGB on the 0-255 scale, unclipped: a value outside [0, 255] is out of gamut."""
+    lab = np.asarray(lab, dtype=np.float64)
+    fy = (lab[..., 0] + 16.0) / 116.0
+    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], -1)
+    t = np.where(f > _DELTA, f**3, 3 * _DELTA**2 * (f - 4.0 / 29.0))
+    linear = (t * _D65_WHITE) @ np.linalg.inv(_SRGB_TO_XYZ).T
+    magnitude = np.abs(linear)
+    c = np.sign(linear) * np.where(magnitude <= 0.0031308, 12.92 * magnitude, 1.055 * magnitude ** (1 / 2.4) - 0.055)
+    return c * 255.0
+
+
+def ita_of_rgb(rgb: np.ndarray) -> np.ndarray:
+    """The individual typology angle in degrees, arctan((L* - 50) / b*), of sRGB colours (last axis 3)."""
+    lab = rgb_to_lab(rgb)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.degrees(np.arctan((lab[..., 0] - 50.0) / lab[..., 2]))
+
+
+def ita_band(ita: float) -> str:
+    """The standard band of an ITA: very light > 55, light 41-55, intermediate 28-41, tan 10-28, brown -30-10,
+    dark < -30 (each band holds its upper bound)."""
+    return next(name for name, lower in ITA_BANDS if ita > lower)
+
+
+def skin_rgb_for_ita(ita_degrees: float, rng: np.random.Generator | None = None) -> np.ndarray:
+    """An sRGB skin colour (3 floats, 0-255) whose ITA is ``ita_degrees``.
+
+    Skin's hue stays in a narrow range: a* about 8-14 (redness) and b* about 14-22 (yellowness), drawn from
+    ``rng`` or fixed at 11 and 18 without one. L* = 50 + b* tan(ITA) then gives the angle. L* is kept in
+    [20, 90], where the colour is still skin and not black or white, by solving b* instead, and the
+    chroma is reduced until the colour is inside the sRGB gamut, so the angle is exact, not clipped away.
+    """
+    if not -89.0 <= ita_degrees <= 89.0:
+        raise ValueError(f"ITA {ita_degrees} is outside [-89, 89] degrees; skin lies between about -60 and 80.")
+    a_star, b_star = (11.0, 18.0) if rng is None else (rng.uniform(8.0, 14.0), rng.uniform(14.0, 22.0))
+    slope = np.tan(np.radians(ita_degrees))
+    for _ in range(60):
+        lightness = 50.0 + b_star * slope
+        if not 20.0 <= lightness <= 90.0:
+            lightness = float(np.clip(lightness, 20.0, 90.0))
+            b_star = (lightness - 50.0) / slope
+        rgb = lab_to_rgb(np.array([lightness, a_star, b_star]))
+        if rgb.min() >= 0.0 and rgb.max() <= 255.0:
+            return rgb
+        a_star, b_star = a_star * 0.9, b_star * 0.9
+    raise ValueError(f"no sRGB skin colour found for ITA {ita_degrees}")  # unreachable for [-89, 89]
+
+
 @dataclass(frozen=True)
 class SyntheticLesion:
     image: Image.Image
@@ -44,11 +123,16 @@ def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return (array - array.min()) / max(array.max() - array.min(), 1e-6)
 
 
-def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 128) -> SyntheticLesion:
+def generate_lesion(
+    rng: np.random.Generator, *, malignant: bool, size: int = 128, skin_ita: float | None = None
+) -> SyntheticLesion:
+    """One lesion. ``skin_ita`` sets the skin colour by its ITA (skin_rgb_for_ita); None draws one of the six
+    tones of ``_SKIN_TONES`` as always. The lesion's colours are absolute here, not relative to the skin:
+    mlcore.synthetic_classes draws lesions that darken with the skin."""
     severity = float(rng.beta(5, 2) if malignant else rng.beta(2, 5))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     # The helpers draw from rng in this order: changing it changes every image of a seed.
-    skin = _skin(rng, size, xx, yy)
+    skin = _skin(rng, size, xx, yy, skin_ita)
     distance, edge = _outline(rng, size, severity, xx, yy)
     softness = 0.6 + 2.5 * (1.0 - severity) * rng.uniform(0.5, 1.0)
     alpha = 1.0 / (1.0 + np.exp((distance - edge) / softness))
@@ -61,9 +145,14 @@ def generate_lesion(rng: np.random.Generator, *, malignant: bool, size: int = 12
     return SyntheticLesion(image=image, mask=mask, malignant=malignant, severity=severity)
 
 
-def _skin(rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+def _skin(
+    rng: np.random.Generator, size: int, xx: np.ndarray, yy: np.ndarray, skin_ita: float | None = None
+) -> np.ndarray:
     """Skin: a tone, a lighting gradient and fine texture, independent of the class."""
-    tone = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.92, 1.06, size=3)
+    if skin_ita is None:
+        tone = _SKIN_TONES[rng.integers(len(_SKIN_TONES))] * rng.uniform(0.92, 1.06, size=3)
+    else:
+        tone = skin_rgb_for_ita(skin_ita, rng)
     angle = rng.uniform(0, 2 * np.pi)
     gradient = ((xx - size / 2) * np.cos(angle) + (yy - size / 2) * np.sin(angle)) / size
     lighting = 1.0 + rng.uniform(0.05, 0.2) * gradient
