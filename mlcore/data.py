@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from .skintone import ita, lab_to_srgb, srgb_to_lab
+
 CLASS_NAMES = ("benign", "malignant")
 
 _SKIN_TONES = np.array(
@@ -34,54 +36,10 @@ _MALIGNANT_PALETTE = np.array(
 )
 
 
-# The six standard ITA bands, lightest first: (name, lower bound in degrees, exclusive). "dark" is below -30.
-ITA_BANDS = (
-    ("very light", 55.0),
-    ("light", 41.0),
-    ("intermediate", 28.0),
-    ("tan", 10.0),
-    ("brown", -30.0),
-    ("dark", -np.inf),
-)
-_SRGB_TO_XYZ = np.array(
-    [[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750], [0.0193339, 0.1191920, 0.9503041]]
-)
-_D65_WHITE = np.array([0.95047, 1.0, 1.08883])
-_DELTA = 6.0 / 29.0
-
-
-def rgb_to_lab(rgb: np.ndarray) -> np.ndarray:
-    """sRGB (0-255, any shape ending in 3) to CIELAB under D65: the last axis becomes (L*, a*, b*)."""
-    c = np.asarray(rgb, dtype=np.float64) / 255.0
-    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-    t = (linear @ _SRGB_TO_XYZ.T) / _D65_WHITE
-    f = np.where(t > _DELTA**3, np.cbrt(t), t / (3 * _DELTA**2) + 4.0 / 29.0)
-    return np.stack([116.0 * f[..., 1] - 16.0, 500.0 * (f[..., 0] - f[..., 1]), 200.0 * (f[..., 1] - f[..., 2])], -1)
-
-
-def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
-    """CIELAB (D65) to sRGB on the 0-255 scale, unclipped: a value outside [0, 255] is out of gamut."""
-    lab = np.asarray(lab, dtype=np.float64)
-    fy = (lab[..., 0] + 16.0) / 116.0
-    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], -1)
-    t = np.where(f > _DELTA, f**3, 3 * _DELTA**2 * (f - 4.0 / 29.0))
-    linear = (t * _D65_WHITE) @ np.linalg.inv(_SRGB_TO_XYZ).T
-    magnitude = np.abs(linear)
-    c = np.sign(linear) * np.where(magnitude <= 0.0031308, 12.92 * magnitude, 1.055 * magnitude ** (1 / 2.4) - 0.055)
-    return c * 255.0
-
-
 def ita_of_rgb(rgb: np.ndarray) -> np.ndarray:
-    """The individual typology angle in degrees, arctan((L* - 50) / b*), of sRGB colours (last axis 3)."""
-    lab = rgb_to_lab(rgb)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.degrees(np.arctan((lab[..., 0] - 50.0) / lab[..., 2]))
-
-
-def ita_band(ita: float) -> str:
-    """The standard band of an ITA: very light > 55, light 41-55, intermediate 28-41, tan 10-28, brown -30-10,
-    dark < -30 (each band holds its upper bound)."""
-    return next(name for name, lower in ITA_BANDS if ita > lower)
+    """The individual typology angle in degrees (mlcore.skintone.ita) of sRGB colours (0-255, last axis 3)."""
+    lab = srgb_to_lab(np.asarray(rgb, dtype=np.float64))
+    return ita(lab[..., 0], lab[..., 2])
 
 
 def skin_rgb_for_ita(ita_degrees: float, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -101,7 +59,7 @@ def skin_rgb_for_ita(ita_degrees: float, rng: np.random.Generator | None = None)
         if not 20.0 <= lightness <= 90.0:
             lightness = float(np.clip(lightness, 20.0, 90.0))
             b_star = (lightness - 50.0) / slope
-        rgb = lab_to_rgb(np.array([lightness, a_star, b_star]))
+        rgb = lab_to_srgb(np.array([lightness, a_star, b_star]), clip=False)
         if rgb.min() >= 0.0 and rgb.max() <= 255.0:
             return rgb
         a_star, b_star = a_star * 0.9, b_star * 0.9

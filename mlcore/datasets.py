@@ -11,6 +11,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -21,6 +22,8 @@ from .inference import decode_side
 from .leakage import Fingerprint, fingerprint
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageValidationError, decode_image, resize_for_model
 from .quality import measure
+from .skintone import band_from_metadata_or_image, measure_skin_tone
+from .tables import group_ids
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp"}
 
@@ -37,6 +40,18 @@ class LoadedImage:
     fingerprint: Fingerprint
     features: dict[str, float]
     quality: dict[str, float] = field(default_factory=dict)  # mlcore.quality.measure, as a worker measures it
+    # mlcore.skintone.band_from_metadata_or_image: the band (from the metadata's Fitzpatrick type, else the
+    # measured ITA) and the measured ITA; None when neither is known.
+    skin: dict | None = None
+    record: Any = None  # the mlcore.tables.Record of an image read from a metadata table: ids, site, sex, age
+
+    def attribute(self, name: str):
+        """A metadata attribute (site, sex, age, fitzpatrick, lesion_id, patient_id), None when unknown."""
+        if self.record is None:
+            return None
+        if name in ("lesion_id", "patient_id", "image_id"):
+            return getattr(self.record, name)
+        return self.record.attributes.get(name)
 
 
 @dataclass
@@ -51,6 +66,14 @@ class LoadedSplit:
     def pairs(self) -> list[tuple[Image.Image, int]]:
         return [(item.image, item.label) for item in self.items]
 
+    @property
+    def groups(self) -> np.ndarray:
+        """Each item's group (mlcore.tables.group_ids: shared lesion or patient ids; else its own)."""
+        records = [item.record for item in self.items]
+        if any(record is None for record in records):
+            return np.arange(len(records))
+        return group_ids(records)
+
     def subset(self, indices) -> LoadedSplit:
         return LoadedSplit([self.items[i] for i in indices], [])
 
@@ -61,8 +84,18 @@ class ImageFolderData:
     class_names: tuple[str, ...]
     train: LoadedSplit
     test: LoadedSplit
-    test_split_made: bool  # True when the test set was carved out of a single folder
+    test_split_made: bool  # True when the test set was carved out of a single folder (or of a table's rows)
     file_list_sha256: str
+    malignant: tuple[str, ...] = ()  # a table's malignant classes; empty for a folder: its positive class
+    source: str = ""  # a table: its CSV and images folder; empty for a folder (root says it)
+    skipped_rows: list[dict] = field(default_factory=list)  # a table's rows skipped for an ignored label
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the images carry lesion or patient ids: validation is then split by group too."""
+        return any(
+            item.record is not None and (item.record.lesion_id or item.record.patient_id) for item in self.train.items
+        )
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -180,10 +213,15 @@ def load_files(
     with_features: bool,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
+    records: list | None = None,
 ) -> LoadedSplit:
-    """Decode each file once with the serving decoder; unreadable files are skipped with a reason."""
+    """Decode each file once with the serving decoder; unreadable files are skipped with a reason. `records`:
+    the mlcore.tables.Record of each file, when they come from a metadata table."""
     split = LoadedSplit()
-    for path, label in tqdm(files, desc=f"reading {what} images", disable=not progress, leave=False):
+    records = records if records is not None else [None] * len(files)
+    listed = zip(files, records, strict=True)
+    for (path, label), record in tqdm(listed, total=len(files), desc=f"reading {what} images", disable=not progress,
+                                      leave=False):  # fmt: skip
         relative = path.relative_to(root).as_posix()
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
             split.skipped.append((relative, f"not a JPEG, PNG or WebP file ({path.suffix or 'no extension'})"))
@@ -207,9 +245,21 @@ def load_files(
                 quality=measure(decoded.image, full_size=(decoded.full_width, decoded.full_height))
                 if with_features
                 else {},
+                skin=_skin(decoded.image, record),
+                record=record,
             )
         )
     return split
+
+
+def _skin(image: Image.Image, record) -> dict | None:
+    """The photo's skin-tone band: the metadata's Fitzpatrick type where the table has one, else the ITA of the
+    skin around the lesion (mlcore.skintone)."""
+    fitzpatrick = record.attributes.get("fitzpatrick") if record is not None else None
+    try:
+        return band_from_metadata_or_image(fitzpatrick, measure_skin_tone(image))
+    except ValueError:  # an unreadable Fitzpatrick value: the measured tone
+        return band_from_metadata_or_image(None, measure_skin_tone(image))
 
 
 def _features(decoded, *, file_size: int) -> dict[str, float]:

@@ -18,12 +18,14 @@ import PIL
 import torch
 from torch import nn
 
-from . import drift, gate, metrics, plots
-from .datasets import DataError, ImageFolderData, LoadedSplit, load_image_folder, stratified_split
-from .leakage import find_near_duplicates
+from . import drift, gate, metrics
+from .datasets import DataError, ImageFolderData, LoadedSplit, stratified_split
+from .evaluation import evaluate_on_test
 from .model import CheckpointMeta, resnet_features
 from .preprocessing import TransformSpec, to_tensor
-from .train import TrainConfig, TrainResult, predict_logits, train_classifier
+from .sources import load_data
+from .tables import group_split
+from .train import TrainConfig, TrainResult, train_classifier
 
 VALIDATION_FRACTION = 0.10
 METRIC_ROWS = (
@@ -69,17 +71,23 @@ class TrainingOutcome:
 
 
 def prepare_data(
-    data_dir, *, image_size: int, seed: int, progress: bool = True, log: Callable[[str], None] = print
+    source, *, image_size: int, seed: int, progress: bool = True, log: Callable[[str], None] = print
 ) -> PreparedData:
-    data = load_image_folder(data_dir, image_size=image_size, seed=seed, progress=progress, log=log)
-    kept, held = stratified_split(data.train.labels, VALIDATION_FRACTION, seed)
+    """Load an image folder (a path) or a metadata table (mlcore.sources.TableSource) and split 10% of its
+    training images off for validation: whole lesions and patients when the images carry their ids, else
+    stratified by class as before."""
+    data = load_data(source, image_size=image_size, seed=seed, progress=progress, log=log)
+    if data.grouped:
+        kept, held = group_split(data.train.labels, data.train.groups, VALIDATION_FRACTION, seed)
+    else:
+        kept, held = stratified_split(data.train.labels, VALIDATION_FRACTION, seed)
     prepared = PreparedData(data, data.train.subset(kept), data.train.subset(held))
     for name, split in (("training", prepared.train), ("validation", prepared.validation)):
         missing = [c for i, c in enumerate(data.class_names) if i not in set(split.labels.tolist())]
         if missing:
             raise DataError(
-                f"The {name} part of train/ has no {', '.join(missing)} images after the 10% validation split; "
-                "each class needs at least two readable training images."
+                f"The {name} part of the training set has no {', '.join(missing)} images after the 10% validation "
+                "split; each class needs at least two readable training images (two lesions when grouped)."
             )
     return prepared
 
@@ -92,69 +100,14 @@ def train_candidate(
     on_improve: Callable[[nn.Module, CheckpointMeta], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
-    config = dataclasses.replace(config, class_names=prepared.data.class_names)
+    data = prepared.data
+    config = dataclasses.replace(config, class_names=data.class_names)
+    if data.malignant:  # a table: its malignant set, the first of them as the positive class
+        config = dataclasses.replace(config, malignant_classes=data.malignant, positive_class=data.malignant[0])
     return train_classifier(
         prepared.train.pairs(), prepared.validation.pairs(), config, progress=progress, on_improve=on_improve,
         log=log,
     )  # fmt: skip
-
-
-def evaluate_split(model: nn.Module, meta: CheckpointMeta, split: LoadedSplit, *, bootstrap: int = 1000) -> dict:
-    """The full metrics table on one labelled split, with calibration before and after."""
-    spec = TransformSpec(meta.input_size, meta.mean, meta.std)
-    logits = predict_logits(model, split.pairs(), spec)
-    labels = np.isin(split.labels, meta.malignant_indices)
-    probabilities = metrics.softmax(logits, meta.temperature)
-    calibrated = meta.malignant_probability(probabilities)
-    raw = meta.malignant_probability(metrics.softmax(logits))
-    report = metrics.full_report(labels, calibrated, meta.threshold, bootstrap=bootstrap)
-    report["ece_before_calibration"] = metrics.expected_calibration_error(labels, raw)
-    if not meta.binary:
-        report["diagnoses"] = metrics.multiclass_report(split.labels, probabilities, meta.class_names)
-    report["_scores"] = {"labels": labels, "raw": raw, "calibrated": calibrated, "probabilities": probabilities}
-    return report
-
-
-def evaluate_on_test(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData) -> tuple[dict, dict[str, bytes]]:
-    data = prepared.data
-    test = evaluate_split(model, meta, data.test)
-    scores = test.pop("_scores")
-    # Leakage: test images with a near-duplicate anywhere in the training folder (train + validation).
-    duplicates = find_near_duplicates(
-        [item.fingerprint for item in data.test.items], [item.fingerprint for item in data.train.items]
-    )
-    leakage = {
-        "test_images": len(data.test.items),
-        "near_duplicates_in_train": duplicates.count,
-        "examples": [
-            {"test": data.test.items[t].path, "train": data.train.items[r].path, "hamming": h, "difference": d}
-            for t, r, h, d in zip(
-                duplicates.test_indices[:20], duplicates.train_indices[:20], duplicates.hamming[:20],
-                duplicates.thumbnail_difference[:20], strict=True,
-            )
-        ],
-    }  # fmt: skip
-    evaluation: dict[str, Any] = {"test": test, "leakage": leakage, "test_deduplicated": None}
-    if duplicates.count:
-        keep = sorted(set(range(len(data.test.items))) - set(duplicates.test_indices))
-        remaining = data.test.subset(keep)
-        if len(set(remaining.labels.tolist())) == 2:
-            deduplicated = evaluate_split(model, meta, remaining)
-            deduplicated.pop("_scores")
-            evaluation["test_deduplicated"] = deduplicated
-    else:
-        evaluation["test_deduplicated"] = {key: value for key, value in test.items()}
-    figures = {
-        "roc": plots.roc_plot(scores["labels"], scores["calibrated"], meta.threshold),
-        "precision_recall": plots.precision_recall_plot(scores["labels"], scores["calibrated"]),
-        "reliability": plots.reliability_plot(scores["labels"], scores["raw"], scores["calibrated"]),
-        "training_curves": plots.training_curves_plot(meta.training.get("history", [])),
-    }
-    if "diagnoses" in test:
-        figures["confusion_matrix"] = plots.confusion_matrix_plot(
-            test["diagnoses"]["confusion_matrix"], meta.class_names
-        )
-    return evaluation, figures
 
 
 def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: PreparedData):
@@ -175,6 +128,8 @@ def reference_features(model: nn.Module, meta: CheckpointMeta, prepared: Prepare
         projected = projection.transform(embeddings) if projection else None
         for index, (item, probability) in enumerate(zip(split.items, probabilities, strict=True)):
             features = {**item.features, "probability_malignant": float(probability)}
+            if item.skin is not None and item.skin.get("ita") is not None:
+                features["skin_ita"] = float(item.skin["ita"])  # the skin-tone mix against uploads
             if projected is not None:
                 features.update(zip(drift.EMBEDDING_FEATURES, map(float, projected[index]), strict=False))
             rows.append(
@@ -214,7 +169,7 @@ def library_versions() -> dict[str, str]:
 def finalize(
     prepared: PreparedData, result: TrainResult, *, started: float, extra_provenance: dict[str, Any] | None = None
 ) -> TrainingOutcome:
-    evaluation, figures = evaluate_on_test(result.model, result.meta, prepared)
+    evaluation, figures = evaluate_on_test(result.model, result.meta, prepared.data)
     data = prepared.data
     counts = {
         split: {name: int((labels == index).sum()) for index, name in enumerate(data.class_names)}
@@ -226,6 +181,11 @@ def finalize(
         "config": result.meta.training.get("config", {}),
         "data": {
             "directory": str(data.root),
+            "source": data.source or str(data.root),
+            "class_names": list(data.class_names),
+            "malignant_classes": list(result.meta.malignant_classes),
+            "grouped_splits": data.grouped,
+            "skipped_rows": data.skipped_rows[:100],
             "file_list_sha256": data.file_list_sha256,
             "counts": counts,
             "test_split_made": data.test_split_made,
@@ -242,7 +202,8 @@ def finalize(
         "validation": result.meta.metrics.get("validation", {}),
         "test": _jsonable(evaluation["test"]),
         "test_deduplicated": _jsonable(evaluation["test_deduplicated"]),
-        "leakage": evaluation["leakage"],
+        "leakage": _jsonable(evaluation["leakage"]),
+        "subgroups": _jsonable(evaluation["subgroups"]),
     }
     result.meta.training["provenance"] = provenance
     rows, projection, outputs = reference_features(result.model, result.meta, prepared)

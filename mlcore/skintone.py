@@ -67,15 +67,21 @@ def srgb_to_lab(rgb: ArrayLike) -> np.ndarray:
     return np.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
 
 
-def lab_to_srgb(lab: ArrayLike) -> np.ndarray:
+def lab_to_srgb(lab: ArrayLike, *, clip: bool = True) -> np.ndarray:
     """The inverse of srgb_to_lab: sRGB on the 0–255 scale (floats, not rounded) of CIELAB colours of shape
-    (..., 3). Colours outside the sRGB gamut are clipped to it, channel by channel."""
+    (..., 3). Colours outside the sRGB gamut are clipped to it, channel by channel; with clip=False they are
+    not (a channel below 0 or above 255 says the colour is out of gamut)."""
     values = np.asarray(lab, dtype=np.float64)
     fy = (values[..., 0] + 16) / 116
     f = np.stack([fy + values[..., 1] / 500, fy, fy - values[..., 2] / 200], axis=-1)
     xyz = np.where(f > _DELTA, f**3, 3 * _DELTA**2 * (f - 4 / 29)) * _WHITE
-    linear = np.clip(xyz @ _XYZ_TO_RGB.T, 0.0, 1.0)
-    encoded = np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+    linear = xyz @ _XYZ_TO_RGB.T
+    if clip:
+        linear = np.clip(linear, 0.0, 1.0)
+    magnitude = np.abs(linear)
+    encoded = np.sign(linear) * np.where(
+        magnitude <= 0.0031308, 12.92 * magnitude, 1.055 * magnitude ** (1 / 2.4) - 0.055
+    )
     return encoded * 255.0
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlcore.data import ita_band, skin_rgb_for_ita
+from mlcore.data import skin_rgb_for_ita
+from mlcore.skintone import band_of
 from mlcore.synthetic_classes import DIAGNOSES, HAM10000_MIX, MALIGNANT_DIAGNOSES, photograph_lesion
 
 HAM10000_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
@@ -40,7 +41,7 @@ TRUTH_COLUMNS = (
     "image_id", "lesion_id", "patient_id", "photo", "dx", "malignant", "skin_ita", "ita_band", "photo_ita",
     "fitzpatrick",
 )  # fmt: skip
-FITZPATRICK_BY_BAND = {"very light": "I", "light": "II", "intermediate": "III", "tan": "IV", "brown": "V", "dark": "VI"}
+FITZPATRICK_BY_BAND = {"very_light": "I", "light": "II", "intermediate": "III", "tan": "IV", "brown": "V", "dark": "VI"}
 
 # The ISIC archive's diagnosis hierarchy (diagnosis_1, _2, _3) for each HAM10000 class; one is drawn per lesion.
 ISIC_ARCHIVE_DIAGNOSES = {
@@ -202,7 +203,7 @@ def _render(
             directory = root / folder(image_id)
             directory.mkdir(parents=True, exist_ok=True)
             photo.image.save(directory / f"{image_id}.jpg", format="JPEG")
-            band = ita_band(lesion.skin_ita)
+            band = band_of(lesion.skin_ita)
             truth.append({
                 "image_id": image_id, "lesion_id": "", "patient_id": "", "photo": index, "dx": lesion.dx,
                 "malignant": int(lesion.dx in MALIGNANT_DIAGNOSES), "skin_ita": f"{lesion.skin_ita:.2f}",

@@ -30,6 +30,8 @@ LAZY_MODULES = {
     "mlcore.train": "loads torch",
     "mlcore.pipeline": "loads torch",
     "mlcore.datasets": "loads torch (through mlcore.inference)",
+    "mlcore.evaluation": "loads torch",
+    "mlcore.sources": "loads torch (through mlcore.datasets)",
     # Evidently's report stack: only the drift report task and the admin's report pages use it.
     "evidently": "evidently",
     "pandas": "loaded for evidently only",

@@ -24,7 +24,7 @@ from mlcore.data import write_image_folder
 from mlcore.drift import FEATURE_NAMES
 from tests.conftest import lesion_jpeg, upload_file
 
-PLOTS = {"roc", "precision_recall", "reliability", "training_curves"}
+PLOTS = {"roc", "precision_recall", "reliability", "training_curves", "subgroups_skin_tone"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -110,6 +110,12 @@ def test_train_model_evaluates_calibrates_plots_and_registers(lifecycle_data, tm
     assert test["threshold"] == pytest.approx(version.threshold)
     assert version.metrics["leakage"]["near_duplicates_in_train"] == 0
     assert version.metrics["test_deduplicated"]["auc"] == test["auc"]  # nothing removed
+    assert version.metrics["leakage"]["groups"] is None  # an image folder has no lesion or patient ids
+    # Performance by skin tone (the ITA measured around each lesion): every test photo in one band or unknown.
+    by_tone = version.metrics["subgroups"]["attributes"]["skin_tone"]
+    assert sum(row["n"] for row in by_tone) == 120 and len(by_tone) >= 2
+    assert version.metrics["subgroups"]["overall"]["sensitivity"] == pytest.approx(test["sensitivity"])
+    assert "By subgroup" in stdout and "skin_tone" in stdout
 
     # The operating threshold comes from validation, where it reaches the target sensitivity.
     validation = version.metrics["validation"]

@@ -14,6 +14,8 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
+from mlcore.subgroups import format_subgroup_table
+
 from ..models import ModelVersion, TrainingRun
 from .registry import PromotionBlocked, activate_model, cached_weights_path, register_model
 
@@ -106,10 +108,18 @@ def _prepare(data_dir: str | Path, config, sweep: dict | None, *, progress: bool
     data = prepared.data
     if data.skipped:
         log(f"Skipped {len(data.skipped)} unreadable file(s), e.g. {data.skipped[0][0]}: {data.skipped[0][1]}")
+    if data.skipped_rows:
+        first = data.skipped_rows[0]
+        log(
+            f"Skipped {len(data.skipped_rows)} row(s) with an ignored label, e.g. row {first['row']}: {first['reason']}"
+        )
     log(
         f"Data: {len(prepared.train.items)} training, {len(prepared.validation.items)} validation and "
-        f"{len(data.test.items)} test images; classes {', '.join(data.class_names)}."
+        f"{len(data.test.items)} test images; classes {', '.join(data.class_names)}"
+        + (f"; malignant: {', '.join(data.malignant)}." if data.malignant else ".")
     )
+    if data.grouped:
+        log("Splits keep every lesion and every patient on one side (by the table's lesion and patient ids).")
     return prepared, configs
 
 
@@ -202,23 +212,55 @@ def _finish(run: TrainingRun, status: str, *, metrics: dict | None = None, error
     run.save(update_fields=["status", "metrics", "error", "finished_at"])
 
 
-def evaluate_registered_model(*, model_version: ModelVersion, data_dir: str | Path, progress: bool = True) -> dict:
-    """Re-evaluate a registered model on a labelled folder, with the metrics of training."""
+def evaluate_registered_model(*, model_version: ModelVersion, data_dir, progress: bool = True) -> dict:
+    """Re-evaluate a registered model on a labelled folder or a metadata table (data_source), with the
+    metrics of training and the subgroup table."""
     from mlcore.datasets import DataError, load_evaluation_folder
+    from mlcore.evaluation import evaluate_split, subgroup_report
     from mlcore.model import load_checkpoint
-    from mlcore.pipeline import evaluate_split
+    from mlcore.sources import TableSource, load_evaluation_table
 
     model, meta = load_checkpoint(cached_weights_path(model_version))
+    load = load_evaluation_table if isinstance(data_dir, TableSource) else load_evaluation_folder
     try:
-        split = load_evaluation_folder(
-            data_dir, class_names=meta.class_names, image_size=meta.input_size, progress=progress
-        )
+        split = load(data_dir, class_names=meta.class_names, image_size=meta.input_size, progress=progress)
     except DataError as exc:
         raise ValidationError(str(exc)) from None
     report = evaluate_split(model, meta, split)
-    report.pop("_scores")
+    scores = report.pop("_scores")
+    report["subgroups"] = subgroup_report(split, scores["labels"], scores["calibrated"], meta.threshold)
     report["skipped"] = split.skipped
     return report
+
+
+def data_source(
+    *, data=None, metadata=None, images=None, format: str | None = None, columns: dict | None = None,
+    malignant=None, test_split=None,
+):  # fmt: skip
+    """What to train or evaluate on, from the commands' options: an image folder (`data`) or a metadata CSV
+    (mlcore.sources.TableSource) with its images folder (default: the CSV's folder), a preset format or a
+    column mapping, a malignant set (a list, or names separated by commas) and a CSV of official test ids.
+    ValidationError when the options do not make one source."""
+    from mlcore.datasets import DataError
+    from mlcore.sources import table_source
+
+    if data is not None and metadata is not None:
+        raise ValidationError("Give either --data (an image folder) or --metadata (a CSV), not both.")
+    if metadata is None:
+        if data is None:
+            raise ValidationError("Say what to train on: --data DIR (an image folder) or --metadata CSV --images DIR.")
+        if any(value for value in (images, format, columns, malignant, test_split)):
+            raise ValidationError("--images, --format, columns, --malignant and --test-split go with --metadata CSV.")
+        return Path(data)
+    if isinstance(malignant, str):
+        malignant = [name.strip() for name in malignant.split(",") if name.strip()]
+    try:
+        return table_source(
+            metadata, images if images is not None else Path(metadata).parent, format=format, columns=columns,
+            malignant=malignant or None, test_ids=test_split,
+        )  # fmt: skip
+    except DataError as exc:
+        raise ValidationError(str(exc)) from None
 
 
 # --- what the training commands need from mlcore (torch: loaded only when a command trains) --------------
@@ -242,3 +284,36 @@ def metrics_table(metrics: dict) -> str:
     from mlcore.pipeline import format_metrics_table
 
     return format_metrics_table(metrics)
+
+
+def report_lines(evaluation: dict) -> list[str]:
+    """What a test report says beyond the metrics table, in plain text: the group leakage check beside the
+    near-duplicate one, every diagnosis's one-vs-rest AUC and recall with the balanced accuracy (a model with
+    several classes), and the subgroup table with the gaps it found."""
+    lines = []
+    leakage = evaluation.get("leakage") or {}
+    groups = leakage.get("groups")
+    if groups:
+        lines.append(
+            f"Group check: {groups['lesions']['shared']} lesion(s) and {groups['patients']['shared']} patient(s) of "
+            f"the test set are also in training ({groups['affected']} test images)."
+        )
+    diagnoses = (evaluation.get("test") or {}).get("diagnoses")
+    if diagnoses:
+        lines.append(
+            f"Diagnoses: balanced accuracy {diagnoses['balanced_accuracy']:.3f}, accuracy {diagnoses['accuracy']:.3f}"
+        )
+        lines.append(f"  {'class':<12}{'cases':>8}{'AUC (1 vs rest)':>18}{'recall':>10}")
+        for name, row in diagnoses["per_class"].items():
+            auc = f"{row['auc']:.3f}" if row["auc"] is not None else "—"
+            recall = f"{row['recall']:.3f}" if row["recall"] is not None else "—"
+            lines.append(f"  {name:<12}{row['n']:>8}{auc:>18}{recall:>10}")
+    subgroups = evaluation.get("subgroups")
+    if subgroups:
+        lines += ["", "By subgroup (95% intervals; * too few cases to judge):", format_subgroup_table(subgroups)]
+        for gap in subgroups.get("gaps") or []:
+            lines.append(
+                f"Gap: {gap['attribute']} = {gap['group']}: sensitivity {gap['sensitivity']:.3f} against "
+                f"{gap['overall_sensitivity']:.3f} overall ({gap['n_positive']} malignant cases)."
+            )
+    return lines

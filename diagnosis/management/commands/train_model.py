@@ -5,12 +5,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import yaml
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 from django.utils import timezone
 
+from diagnosis.management.data_options import CONFIG_KEYS, add_data_arguments, data_source, read_config
 from diagnosis.services import training
 from diagnosis.services.training import train_and_register
 
@@ -27,18 +27,21 @@ OPTION_FIELDS = {
     "weight_decay": "weight_decay",
     "patience": "patience",
     "device": "device",
+    "class_balance": "class_balance",
 }
 
 
 class Command(BaseCommand):
     help = (
-        "Train on DIR (ImageFolder layout: train/ and test/, or one folder that is split), pick the operating "
-        "threshold on validation, report test metrics (also without near-duplicates of training images), and "
-        "register the model. Options override --config FILE.yaml, which overrides the defaults."
+        "Train on an image folder (--data DIR: train/ and test/, or one folder that is split) or a metadata CSV "
+        "(--metadata CSV --images DIR, --format ham10000|isic-archive|isic2020 or a `columns:` mapping), pick the "
+        "operating threshold on validation, report test metrics (also without near-duplicates of training images, "
+        "and per subgroup), and register the model. Options override --config FILE.yaml, which overrides the "
+        "defaults."
     )
 
     def add_arguments(self, parser):
-        parser.add_argument("--data", required=True, type=Path, help="The labelled image folder.")
+        add_data_arguments(parser)
         parser.add_argument("--arch", choices=["resnet18", "resnet34", "resnet50", "resnet_tiny"])
         parser.add_argument("--pretrained-weights", type=Path, help="A torchvision ImageNet state dict (a file).")
         parser.add_argument(
@@ -54,6 +57,10 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int)
         parser.add_argument("--target-sensitivity", type=float, help="For the operating threshold (default 0.90).")
         parser.add_argument("--device", help="auto (default), cpu or cuda.")
+        parser.add_argument(
+            "--class-balance", choices=["weights", "sampling"],
+            help="Evening out an imbalanced set: a class-weighted loss (default) or batches sampled evenly by class.",
+        )  # fmt: skip
         parser.add_argument("--config", type=Path, help="A YAML file with any of the options above.")
         parser.add_argument("--sweep", type=Path, help="A YAML sweep: method grid|random, trials, parameters.")
         parser.add_argument("--name", help="The version name to register (default: arch, date and hash).")
@@ -63,12 +70,14 @@ class Command(BaseCommand):
         parser.add_argument("--no-progress", action="store_true")
 
     def handle(self, *args, **options):
+        yaml_values = self._read_yaml(options["config"]) if options["config"] else {}
+        source = data_source(options, yaml_values)
         config = self._config(options)
         sweep = self._read_yaml(options["sweep"]) if options["sweep"] else None
         output = options["output"] or Path(settings.VAR_DIR) / "training" / f"{timezone.now():%Y%m%d-%H%M%S}.pt"
         try:
             report = train_and_register(
-                data_dir=options["data"], config=config, output=output, version=options["name"],
+                data_dir=source, config=config, output=output, version=options["name"],
                 activate=options["activate"], force=options["force"], sweep=sweep,
                 progress=not options["no_progress"], log=self.stdout.write,
             )  # fmt: skip
@@ -82,7 +91,7 @@ class Command(BaseCommand):
     def _config(self, options: dict):
         """The TrainConfig: the command's defaults, overridden by --config FILE.yaml, overridden by the options."""
         values = self._read_yaml(options["config"]) if options["config"] else {}
-        unknown = set(values) - set(OPTION_FIELDS) - {"pretrained"}
+        unknown = set(values) - set(OPTION_FIELDS) - {"pretrained"} - CONFIG_KEYS
         if unknown:
             raise CommandError(f"Unknown keys in {options['config']}: {sorted(unknown)}.")
         for option in OPTION_FIELDS:
@@ -119,6 +128,8 @@ class Command(BaseCommand):
                 {"test (all)": evaluation["test"], "test (de-duplicated)": evaluation["test_deduplicated"]}
             )
         )
+        for line in training.report_lines(evaluation):
+            self.stdout.write(line)
         if report.skipped:
             self.stdout.write(f"Skipped {len(report.skipped)} unreadable file(s):")
             for path, reason in report.skipped[:20]:
@@ -142,13 +153,7 @@ class Command(BaseCommand):
             self.stdout.write(self.style.SUCCESS(f"{version.version} is now active."))
 
     def _read_yaml(self, path: Path) -> dict:
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise CommandError(f"Cannot read {path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise CommandError(f"{path} must hold a mapping of option names to values.")
-        return {key.replace("-", "_"): value for key, value in data.items()}
+        return read_config(path)
 
     def _validate(self, config) -> None:
         known = training.architectures()
