@@ -247,7 +247,9 @@ def _figure(report: Mapping, attribute: str):
             xs = [i for i, _ in shown]
             values = np.array([row[metric] for _, row in shown])
             intervals = np.array([row[f"{metric}_ci"] for _, row in shown])
-            axis.errorbar(xs, values, yerr=[values - intervals[:, 0], intervals[:, 1] - values], fmt="o", capsize=3,
+            # Wilson's bounds meet the estimate at 0 and 1 up to rounding: never a negative bar.
+            below, above = np.maximum(values - intervals[:, 0], 0), np.maximum(intervals[:, 1] - values, 0)
+            axis.errorbar(xs, values, yerr=[below, above], fmt="o", capsize=3,
                           color=colour, markerfacecolor="white" if small else colour,
                           label="too few cases" if small else None)  # fmt: skip
         overall = report["overall"][metric]

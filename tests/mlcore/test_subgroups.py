@@ -217,3 +217,14 @@ def test_the_table_lists_every_group_with_its_counts_and_intervals():
     assert "12*" in table and "* too few cases" in lines[-1]
     no_auc = subgroup_report([True, True], [0.7, 0.2], 0.5, {}, bootstrap=0)
     assert "—" in format_subgroup_table(no_auc)
+
+
+def test_the_plot_draws_groups_whose_sensitivity_is_one_or_zero():
+    # Wilson's bound meets the estimate at 1 and 0 only up to rounding; the plot must not see a negative bar.
+    labels = np.array([True] * 8 + [False] * 8 + [True] * 8 + [False] * 8)
+    scores = np.array([0.9] * 8 + [0.1] * 8 + [0.1] * 8 + [0.9] * 8)
+    groups = {"skin_tone": ["light"] * 16 + ["dark"] * 16}
+    report = subgroup_report(labels, scores, 0.5, groups, bootstrap=50)
+    sensitivities = {row["group"]: row["sensitivity"] for row in report["attributes"]["skin_tone"]}
+    assert sensitivities == {"light": 1.0, "dark": 0.0}
+    assert subgroup_plot_png(report, "skin_tone").startswith(b"\x89PNG")
