@@ -1,7 +1,7 @@
 from django.contrib import admin, messages
 from django.core.exceptions import ValidationError
 from django.core.files.storage import default_storage
-from django.http import FileResponse, Http404
+from django.http import FileResponse, Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
@@ -23,6 +23,7 @@ from .models import (
     Prediction,
     TrainingRun,
 )
+from .services.model_card import model_card
 from .services.quality import LEGACY_NOTE
 from .services.registry import (
     PromotionBlocked,
@@ -162,7 +163,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
     readonly_fields = [
         "version", "arch", "input_size", "class_names", "threshold", "is_active", "activated_at", "created_at",
         "weights_file", "weights_sha256", "metrics_table", "comparison_with_active", "plot_images", "provenance",
-        "metadata", "quality_gate_summary",
+        "metadata", "quality_gate_summary", "model_card_link",
     ]  # fmt: skip
     fields = readonly_fields
     actions = ["activate", "activate_forced", "roll_back"]
@@ -192,6 +193,13 @@ class ModelVersionAdmin(admin.ModelAdmin):
             thresholds, _number(ood.get("threshold")), ood.get("held_out"), ood.get("false_flag"), _number(band[0]),
             _number(band[1]), gate.get("reference_photos"), gate.get("band_source", ""),
         )  # fmt: skip
+
+    @admin.display(description="model card")
+    def model_card_link(self, obj):
+        """The version's model card (services.model_card): intended use, data, metrics overall and by subgroup,
+        known limits; Markdown."""
+        return format_html('<a href="{}">Model card (Markdown)</a>', reverse("admin:diagnosis_modelversion_card",
+                                                                            args=[obj.pk]))  # fmt: skip
 
     @admin.display(description="weights")
     def weights_file(self, obj):
@@ -270,6 +278,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
                 self.admin_site.admin_view(self.plot_view),
                 name="diagnosis_modelversion_plot",
             ),
+            path("<int:pk>/card/", self.admin_site.admin_view(self.card_view), name="diagnosis_modelversion_card"),
             *super().get_urls(),
         ]
 
@@ -282,6 +291,15 @@ class ModelVersionAdmin(admin.ModelAdmin):
         except FileNotFoundError:
             raise Http404("The plot file is missing.") from None
         response = FileResponse(handle, content_type="image/png")
+        response["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    def card_view(self, request, pk: int):
+        model_version = get_object_or_404(ModelVersion, pk=pk)
+        if not self.has_view_permission(request, model_version):
+            raise Http404("No such model version.")
+        response = HttpResponse(model_card(model_version), content_type="text/markdown; charset=utf-8")
+        response["Content-Disposition"] = f'inline; filename="model-card-{model_version.pk}.md"'
         response["X-Content-Type-Options"] = "nosniff"
         return response
 

@@ -9,6 +9,7 @@ import csv
 import io
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from django.core.management import CommandError, call_command
@@ -88,11 +89,36 @@ def test_train_model_on_the_ham10000_layout_trains_seven_diagnoses_with_grouped_
     assert {"skin_tone", "site", "sex", "age_band"} <= set(subgroups)
     assert sum(row["n"] for row in subgroups["site"]) == version.metrics["test"]["n"]
     assert version.provenance["data"]["grouped_splits"] is True
+    # The model card: written beside the checkpoint, and served by the admin to staff only.
+    card_path = next(
+        line.split("Model card: ")[1].split(" (")[0] for line in stdout.splitlines() if "Model card: " in line
+    )
+    card = Path(card_path).read_text()
+    assert "# Model card: ham-cli" in card and "the sum over akiec, bcc, mel" in card
+    assert "## Performance by subgroup" in card and "| skin_tone |" in card and "## Known limits" in card
 
     out = io.StringIO()
     call_command("evaluate_model", "ham-cli", "--metadata", str(ham_dir / "HAM10000_metadata.csv"), "--format",
                  "ham10000", "--no-progress", stdout=out)  # fmt: skip
     assert "balanced accuracy" in out.getvalue() and "skin_tone" in out.getvalue()
+
+
+@pytest.mark.django_db
+def test_the_admin_serves_the_model_card_to_staff_only(client, multiclass_model, clinician):
+    from django.contrib.auth import get_user_model
+    from django.urls import reverse
+
+    url = reverse("admin:diagnosis_modelversion_card", args=[multiclass_model.pk])
+    client.force_login(clinician)
+    assert client.get(url).status_code == 302  # to the admin login: not staff
+    staff = get_user_model().objects.create_user("card-staff", password="x", is_staff=True, is_superuser=True)
+    client.force_login(staff)
+    response = client.get(url)
+    assert response.status_code == 200 and response["Content-Type"].startswith("text/markdown")
+    text = response.content.decode()
+    assert f"# Model card: {multiclass_model.version}" in text and "Skin tone of the training photos" in text
+    page = client.get(reverse("admin:diagnosis_modelversion_change", args=[multiclass_model.pk])).content.decode()
+    assert url in page
 
 
 @pytest.mark.django_db

@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from diagnosis.management.data_options import CONFIG_KEYS, add_data_arguments, data_source, read_config
 from diagnosis.services import training
+from diagnosis.services.model_card import model_card
 from diagnosis.services.training import train_and_register
 
 OPTION_FIELDS = {
@@ -147,6 +148,9 @@ class Command(BaseCommand):
             return
         version = report.model_version
         self.stdout.write(self.style.SUCCESS(f"Registered {version.version} (checkpoint {report.checkpoint_path})."))
+        card = Path(report.checkpoint_path).with_suffix(".card.md")
+        card.write_text(model_card(version))
+        self.stdout.write(f"Model card: {card} (also: python manage.py model_card {version.version}).")
         if report.activation_refused:
             self.stdout.write(self.style.WARNING(f"Not activated: {report.activation_refused}"))
         elif activate:
