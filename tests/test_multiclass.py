@@ -122,6 +122,42 @@ def test_the_admin_serves_the_model_card_to_staff_only(client, multiclass_model,
 
 
 @pytest.mark.django_db
+def test_the_portal_shows_the_top_diagnoses_and_explains_a_chosen_one(
+    client, clinician, multiclass_model, ham_dir, django_capture_on_commit_callbacks
+):
+    from django.urls import reverse
+
+    from diagnosis.models import Explanation, LesionImage
+    from diagnosis.services.predictions import process_image
+
+    api = token_client(clinician)
+    _, data = ham_photo(ham_dir, 3)
+    with django_capture_on_commit_callbacks():
+        response = api.post("/api/v1/images/", {"image": upload_file(data)}, format="multipart")
+    image_id = response.json()["id"]
+    with django_capture_on_commit_callbacks():
+        assert process_image(image_id=image_id, worker_id="w1") == "done"
+    prediction = Prediction.objects.get(image_id=image_id)
+    ranked = sorted(prediction.probabilities.items(), key=lambda item: -item[1])
+    client.force_login(clinician)
+    page = client.get(reverse("portal:image", args=[image_id])).content.decode()
+    assert "Most likely diagnoses" in page
+    shown = page.split("Most likely diagnoses")[1].split("</ol>")[0]
+    assert [name for name, _ in ranked[:3]] == [
+        part.split("</span>")[0] for part in shown.split('<span class="diagnosis-name">')[1:]
+    ]
+    assert f"{ranked[0][1] * 100:.0f}%" in shown and 'name="target"' in page
+    assert ("counts as malignant" in shown) == any(name in ("akiec", "bcc", "mel") for name, _ in ranked[:3])
+    target = ranked[-1][0]  # the least probable diagnosis, explained on request
+    answer = client.post(
+        reverse("portal:image-explanations", args=[image_id]), {"method": "occlusion", "target": target}
+    )
+    assert answer.status_code == 302
+    explanation = Explanation.objects.get(image_id=image_id, method="occlusion")
+    assert explanation.target_class == target and LesionImage.objects.get(pk=image_id).state == "done"
+
+
+@pytest.mark.django_db
 def test_an_official_test_split_is_used_as_it_is(tmp_path):
     from mlcore.synthetic_sets import write_isic2020
 
