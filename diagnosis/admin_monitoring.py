@@ -17,7 +17,7 @@ from django.utils.safestring import mark_safe
 from django.views.decorators.http import require_POST
 
 from .models import DriftReport, MonitoringAlert, UploadFeatures
-from .services import drift_plots, drift_requests, monitoring, quality_monitoring
+from .services import drift_plots, drift_requests, monitoring, quality_monitoring, subgroup_monitoring
 from .services.registry import active_model_version
 
 TIMELINE_REPORTS = 60
@@ -61,18 +61,37 @@ def dashboard(request):
         "recent_outliers": UploadFeatures.objects.exclude(outlier_features=[]).select_related("image")
         .order_by("-computed_at")[:10],
         **_quality_context(report),
+        **_subgroup_context(report, model_version),
     }  # fmt: skip
     return TemplateResponse(request, "admin/monitoring/dashboard.html", context)
 
 
-def _quality_context(report: DriftReport | None) -> dict:
-    """The photo-quality gate over the dashboard's window (for a window of the last N uploads: the shown
-    report's span), and its calibration against clinicians' feedback."""
+def _window(report: DriftReport | None):
+    """The dashboard's window: (start, end, description); for a window of the last N uploads, the shown
+    report's span."""
     now = timezone.now()
     start, end, description = monitoring.window_bounds(now)
     if start is None:
         start = report.window_start if report else now - timedelta(days=settings.DRIFT_WINDOW_DAYS)
         description = f"since {start:%Y-%m-%d %H:%M}"
+    return start, end, description
+
+
+def _subgroup_context(report: DriftReport | None, model_version) -> dict:
+    """Live performance per subgroup on confirmed outcomes, and the skin-tone mix of the window's uploads
+    against the active model's training images. The SVGs hold only numbers and band names: safe to inline."""
+    start, end, description = _window(report)
+    found = subgroup_monitoring.dashboard(model_version, start, end)
+    return {
+        "subgroups": found, "mix_window": description,
+        "subgroup_svg": mark_safe(found["plot_svg"]), "mix_svg": mark_safe(found["mix_svg"]),
+    }  # fmt: skip
+
+
+def _quality_context(report: DriftReport | None) -> dict:
+    """The photo-quality gate over the dashboard's window (for a window of the last N uploads: the shown
+    report's span), and its calibration against clinicians' feedback."""
+    start, end, description = _window(report)
     summary = quality_monitoring.summary(start, end)
     return {
         "quality": summary,

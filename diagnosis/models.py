@@ -569,6 +569,7 @@ class MonitoringAlert(models.Model):
         FAILURES = "failures", "Share of failed uploads"
         LATENCY = "latency", "Processing latency"
         QUALITY = "quality", "Share of photos not assessable"
+        SUBGROUP = "subgroup", "Sensitivity gap in a subgroup"
 
     kind = models.CharField(max_length=20, choices=Kind.choices)
     opened_at = models.DateTimeField(default=timezone.now, db_index=True)

@@ -234,7 +234,8 @@ def test_a_batch_measures_its_drift_features_in_the_decode_threads_with_the_same
     from diagnosis.models import UploadFeatures
     from diagnosis.services import decoding
     from diagnosis.services.runtime import predictor_for
-    from mlcore.drift import image_features
+    from diagnosis.services.subgroup_monitoring import skin_tone_values
+    from mlcore.drift import feature_thumbnail, image_features
     from mlcore.inference import decode_side
 
     predictor = predictor_for(active_model)
@@ -243,7 +244,9 @@ def test_a_batch_measures_its_drift_features_in_the_decode_threads_with_the_same
     batched = decoding._decode_and_prepare(data, predictor.spec, side, True)
     alone = decoding._decode_and_prepare(data, predictor.spec, side)
     assert alone.features is None and alone.drift_source() is alone.image  # measured after the prediction
-    assert batched.features == image_features(alone.image) and batched.drift_source() is batched.features
+    thumbnail = feature_thumbnail(alone.image)  # the drift features and the skin tone, from one thumbnail
+    assert batched.features == {**image_features(alone.image), **skin_tone_values(thumbnail)}
+    assert "skin_ita" in batched.features and batched.drift_source() is batched.features
 
     ids = queued_images(clinic, clinician, 2, seed=351)
     assert process_images(image_ids=[ids[0]], worker_id="pipe:6", gather=1) == dict.fromkeys(ids, "done")

@@ -608,7 +608,8 @@ def test_process_image_stores_every_drift_feature_of_the_upload(
     features = UploadFeatures.objects.get(image=image)
     values = features.values
     assert features.model_version == active_model
-    assert set(values) == set(drift.FEATURE_NAMES)  # every image, file, prediction and embedding feature
+    # Every image, file, prediction and embedding feature, and the skin tone (tests/test_subgroup_monitoring.py).
+    assert set(values) == {*drift.FEATURE_NAMES, "skin_ita"}
     assert values["file_size"] == len(data) == image.upload_bytes  # the upload's size, not the stored file's
     assert image.file_size != len(data)
     assert (values["width"], values["height"], values["aspect_ratio"]) == (120.0, 120.0, 1.0)

@@ -22,6 +22,7 @@ from mlcore.quality import measure
 from ..models import LesionImage
 from .engine import done_future
 from .runtime import decoder_pool, on_device
+from .subgroup_monitoring import skin_tone_values
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +51,20 @@ def _read(image: LesionImage) -> bytes:
 def _decode_and_prepare(data: bytes, spec, max_side: int, features: bool = False) -> Prepared:
     """The upload's full decode (damage the web tier's header check could not see fails the image), in
     Pillow's draft mode for large JPEGs, then the model's transform, and with `features` the drift image
-    features (mlcore.drift.image_features). Pillow, the transform and NumPy release the GIL, so the
-    pool's threads do this in parallel, and the task's own thread (which records each batch while the
-    next runs on the device) does not. A lone photo leaves its features for after its prediction is
-    stored: they are not on the way to the result."""
+    features (mlcore.drift.image_features, with the skin tone: services.subgroup_monitoring). Pillow, the
+    transform and NumPy release the GIL, so the pool's threads do this in parallel, and the task's own
+    thread (which records each batch while the next runs on the device) does not. A lone photo leaves its
+    features for after its prediction is stored: they are not on the way to the result."""
     decoded = decode_image(data, max_bytes=max(settings.MAX_UPLOAD_BYTES, len(data)),
                            max_pixels=settings.MAX_IMAGE_PIXELS, max_side=max_side, copy_pixels=False)  # fmt: skip
     tensor = to_tensor(decoded.image, spec)
-    thumbnail = feature_thumbnail(decoded.image)  # one drawing for both measures
-    return Prepared(decoded.image, tensor, image_features(thumbnail) if features else None, _quality(thumbnail))
+    thumbnail = feature_thumbnail(decoded.image)  # one drawing for every measure
+    return Prepared(decoded.image, tensor, _drift_features(thumbnail) if features else None, _quality(thumbnail))
+
+
+def _drift_features(thumbnail) -> dict:
+    """The drift image features and the skin tone (when measurable) of a feature thumbnail."""
+    return {**image_features(thumbnail), **skin_tone_values(thumbnail)}
 
 
 def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = False) -> Prepared:
@@ -67,7 +73,7 @@ def _read_and_prepare(image: LesionImage, spec, max_side: int, features: bool = 
 
 def _measured(prepared: Prepared) -> Prepared:
     """nvJPEG's thumbnail measured in a decode thread."""
-    prepared.features = image_features(prepared.image)
+    prepared.features = _drift_features(prepared.image)
     prepared.quality = _quality(prepared.image)
     return prepared
 

@@ -31,7 +31,6 @@ from mlcore import drift, metrics
 
 from ..models import (
     DriftReport,
-    Feedback,
     ImageState,
     LesionImage,
     ModelVersion,
@@ -40,7 +39,7 @@ from ..models import (
     ReferenceFeature,
     UploadFeatures,
 )
-from . import quality_monitoring
+from . import quality_monitoring, subgroup_monitoring
 from .registry import VersionCache, active_model_version
 from .transactions import savepoint_if_inside
 
@@ -116,7 +115,12 @@ UPLOAD_FEATURE_FIELDS = ["model_version", "values", "placement", "outlier_featur
 
 def _upload_features(image, model_version, decoded_image, probability, embedding) -> UploadFeatures:
     # The photo's own size, not the decoded copy's: the worker may decode a large JPEG at a reduced scale.
-    pixels = decoded_image if isinstance(decoded_image, dict) else drift.image_features(decoded_image)
+    # A decode thread measured the features (and the skin tone) already; else both from one thumbnail.
+    if isinstance(decoded_image, dict):
+        pixels = decoded_image
+    else:
+        thumbnail = drift.feature_thumbnail(decoded_image)
+        pixels = {**drift.image_features(thumbnail), **subgroup_monitoring.skin_tone_values(thumbnail)}
     values = {**pixels,
               **drift.file_features(width=image.width, height=image.height, file_size=image.upload_bytes)}  # fmt: skip
     values["probability_malignant"] = float(probability)
@@ -149,10 +153,12 @@ def window_bounds(now):
     return now - timedelta(days=days), now, f"last {days:g} day{'s' if days != 1 else ''}"
 
 
-def operations_summary(start, end) -> dict:
-    """Uploads, failures and processing latency (upload to result) in the window; and the quality gate's
+def operations_summary(start, end, model_version: ModelVersion | None = None) -> dict:
+    """Uploads, failures and processing latency (upload to result) in the window; the quality gate's
     rates (not assessable, uncertain; per clinic and camera; the checks that refused most) under "quality"
-    when photos of the window went through it."""
+    when photos of the window went through it; and the skin-tone mix of the window's uploads against
+    `model_version`'s training images, and its live subgroup report, under "skin_tone_mix" and "subgroups"
+    (services.subgroup_monitoring) when there is something to show."""
     images = LesionImage.objects.filter(created_at__lte=end)
     if start is not None:
         images = images.filter(created_at__gte=start)
@@ -171,6 +177,7 @@ def operations_summary(start, end) -> dict:
         "latency_p50_s": float(np.percentile(waits, 50)) if waits else None,
         "latency_p95_s": float(np.percentile(waits, 95)) if waits else None,
         **quality_monitoring.operations_quality(start, end),
+        **subgroup_monitoring.operations_subgroups(start, end, model_version),
     }
 
 
@@ -204,7 +211,7 @@ def run_drift_report(*, triggered_by: str = "schedule", now=None) -> DriftReport
     if start is None:
         start = min((created for _, created in current_rows), default=end)
     current_values = [values for values, _ in current_rows]
-    operations = operations_summary(start, end)
+    operations = operations_summary(start, end, model_version)
     reference = reference_rows(model_version)
     try:
         check = drift.check_drift(drift.columns(reference), drift.columns(current_values), config)
@@ -257,7 +264,8 @@ def _store_evidently(report: DriftReport, reference: list[dict], current: list[d
 
 def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
     """Per alert kind that this report can judge: (is the condition present, message). The quality
-    gate's alert judges its own recent window against a baseline (services.quality_monitoring)."""
+    gate's alert judges its own recent window against a baseline (services.quality_monitoring); the
+    subgroup alert, the live subgroup report kept in the report's operations (services.subgroup_monitoring)."""
     conditions: dict[str, tuple[bool, str]] = {}
     if report.status in (DriftReport.Status.DRIFT, DriftReport.Status.NO_DRIFT):
         conditions[MonitoringAlert.Kind.DRIFT] = (
@@ -284,6 +292,9 @@ def alert_conditions(report: DriftReport) -> dict[str, tuple[bool, str]]:
     quality = quality_monitoring.alert_condition(report.window_end)  # its own window: the last day or so
     if quality is not None:
         conditions[MonitoringAlert.Kind.QUALITY] = quality
+    subgroup = subgroup_monitoring.alert_condition(ops.get("subgroups"))  # every confirmed outcome so far
+    if subgroup is not None:
+        conditions[MonitoringAlert.Kind.SUBGROUP] = subgroup
     return conditions
 
 
@@ -390,13 +401,7 @@ def live_performance(model_version: ModelVersion | None = None) -> LivePerforman
     model_version = model_version or active_model_version()
     if model_version is None:
         return None
-    outcomes = {}
-    for image_id, truth in (
-        Feedback.objects.filter(kind=Feedback.Kind.HISTOPATHOLOGY).order_by("recorded_at", "id")
-        .values_list("image_id", "ground_truth")
-    ):  # fmt: skip
-        outcomes[image_id] = truth  # the newest wins
-    labelled = {image_id: truth == "malignant" for image_id, truth in outcomes.items() if truth}
+    labelled = subgroup_monitoring.confirmed_outcomes()
     predictions = Prediction.objects.filter(model_version=model_version, image_id__in=labelled).values_list(
         "image_id", "probability_malignant", "threshold"
     )

@@ -354,6 +354,12 @@ QUALITY_ALERT_BASELINE_DAYS = env_float("QUALITY_ALERT_BASELINE_DAYS", 14.0)
 QUALITY_ALERT_MIN_PHOTOS = env_int("QUALITY_ALERT_MIN_PHOTOS", 20)
 QUALITY_ALERT_RATE = env_float("QUALITY_ALERT_RATE", 0.15)
 QUALITY_ALERT_MARGIN = env_float("QUALITY_ALERT_MARGIN", 0.10)
+# The subgroup alert (issue 21, services.subgroup_monitoring): on the active model's confirmed outcomes, a
+# skin-tone band, body site, clinic or camera with at least SUBGROUP_ALERT_MIN_POSITIVES confirmed malignant
+# cases whose sensitivity is more than SUBGROUP_ALERT_MARGIN below the overall sensitivity opens the alert; it
+# closes when none is. Judged with every drift report.
+SUBGROUP_ALERT_MARGIN = env_float("SUBGROUP_ALERT_MARGIN", 0.10)
+SUBGROUP_ALERT_MIN_POSITIVES = env_int("SUBGROUP_ALERT_MIN_POSITIVES", 20)
 # The quality-gate calibration report (the drift dashboard, manage.py quality_report): predictions of the
 # last this many days.
 QUALITY_CALIBRATION_DAYS = env_float("QUALITY_CALIBRATION_DAYS", 30.0)
