@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .drift import file_features, image_features
+from .drift import feature_thumbnail, file_features, image_features
 from .inference import decode_side
 from .leakage import Fingerprint, fingerprint
 from .preprocessing import DEFAULT_MAX_PIXELS, ImageValidationError, decode_image, resize_for_model
@@ -256,10 +256,11 @@ def _skin(image: Image.Image, record) -> dict | None:
     """The photo's skin-tone band: the metadata's Fitzpatrick type where the table has one, else the ITA of the
     skin around the lesion (mlcore.skintone)."""
     fitzpatrick = record.attributes.get("fitzpatrick") if record is not None else None
+    measured = measure_skin_tone(feature_thumbnail(image))  # as a worker measures an upload: the same pixels
     try:
-        return band_from_metadata_or_image(fitzpatrick, measure_skin_tone(image))
+        return band_from_metadata_or_image(fitzpatrick, measured)
     except ValueError:  # an unreadable Fitzpatrick value: the measured tone
-        return band_from_metadata_or_image(None, measure_skin_tone(image))
+        return band_from_metadata_or_image(None, measured)
 
 
 def _features(decoded, *, file_size: int) -> dict[str, float]:
