@@ -82,14 +82,34 @@ def prepare_data(
     else:
         kept, held = stratified_split(data.train.labels, VALIDATION_FRACTION, seed)
     prepared = PreparedData(data, data.train.subset(kept), data.train.subset(held))
-    for name, split in (("training", prepared.train), ("validation", prepared.validation)):
-        missing = [c for i, c in enumerate(data.class_names) if i not in set(split.labels.tolist())]
+    _check_split(prepared, log)
+    return prepared
+
+
+def _check_split(prepared: PreparedData, log: Callable[[str], None]) -> None:
+    """Training needs every class; validation (early stopping, the temperature and the threshold on the
+    malignancy probability) needs malignant and benign cases. A rare diagnosis missing from validation is
+    only said: with whole lesions held out, a small set cannot always spare one."""
+    data = prepared.data
+    missing = [c for i, c in enumerate(data.class_names) if i not in set(prepared.train.labels.tolist())]
+    if missing:
+        raise DataError(
+            f"The training part of the training set has no {', '.join(missing)} images after the 10% validation "
+            "split; each class needs at least two readable training images (two lesions when grouped)."
+        )
+    malignant = [data.class_names.index(name) for name in data.malignant] or [len(data.class_names) - 1]
+    is_malignant = np.isin(prepared.validation.labels, malignant)
+    if len(data.class_names) == 2 or not (is_malignant.any() and not is_malignant.all()):
+        missing = [c for i, c in enumerate(data.class_names) if i not in set(prepared.validation.labels.tolist())]
         if missing:
             raise DataError(
-                f"The {name} part of the training set has no {', '.join(missing)} images after the 10% validation "
-                "split; each class needs at least two readable training images (two lesions when grouped)."
+                f"The validation part of the training set has no {', '.join(missing)} images after the 10% "
+                "validation split; each class needs at least two readable training images (two lesions when grouped)."
             )
-    return prepared
+    absent = [c for i, c in enumerate(data.class_names) if i not in set(prepared.validation.labels.tolist())]
+    if absent:
+        log(f"Validation has no {', '.join(absent)} images (too few lesions to spare); it still has malignant and "
+            "benign ones for the threshold.")  # fmt: skip
 
 
 def train_candidate(

@@ -56,10 +56,10 @@ def table_source(
         )
     try:
         mapping = tables.mapping_from_config(columns or {}, base=format)
+        if malignant:
+            mapping = replace(mapping, malignant=tuple(malignant))
     except tables.TableError as exc:
         raise DataError(str(exc)) from None
-    if malignant:
-        mapping = replace(mapping, malignant=tuple(malignant))
     return TableSource(Path(metadata), Path(images), mapping, Path(test_ids) if test_ids else None)
 
 
@@ -80,12 +80,8 @@ def load_data(
             progress=progress, log=log,
         )  # fmt: skip
     table = read(source)
+    # mlcore.tables makes sure at least one of them is a label of the table.
     malignant = [name for name in source.mapping.malignant if name in table.class_names]
-    if not malignant:
-        raise DataError(
-            f"None of the malignant classes {list(source.mapping.malignant)} is a label of {source.metadata} "
-            f"({list(table.class_names)}); set `malignant:` in the config or --malignant."
-        )
     labels = np.asarray([table.class_names.index(record.label) for record in table.records])
     if source.test_ids is not None:
         try:
