@@ -49,7 +49,7 @@ def git_commit() -> str | None:
 
 def train_and_register(
     *,
-    data_dir: str | Path,
+    data_dir,
     config,
     output: Path,
     version: str | None = None,
@@ -60,7 +60,8 @@ def train_and_register(
     log: Callable[[str], None] = print,
 ) -> TrainingReport:
     """Train one model (or every trial of a sweep, selected on validation AUC), evaluate the chosen
-    one on the test set, write its checkpoint to `output`, and register it.
+    one on the test set, write its checkpoint to `output`, and register it. `data_dir`: an image folder, or
+    a metadata table (data_source's mlcore.sources.TableSource).
 
     Raises ValidationError for unusable data; nothing is registered then. On Ctrl-C during training
     the best epoch so far is evaluated and written to `output`, and is not registered.
@@ -147,8 +148,8 @@ class _Trials:
             changed = {k: getattr(candidate, k) for k in ("arch", "lr", "batch_size", "epochs", "weight_decay")}
             self.log(f"Trial {index}/{total}: {changed}")
         run = TrainingRun.objects.create(
-            sweep=self.sweep_id, data_directory=str(data.root), data_sha256=data.file_list_sha256,
-            config=dataclasses.asdict(candidate),
+            sweep=self.sweep_id, data_directory=(data.source or str(data.root))[:500],
+            data_sha256=data.file_list_sha256, config=dataclasses.asdict(candidate),
         )  # fmt: skip
         self.runs.append(run)
         trial_output = output if not sweep else output.with_name(f"{output.stem}-trial{index}{output.suffix}")
