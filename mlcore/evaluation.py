@@ -89,7 +89,10 @@ def leakage_report(data: ImageFolderData) -> tuple[dict, list[int]]:
         "groups": None,
     }  # fmt: skip
     if data.grouped:
-        report["groups"] = group_overlap([i.record for i in data.train.items], [i.record for i in data.test.items])
+        # Counts only: an in-house patient id may be a record number, and this report travels with the model.
+        report["groups"] = group_overlap(
+            [i.record for i in data.train.items], [i.record for i in data.test.items], examples=0
+        )
     return report, list(duplicates.test_indices)
 
 

@@ -153,7 +153,7 @@ class CheckpointMeta:
         self.std = tuple(float(v) for v in self.std)  # type: ignore[assignment]
         if self.positive_class not in self.class_names:
             raise CheckpointError(f"positive class {self.positive_class!r} is not among {self.class_names}")
-        self.malignant_classes = tuple(self.malignant_classes) or (self.positive_class,)
+        self.malignant_classes = tuple(dict.fromkeys(self.malignant_classes)) or (self.positive_class,)
         unknown = [name for name in self.malignant_classes if name not in self.class_names]
         if unknown:
             raise CheckpointError(f"malignant classes {unknown} are not among {self.class_names}")

@@ -20,6 +20,7 @@ from .datasets import DataError, ImageFolderData, LoadedSplit, load_files, load_
 from .preprocessing import DEFAULT_MAX_PIXELS
 
 TEST_SEED_OFFSET = 7919  # the test split's seed is the run's plus this, as for an image folder
+TEST_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,9 @@ class TableSource:
 
     def describe(self) -> str:
         return f"{self.metadata} (images under {self.images})"
+
+    def __str__(self) -> str:
+        return str(self.metadata)
 
 
 def table_source(
@@ -57,7 +61,7 @@ def table_source(
     try:
         mapping = tables.mapping_from_config(columns or {}, base=format)
         if malignant:
-            mapping = replace(mapping, malignant=tuple(malignant))
+            mapping = replace(mapping, malignant=tuple(dict.fromkeys(malignant)))
     except tables.TableError as exc:
         raise DataError(str(exc)) from None
     return TableSource(Path(metadata), Path(images), mapping, Path(test_ids) if test_ids else None)
@@ -68,7 +72,7 @@ def load_data(
     *,
     image_size: int,
     seed: int = 0,
-    test_fraction: float = 0.2,
+    test_fraction: float = TEST_FRACTION,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: bool = True,
     log: Callable[[str], None] = print,
@@ -80,8 +84,13 @@ def load_data(
             progress=progress, log=log,
         )  # fmt: skip
     table = read(source)
-    # mlcore.tables makes sure at least one of them is a label of the table.
-    malignant = [name for name in source.mapping.malignant if name in table.class_names]
+    unknown = [name for name in source.mapping.malignant if name not in table.class_names]
+    if unknown:
+        raise DataError(
+            f"The malignant classes {unknown} are not labels of {source.metadata} ({list(table.class_names)}): "
+            "correct `malignant:` in the config or --malignant."
+        )
+    malignant = list(source.mapping.malignant)
     labels = np.asarray([table.class_names.index(record.label) for record in table.records])
     if source.test_ids is not None:
         try:
@@ -99,8 +108,7 @@ def load_data(
     train = _load(source, table, train_at, "training", image_size, max_pixels, progress)
     test = _load(source, table, test_at, "test", image_size, max_pixels, progress)
     for name, split in (("training", train), ("test", test)):
-        if not split.items:
-            raise DataError(f"The {name} set of {source.metadata} has no readable images.")
+        _check_both_kinds(split, [table.class_names.index(c) for c in malignant], f"The {name} set of {source}")
     return ImageFolderData(
         source.images, table.class_names, train, test, test_split_made=source.test_ids is None,
         file_list_sha256=table.sha256, malignant=tuple(malignant), source=source.describe(),
@@ -130,10 +138,19 @@ def _load(
 
 
 def load_evaluation_table(
-    source: TableSource, *, class_names: Sequence[str], image_size: int, progress: bool = True
+    source: TableSource,
+    *,
+    class_names: Sequence[str],
+    malignant: Sequence[str],
+    image_size: int,
+    trained_on: tuple[str, int] | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
 ) -> LoadedSplit:
-    """A table's images to evaluate a registered model on: the listed test ids when there is a list, else
-    every row. DataError when the table has labels the model does not know."""
+    """A table's images to evaluate a registered model on: the listed test ids when there is a list; for the
+    very table the model was trained on (`trained_on`: its CSV's SHA-256 and the training seed), the test
+    side of the split training made, never its training images; else every row. DataError when the table has
+    labels the model does not know, or lacks malignant or benign cases."""
     table = read(source)
     unknown = sorted(set(table.class_names) - set(class_names))
     if unknown:
@@ -143,11 +160,28 @@ def load_evaluation_table(
             _, indices = tables.split_by_ids(table, tables.read_id_list(source.test_ids))
         except tables.TableError as exc:
             raise DataError(str(exc)) from None
+    elif trained_on is not None and trained_on[0] == table.sha256:
+        labels = np.asarray([table.class_names.index(record.label) for record in table.records])
+        groups = tables.group_ids(table.records)
+        _, indices = tables.group_split(labels, groups, TEST_FRACTION, trained_on[1] + TEST_SEED_OFFSET)
+        log(f"{source.metadata} is the table the model was trained on: evaluating its {len(indices)} held-out test "
+            "images only, as training split them.")  # fmt: skip
     else:
         indices = np.arange(len(table.records))
     records = [table.records[i] for i in indices]
     files = [(record.path, list(class_names).index(record.label)) for record in records]
-    return load_files(
+    split = load_files(
         files, root=source.images, image_size=image_size, what="evaluation", with_features=True,
         progress=progress, records=records,
     )  # fmt: skip
+    _check_both_kinds(split, [list(class_names).index(c) for c in malignant], f"The evaluation set of {source}")
+    return split
+
+
+def _check_both_kinds(split: LoadedSplit, malignant: list[int], what: str) -> None:
+    """DataError unless the split has readable malignant and benign images: sensitivity, specificity and the
+    AUC need both."""
+    is_malignant = np.isin(split.labels, malignant)
+    if not is_malignant.any() or is_malignant.all():
+        missing = "malignant" if not is_malignant.any() else "benign"
+        raise DataError(f"{what} has no readable {missing} images ({len(split.items)} in all); it needs both.")

@@ -84,6 +84,7 @@ def test_train_model_on_the_ham10000_layout_trains_seven_diagnoses_with_grouped_
     # No lesion on both sides: the group check beside the pHash one.
     groups = version.metrics["leakage"]["groups"]
     assert groups["lesions"]["shared"] == 0 and groups["affected"] == 0 and groups["lesions"]["known"][1] > 0
+    assert groups["lesions"]["examples"] == groups["patients"]["examples"] == []  # counts only: ids may be PHI
     assert "Group check: 0 lesion(s)" in stdout and "Diagnoses: balanced accuracy" in stdout
     subgroups = version.metrics["subgroups"]["attributes"]
     assert {"skin_tone", "site", "sex", "age_band"} <= set(subgroups)
@@ -101,6 +102,13 @@ def test_train_model_on_the_ham10000_layout_trains_seven_diagnoses_with_grouped_
     call_command("evaluate_model", "ham-cli", "--metadata", str(ham_dir / "HAM10000_metadata.csv"), "--format",
                  "ham10000", "--no-progress", stdout=out)  # fmt: skip
     assert "balanced accuracy" in out.getvalue() and "skin_tone" in out.getvalue()
+    # The training table itself: only the test side training held out, never the images it trained on.
+    assert "is the table the model was trained on" in out.getvalue()
+    cases = next(line for line in out.getvalue().splitlines() if line.startswith("cases"))
+    assert cases.split()[1:] == [str(version.metrics["test"]["n"])] * 2
+    with pytest.raises(CommandError, match="own malignant classes"):
+        call_command("evaluate_model", "ham-cli", "--metadata", str(ham_dir / "HAM10000_metadata.csv"), "--format",
+                     "ham10000", "--malignant", "mel")  # fmt: skip
 
 
 @pytest.mark.django_db
@@ -191,6 +199,20 @@ def test_an_official_test_split_is_used_as_it_is(tmp_path):
 def test_bad_data_options_are_named(arguments, message):
     with pytest.raises(CommandError, match=message):
         call_command("train_model", *arguments, *TRAIN)
+
+
+@pytest.mark.django_db
+def test_a_test_list_without_malignant_cases_is_refused_before_training(tmp_path):
+    from mlcore.synthetic_sets import write_isic2020
+
+    write_isic2020(tmp_path, lesions=30, size=48, seed=3)
+    rows = list(csv.DictReader((tmp_path / "train.csv").read_text().splitlines()))
+    benign = [row["image_name"] for row in rows if row["benign_malignant"] == "benign"][:10]
+    (tmp_path / "ids.csv").write_text("image_name\n" + "\n".join(benign) + "\n")
+    with pytest.raises(CommandError, match="test set of .*train.csv has no readable malignant images"):
+        call_command("train_model", "--metadata", str(tmp_path / "train.csv"), "--images", str(tmp_path / "train"),
+                     "--format", "isic2020", "--test-split", str(tmp_path / "ids.csv"), *TRAIN)  # fmt: skip
+    assert not ModelVersion.objects.exists()
 
 
 @pytest.mark.django_db

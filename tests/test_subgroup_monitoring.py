@@ -281,11 +281,12 @@ def mix_data(db, clinic, alert_settings):
     1 unmeasured; one very light upload older than the window."""
     version = model_version()
     training = [60.0] * 6 + [45.0] * 3 + [-40.0] + [None] * 2
+    held_out = [-45.0] * 3  # validation and test photos: not what the model was trained on, not counted
     ReferenceFeature.objects.bulk_create(
-        ReferenceFeature(model_version=version, split=("train", "validation")[index % 2], label="benign",
-                         path=f"ref/{index}.jpg",
+        ReferenceFeature(model_version=version, split=split, label="benign", path=f"ref/{split}/{index}.jpg",
                          values={"brightness": 120.0, **({} if ita is None else {"skin_ita": ita})})
-        for index, ita in enumerate(training)
+        for split, values in (("train", training), ("validation", held_out[:2]), ("test", held_out[2:]))
+        for index, ita in enumerate(values)
     )  # fmt: skip
     for ita in (-40.0, -35.0, 0.0, 5.0, None):
         plant(version, clinic=clinic, count=1, ita=ita, malignant=False, called=0)

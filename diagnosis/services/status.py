@@ -15,7 +15,8 @@ NO_SUCH_IMAGE = "No image with this id in your clinic."
 _LATEST = (("p", "probability_malignant"), ("label", "label"), ("threshold", "threshold"),
            ("version", "model_version__version"), ("decision", "decision"), ("assessable", "assessable"),
            ("quality", "quality"), ("ood_score", "ood_score"), ("probabilities", "probabilities"),
-           ("malignant", "model_version__malignant_classes"))  # fmt: skip
+           ("malignant", "model_version__malignant_classes"),
+           ("positive", "model_version__metadata__positive_class"))  # fmt: skip
 
 
 BEFORE_THE_GATE = "Stored before the photo-quality gate."
@@ -44,10 +45,15 @@ def diagnoses(probabilities: dict | None, malignant) -> list[dict]:
     """Every class's probability, the most probable first, each marked malignant or not: what the API and
     the portal show as the top diagnoses of a model with several classes (issue 21). The malignancy
     probability is the sum over those marked malignant. `malignant`: the model version's malignant classes
-    (empty for a version made without them: the class named "malignant")."""
-    chosen = set(malignant or ["malignant"])
+    (ModelVersion.malignant_set)."""
+    chosen = set(malignant)
     ranked = sorted((probabilities or {}).items(), key=lambda item: (-item[1], item[0]))
     return [{"diagnosis": name, "probability": value, "malignant": name in chosen} for name, value in ranked]
+
+
+def _malignant_set(row: dict) -> list[str]:
+    """ModelVersion.malignant_set, from a status row's two columns."""
+    return list(row["malignant"] or []) or [row["positive"] or "malignant"]
 
 
 def above_threshold(probability: float, threshold: float, decision: str) -> bool | None:
@@ -97,7 +103,7 @@ def _status(row: dict, *, user, via: str, ip_address: str | None) -> dict:
         "prediction": {
             "probability_malignant": row["p"], "label": row["label"], "threshold": row["threshold"],
             "above_threshold": above_threshold(row["p"], row["threshold"], judged["decision"]),
-            "model_version": row["version"], "diagnoses": diagnoses(row["probabilities"], row["malignant"]),
+            "model_version": row["version"], "diagnoses": diagnoses(row["probabilities"], _malignant_set(row)),
             **judged,
         } if done else None,
         **(judged or EMPTY_OUTCOME),

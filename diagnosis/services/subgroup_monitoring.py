@@ -207,14 +207,16 @@ def _band_counts(values) -> tuple[dict[str, int], int, int]:
 
 _training_counts = VersionCache(
     lambda model_version: _band_counts(
-        ReferenceFeature.objects.filter(model_version=model_version).values_list(f"values__{SKIN_ITA}", flat=True)
+        ReferenceFeature.objects.filter(model_version=model_version, split="train").values_list(
+            f"values__{SKIN_ITA}", flat=True
+        )
     )
 )
 
 
 def skin_tone_mix(model_version: ModelVersion | None, start, end) -> dict:
     """The share of uploads (created in [start, end]; start None: from the first) per skin-tone band, against
-    the share among the images `model_version` was trained and validated on (its reference set). Shares are
+    the share among the images `model_version` was trained on (its reference set's training split). Shares are
     of the measured photos; the counts of photos whose skin could not be measured are kept beside them."""
     uploads = UploadFeatures.objects.filter(image__created_at__lte=end)
     if start is not None:

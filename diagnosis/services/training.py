@@ -213,7 +213,9 @@ def _finish(run: TrainingRun, status: str, *, metrics: dict | None = None, error
     run.save(update_fields=["status", "metrics", "error", "finished_at"])
 
 
-def evaluate_registered_model(*, model_version: ModelVersion, data_dir, progress: bool = True) -> dict:
+def evaluate_registered_model(
+    *, model_version: ModelVersion, data_dir, progress: bool = True, log: Callable[[str], None] = print
+) -> dict:
     """Re-evaluate a registered model on a labelled folder or a metadata table (data_source), with the
     metrics of training and the subgroup table."""
     from mlcore.datasets import DataError, load_evaluation_folder
@@ -222,9 +224,19 @@ def evaluate_registered_model(*, model_version: ModelVersion, data_dir, progress
     from mlcore.sources import TableSource, load_evaluation_table
 
     model, meta = load_checkpoint(cached_weights_path(model_version))
-    load = load_evaluation_table if isinstance(data_dir, TableSource) else load_evaluation_folder
     try:
-        split = load(data_dir, class_names=meta.class_names, image_size=meta.input_size, progress=progress)
+        if isinstance(data_dir, TableSource):
+            trained = (model_version.provenance or {}).get("data") or {}
+            seed = int(((model_version.provenance or {}).get("config") or {}).get("seed", 0))
+            same = (trained["file_list_sha256"], seed) if trained.get("test_split_made") else None
+            split = load_evaluation_table(
+                data_dir, class_names=meta.class_names, malignant=meta.malignant_classes, image_size=meta.input_size,
+                trained_on=same, progress=progress, log=log,
+            )  # fmt: skip
+        else:
+            split = load_evaluation_folder(
+                data_dir, class_names=meta.class_names, image_size=meta.input_size, progress=progress
+            )
     except DataError as exc:
         raise ValidationError(str(exc)) from None
     report = evaluate_split(model, meta, split)

@@ -119,6 +119,24 @@ def test_checkpoint_meta_positive_index_follows_the_class_names():
     assert tiny_meta(class_names=["melanoma", "naevus"], positive_class="melanoma").positive_index == 0
 
 
+def test_checkpoint_meta_sums_the_malignant_classes_once_each():
+    names = ("akiec", "bcc", "mel", "nv")
+    meta = CheckpointMeta(arch="resnet_tiny", input_size=32, class_names=names, positive_class="mel",
+                          malignant_classes=["mel", "bcc", "mel"])  # fmt: skip
+    assert meta.malignant_classes == ("mel", "bcc") and meta.malignant_indices == [2, 1]
+    probabilities = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 1.0, 0.0]])
+    assert meta.malignant_probability(probabilities).tolist() == pytest.approx([0.5, 1.0])
+    assert meta.label_for([0.1, 0.2, 0.3, 0.4]) == "nv" and not meta.binary  # the most probable diagnosis
+    binary = CheckpointMeta(arch="resnet_tiny", input_size=32, threshold=0.3)
+    assert binary.malignant_classes == ("malignant",) and binary.label_for([0.72, 0.28]) == "benign"
+    assert binary.label_for([0.7, 0.3]) == "malignant"  # at the threshold, as before
+    with pytest.raises(CheckpointError, match="not among"):
+        CheckpointMeta(arch="resnet_tiny", input_size=32, class_names=names, positive_class="mel",
+                       malignant_classes=["scc"])  # fmt: skip
+    with pytest.raises(CheckpointError, match="benign"):
+        CheckpointMeta(arch="resnet_tiny", input_size=32, malignant_classes=["benign", "malignant"])
+
+
 def test_checkpoint_meta_normalises_lists_to_tuples():
     meta = tiny_meta(class_names=["benign", "malignant"], mean=[0, 0.5, 1], std=[1, 1, 1])
     assert meta.class_names == ("benign", "malignant")

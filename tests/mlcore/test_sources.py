@@ -88,6 +88,12 @@ def test_the_malignant_set_must_name_a_label(tmp_path):
     write_ham10000(tmp_path, lesions=20, size=48, seed=2)
     with pytest.raises(DataError, match=r"malignant labels \['scc'\]"):
         table_source(tmp_path / "HAM10000_metadata.csv", tmp_path, format="ham10000", malignant=["scc"])
+    doubled = table_source(tmp_path / "HAM10000_metadata.csv", tmp_path, format="ham10000", malignant=["mel", "mel"])
+    assert doubled.mapping.malignant == ("mel",)  # counted once: the malignant sum stays a probability
+    typo = {"image_id": "image_id", "label": "dx", "malignant": ["mel", "akeic"]}  # in-house: labels undeclared
+    with pytest.raises(DataError, match=r"\['akeic'\] are not labels"):
+        load_data(table_source(tmp_path / "HAM10000_metadata.csv", tmp_path, columns=typo), image_size=32,
+                  progress=False)  # fmt: skip
     custom = {"image_id": "image_id", "label": "dx", "malignant": ["scc"]}  # an in-house mapping, labels undeclared
     with pytest.raises(DataError, match=r"none of the malignant labels \[.scc.\] occurs"):
         load_data(table_source(tmp_path / "HAM10000_metadata.csv", tmp_path, columns=custom), image_size=32,

@@ -26,10 +26,15 @@ class Command(BaseCommand):
             model_version = ModelVersion.objects.get(version=options["version"])
         except ModelVersion.DoesNotExist:
             raise CommandError(f"No model version {options['version']!r}.") from None
+        if options["malignant"]:
+            raise CommandError("--malignant is for training: a model is evaluated with its own malignant classes.")
         source = data_source(options, read_config(options["config"]) if options["config"] else {})
         try:
             report = evaluate_registered_model(
-                model_version=model_version, data_dir=source, progress=not options["no_progress"]
+                model_version=model_version,
+                data_dir=source,
+                progress=not options["no_progress"],
+                log=self.stdout.write,
             )
         except ValidationError as exc:
             raise CommandError(" ".join(exc.messages)) from None

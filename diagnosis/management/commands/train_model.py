@@ -149,8 +149,12 @@ class Command(BaseCommand):
         version = report.model_version
         self.stdout.write(self.style.SUCCESS(f"Registered {version.version} (checkpoint {report.checkpoint_path})."))
         card = Path(report.checkpoint_path).with_suffix(".card.md")
-        card.write_text(model_card(version))
-        self.stdout.write(f"Model card: {card} (also: python manage.py model_card {version.version}).")
+        try:
+            card.write_text(model_card(version))
+            self.stdout.write(f"Model card: {card} (also: python manage.py model_card {version.version}).")
+        except OSError as exc:
+            warning = f"Could not write the model card to {card} ({exc}); manage.py model_card {version.version}."
+            self.stdout.write(self.style.WARNING(warning))
         if report.activation_refused:
             self.stdout.write(self.style.WARNING(f"Not activated: {report.activation_refused}"))
         elif activate:
