@@ -16,11 +16,13 @@ CHROMIUM ?= /usr/bin/chromium
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
+# Install stamps: each install runs again only when a requirements file it reads is newer than its stamp
+# (dev.txt reads prod.txt, which reads base.txt), so a second `make run` or `make test` installs nothing.
 $(VENV)/.installed-base: requirements/base.txt | $(PY)
 	$(PIP) -r requirements/base.txt $(PIP_QUIET)
 	touch $@
 
-$(VENV)/.installed-dev: requirements/base.txt requirements/dev.txt | $(PY)
+$(VENV)/.installed-dev: requirements/base.txt requirements/prod.txt requirements/dev.txt | $(PY)
 	$(PIP) -r requirements/dev.txt $(PIP_QUIET)
 	touch $@ $(VENV)/.installed-base
 

@@ -80,12 +80,16 @@ def test_record_prediction_is_idempotent(queued_image, active_model):
     assert prediction.probability_malignant == pytest.approx(0.7)
 
 
-def test_no_active_model_fails_with_readable_reason(queued_image):
+def test_no_active_model_keeps_the_image_queued_until_one_is_activated(queued_image, tiny_checkpoint):
+    """While no model is active (the demo's still training), a worker gives the photo back: it waits,
+    queued, with no attempt counted, and is scored once a model is active."""
     assert not ModelVersion.objects.filter(is_active=True).exists()
-    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "failed"
+    assert process_image(image_id=str(queued_image.pk), worker_id="w1") == "released"
     queued_image.refresh_from_db()
-    assert queued_image.state == ImageState.FAILED
-    assert "No model is active" in queued_image.error
+    assert queued_image.state == ImageState.QUEUED and queued_image.error == ""
+    assert queued_image.attempts == 0 and queued_image.claimed_by == ""
+    register_model(checkpoint=tiny_checkpoint, version="arrives-later", activate=True)
+    assert process_image(image_id=str(queued_image.pk), worker_id="w2") == "done"
 
 
 def test_corrupted_stored_file_fails_with_reason_not_a_crash(queued_image, active_model):

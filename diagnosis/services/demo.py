@@ -20,7 +20,7 @@ from mlcore.data import generate_lesion, write_image_folder
 from ..models import Clinic, ClinicMembership, LesionImage, ModelVersion, Patient
 from .images import submit_image
 from .patients import create_lesion, create_patient
-from .registry import active_model_version
+from .registry import activate_model, active_model_version
 from .training import train_and_register
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,11 @@ class DemoTraining:
     test_images: int = 300
     epochs: int = 4
     seed: int = 0
+
+    @property
+    def version(self) -> str:
+        """The registered demo model's version name."""
+        return f"demo-{self.arch}-{self.input_size}px-seed{self.seed}"
 
 
 def write_demo_data(training: DemoTraining) -> Path:
@@ -54,10 +59,16 @@ def write_demo_data(training: DemoTraining) -> Path:
 
 def ensure_demo_model(*, training: DemoTraining, progress: bool = True, log=print) -> tuple[ModelVersion, bool]:
     """Return the active model, first training, evaluating and registering a demo model on synthetic
-    lesions (through the same pipeline as train_model) if none is active."""
+    lesions (through the same pipeline as train_model) if none is active. A demo model that a stopped run
+    registered (one transaction) but did not get to activate is activated rather than trained again.
+    Returns (the model version, whether it was trained now)."""
     existing = active_model_version()
     if existing is not None:
         return existing, False
+    registered = ModelVersion.objects.filter(version=training.version).first()
+    if registered is not None:
+        log(f"Activating {registered.version}, registered by an earlier run that stopped before activating it.")
+        return activate_model(model_version=registered), False
     from mlcore.train import TrainConfig
 
     config = TrainConfig(
@@ -67,7 +78,7 @@ def ensure_demo_model(*, training: DemoTraining, progress: bool = True, log=prin
         data_dir=write_demo_data(training),
         config=config,
         output=Path(settings.VAR_DIR) / "training" / "demo.pt",
-        version=f"demo-{training.arch}-{training.input_size}px-seed{training.seed}",
+        version=training.version,
         activate=True,
         progress=progress,
         log=log,
@@ -95,12 +106,14 @@ def ensure_demo_accounts(*, clinician_password: str, admin_password: str) -> tup
 DEMO_PATIENT = "DEMO-0001"
 
 
+@transaction.atomic  # whole or not at all: a Ctrl-C while seeding must not leave a patient with some photos
 def ensure_demo_patient(*, clinic: Clinic, clinician, log=print) -> bool:
     """Seed a demo patient with synthetic lesion photos, once, so a new user sees the portal working.
 
     The back lesion is followed over three visits and changes from benign-looking to malignant-looking;
     the forearm lesion has one benign-looking photo. Their predictions are computed by the worker like
-    any upload. Returns False when the clinic already has the demo patient.
+    any upload: while no model is active they wait in the queue. Returns False when the clinic already has
+    the demo patient.
     """
 
     if Patient.objects.filter(clinic=clinic, reference=DEMO_PATIENT).exists():

@@ -26,7 +26,7 @@ from .explanation_files import record_gradcams
 from .explanations import request_automatic_explanations_many
 from .images import claim_images, fail_image, release_image, release_images
 from .monitoring import record_upload_features_many
-from .registry import active_model_version
+from .registry import active_model_version, send_waiting_uploads
 from .runtime import on_device, predictor_for
 from .transactions import first_of, update_returning
 
@@ -198,8 +198,14 @@ class PredictionWork(Work):
         model_version = active_model_version()
         ids = [str(image.pk) for image in batch.items]
         if model_version is None:
+            # No model yet (the demo's is still training, or none was activated): the photos wait, queued,
+            # rather than fail. Activating a model sends them again (registry.activate_model); the sweeper
+            # is the fallback.
             for image_id in ids:
-                engine.fail(image_id, "No model is active. An administrator must activate a model version.")
+                engine.give_back(image_id)
+            logger.info("no model is active: %d image(s) stay queued until one is activated", len(ids))
+            if active_model_version() is not None:  # activated meanwhile: it may have sent the others before these
+                send_waiting_uploads()
             return None
         try:
             predictor = predictor_for(model_version)
@@ -292,7 +298,8 @@ def record_batch(group, *, results, cams, embeddings, inference_ms, model_versio
 
 
 def process_image(*, image_id: str, worker_id: str) -> str:
-    """Returns 'done', 'failed' or 'skipped' (another worker has it, or it is finished).
+    """Returns 'done', 'failed', 'skipped' (another worker has it, or it is finished) or 'released' (given
+    back to the queue: no model is active yet, or a temporary error below).
 
     Only the image's own faults fail it. A temporary error (database, storage) gives the claim back
     and raises TransientError for a bounded retry; a model that cannot be loaded gives the claim back

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import threading
@@ -20,8 +21,11 @@ from django.utils import timezone
 
 from mlcore.data import generate_lesion
 
-from ..models import AuditEvent, ModelActivation, ModelVersion, ReferenceFeature
+from ..models import AuditEvent, ImageState, LesionImage, ModelActivation, ModelVersion, ReferenceFeature
 from .audit import record_event
+from .wakeups import enqueue_prediction
+
+logger = logging.getLogger(__name__)
 
 
 class VersionCache:
@@ -208,7 +212,31 @@ def activate_model(
         note=note[:200],
     )
     record_event(actor=actor, action=AuditEvent.Action.ACTIVATE_MODEL, obj=model_version, via=via)
+    if current is None:
+        transaction.on_commit(send_waiting_uploads)
     return model_version
+
+
+WAITING_UPLOADS_SENT = 1000  # at most, per activation; the sweeper sends any others
+
+
+def send_waiting_uploads() -> int:
+    """Once a model is active where none was: one message for each photo still queued. A worker gives its
+    photos back to the queue while no model is active (predictions.PredictionWork.open), so photos uploaded
+    meanwhile (while the demo model trains, say) start now rather than at the sweeper's next pass. A
+    message whose photo another worker's batch took first is a no-op claim. Returns the messages sent."""
+    waiting = LesionImage.objects.filter(state=ImageState.QUEUED).order_by("enqueued_at")
+    sent = 0
+    for image_id in waiting.values_list("pk", flat=True)[:WAITING_UPLOADS_SENT]:
+        try:
+            enqueue_prediction(str(image_id))
+        except Exception as exc:  # the broker is down: the sweeper sends them later
+            logger.warning("could not send the photos waiting for a model (%s); the sweeper will", exc)
+            break
+        sent += 1
+    if sent:
+        logger.info("a model is active: %d waiting photo(s) sent to the workers", sent)
+    return sent
 
 
 def require_model_change(actor) -> None:
