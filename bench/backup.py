@@ -35,7 +35,8 @@ os.environ.update({"DJANGO_SETTINGS_MODULE": "webapp.settings.test", "DATABASE_U
 DISTINCT_PHOTOS = 25  # distinct photos, cycled: the copy's cost is in the bytes, not in their content
 
 
-def fresh_database() -> None:
+def fresh_database(*, create: bool = True) -> None:
+    """Drop the bench's database, and create it empty."""
     import psycopg
 
     url = urlparse(DATABASE_URL)
@@ -43,7 +44,8 @@ def fresh_database() -> None:
     with psycopg.connect(host=url.hostname, port=url.port or 5432, user=url.username, password=url.password,
                          dbname="postgres", autocommit=True) as admin:  # fmt: skip
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.execute(f'CREATE DATABASE "{name}"')
+        if create:
+            admin.execute(f'CREATE DATABASE "{name}"')
 
 
 def explanation_files(photo: bytes) -> dict[str, dict[str, bytes]]:
@@ -156,6 +158,7 @@ def main() -> None:
 
     django.setup()
     from django.core.management import call_command
+    from django.db import connection
 
     from diagnosis.services.backup_database import live_counts
 
@@ -180,6 +183,8 @@ def main() -> None:
     finally:
         shutil.rmtree(backups, ignore_errors=True)
         shutil.rmtree(MEDIA_ROOT, ignore_errors=True)
+        connection.close()
+        fresh_database(create=False)  # leave no bench database behind
 
 
 if __name__ == "__main__":

@@ -321,7 +321,7 @@ def postgres_drill(api: Api, tmp_path: Path, *, worker, backup, restore, sweeper
     wipe_postgres()
     restore_output = restore(archive)
     assert "verified: every row count and file SHA-256 matches" in restore_output, restore_output
-    assert "1 uploads and 0 explanations were being processed and are queued again" in restore_output
+    assert "In flight at the backup: 1 upload and 0 explanations being processed, queued again" in restore_output
     after = state_here()
     assert after["audit"] == before["audit"]  # the audit log, event for event
     assert all(after["files"].get(name) == digest for name, digest in before["files"].items())
@@ -453,7 +453,7 @@ def test_restore_drill_on_the_embedded_default(tiny_checkpoint, tmp_path):
                 restored = manage(env, "restore", str(archive))
                 assert restored.returncode == 0, restored.stdout + restored.stderr
                 assert "verified: every row count and file SHA-256 matches" in restored.stdout
-                assert "1 waiting uploads and 0 explanations sent to the workers now" in restored.stdout
+                assert "1 waiting upload and 0 explanations sent to the workers now" in restored.stdout
                 assert json.loads(shell(env, STATE)) == before  # rows, files and audit log, exactly
             finally:
                 os.killpg(worker.process.pid, signal.SIGCONT)
@@ -478,13 +478,13 @@ def test_restore_refuses_a_target_that_is_not_empty_unless_forced(active_model, 
         command_here("restore", str(archive))
     message = str(refused.value)
     assert "Refusing to restore over existing data" in message
-    assert "diagnosis_modelversion (1 rows)" in message and "holds files, for example" in message
+    assert "diagnosis_modelversion (1 row)" in message and "holds files, for example" in message
     assert "--force" in message
 
     wipe_storage()
     with pytest.raises(CommandError) as refused:
         command_here("restore", str(archive))
-    assert "diagnosis_modelversion (1 rows)" in str(refused.value) and "holds files" not in str(refused.value)
+    assert "diagnosis_modelversion (1 row)" in str(refused.value) and "holds files" not in str(refused.value)
 
     call_command("flush", "--noinput", verbosity=0)  # as freshly migrated: content types and permissions only
     assert backup_database.tables_with_rows() == {}
@@ -494,6 +494,24 @@ def test_restore_refuses_a_target_that_is_not_empty_unless_forced(active_model, 
     Clinic.objects.create(name="After the backup")
     output = command_here("restore", str(archive), "--force", "--no-progress")
     assert "verified" in output and not Clinic.objects.filter(name="After the backup").exists()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_file_the_dump_names_but_storage_lacks_is_reported_and_listed(active_model, tmp_path, schema_guard):
+    """A file deleted between the dump and the copy (a patient erased meanwhile): the backup goes on, says so
+    and lists it; the restore brings its row back and says it has no file."""
+    name = active_model.weights.name
+    default_storage.delete(name)
+    (tmp_path / "backups").mkdir()
+    output = command_here("backup", str(tmp_path / "backups"), "--no-progress")
+    assert "Not in the archive: 1 of the files the dump names were deleted before they could be copied" in output
+    assert name in output
+    archive = the_archive(tmp_path / "backups")
+    manifest = ArchiveReader(archive).manifest
+    assert manifest["missing_files"] == [name] and name not in {entry["name"] for entry in manifest["files"]}
+    output = command_here("restore", str(archive), "--force", "--no-progress")
+    assert "verified" in output and f"deleted while the backup was taken: 1 file: {name}" in output
+    assert ModelVersion.objects.get().weights.name == name and not default_storage.exists(name)
 
 
 def rewrite(archive: Path, target: Path, *, drop: str = "", manifest_changes: dict | None = None) -> Path:

@@ -45,7 +45,7 @@ class Progress:
     """Progress lines for long runs: one every `every` items or `seconds` seconds, and one at the end.
     `write` None: silent (--no-progress)."""
 
-    def __init__(self, write: Callable[[str], None] | None, label: str, total: int, *, every: int = 500,
+    def __init__(self, write: Callable[[str], None] | None, label: str, total: int, *, every: int = 1000,
                  seconds: float = 5.0) -> None:  # fmt: skip
         self.write, self.label, self.total, self.every, self.seconds = write, label, total, every, seconds
         self.count, self.bytes = 0, 0

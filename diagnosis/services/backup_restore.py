@@ -79,7 +79,7 @@ def refuse_non_empty() -> None:
     reasons = []
     tables = backup_database.tables_with_rows()
     if tables:
-        listed = [f"{table} ({rows} rows)" for table, rows in sorted(tables.items())]
+        listed = [f"{table} ({rows} row{'s' if rows != 1 else ''})" for table, rows in sorted(tables.items())]
         more = f" and {len(listed) - 5} more tables" if len(listed) > 5 else ""
         reasons.append(f"the database has data in {', '.join(listed[:5])}{more}")
     found = first_stored_file()

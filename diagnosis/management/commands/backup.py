@@ -37,6 +37,6 @@ class Command(BaseCommand):
         if result.missing:
             listed = ", ".join(result.missing[:10]) + (" ..." if len(result.missing) > 10 else "")
             self.stderr.write(
-                f"{len(result.missing)} files named by the dump were deleted before they could be copied (listed in "
-                f"the manifest's missing_files): {listed}"
+                f"Not in the archive: {len(result.missing):,} of the files the dump names were deleted before they "
+                f"could be copied (the manifest lists them under missing_files): {listed}"
             )

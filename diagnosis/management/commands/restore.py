@@ -61,11 +61,18 @@ class Command(BaseCommand):
         resumed = result.resumed
         missing = result.manifest.get("missing_files") or []
         if missing:
-            self.stderr.write(f"{len(missing)} files were already deleted when the backup was taken; their rows were "
-                              f"restored without them: {', '.join(missing[:10])}")  # fmt: skip
+            self.stderr.write(f"Restored without their files, which were deleted while the backup was taken: "
+                              f"{plural(len(missing), 'file')}: {', '.join(missing[:10])}")  # fmt: skip
+        claimed = f"{plural(resumed['images_reclaimed'], 'upload')} and "
+        claimed += f"{plural(resumed['explanations_reclaimed'], 'explanation')}"
+        sent = f"{plural(resumed['images_sent'], 'waiting upload')} and "
+        sent += f"{plural(resumed['explanations_sent'], 'explanation')}"
         self.stdout.write(
-            f"In flight at the backup: {resumed['images_reclaimed']} uploads and {resumed['explanations_reclaimed']} "
-            f"explanations were being processed and are queued again; {resumed['images_sent']} waiting uploads and "
-            f"{resumed['explanations_sent']} explanations sent to the workers now (the sweeper sends the rest)."
+            f"In flight at the backup: {claimed} being processed, queued again; {sent} sent to the workers now "
+            "(the sweeper sends the rest)."
         )
         self.stdout.write("Next: manage.py migrate (a backup of an older release), then start the service.")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
