@@ -214,13 +214,13 @@ def test_the_notice_follows_the_training_log_and_a_dead_training_shows_none(sett
     now[0] += 30
     progress("epoch 1/4  loss 0.512  val AUC 0.801")
     status = read_status()
-    assert (status["state"], status["epoch"], status["seconds_left"]) == ("training", 1, 105.0)  # 30 s x 3.5
-    assert training_notice(now=status["updated_at"] + 15).startswith(
+    assert (status["state"], status["epoch"], status["seconds_left"]) == ("training", 1, 108.0)  # 30 s x 3.6
+    assert training_notice(now=status["updated_at"] + 18).startswith(
         "Demo model training: epoch 2 of 4, about 90 s left. Uploads are accepted meanwhile"
     )
     now[0] += 90
     progress("epoch 4/4  loss 0.301  val AUC 0.902")
-    assert "evaluating and registering, about 15 s left" in training_notice(now=read_status()["updated_at"])
+    assert "evaluating and registering, about 20 s left" in training_notice(now=read_status()["updated_at"])
     assert lines[-1] == "epoch 4/4  loss 0.301  val AUC 0.902"
 
     progress.finish("registered", version="demo")

@@ -121,21 +121,24 @@ class Command(BaseCommand):
         logs = []
         processes: dict[str, subprocess.Popen] = {}
         signal.signal(signal.SIGTERM, _raise_interrupt)
+        # Even when started with SIGINT ignored (in the background of a script), Ctrl-C stops everything.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             for name, command in commands.items():
                 logs.append(open(log_dir / name, "ab"))  # noqa: SIM115 - closed in finally
                 processes[name] = subprocess.Popen(command, cwd=settings.BASE_DIR, env=env, stdout=logs[-1],
                                                    stderr=subprocess.STDOUT)  # fmt: skip
-            seed()  # while the web server and the worker start: its photos wait in the queue for the worker
-            self._wait_for_web(banner["url"], processes, log_dir)
             if model is None:
-                # Its own session: a Ctrl-C in the terminal reaches only this command, which stops it with
-                # SIGTERM (train_demo then stops at once, where SIGINT would finish the best epoch first).
+                # At once, beside the web server's start. Its own session: a Ctrl-C in the terminal reaches only
+                # this command, which stops it with SIGTERM (train_demo then stops at once, where SIGINT would
+                # finish the best epoch first).
                 logs.append(open(log_dir / "training.log", "ab"))  # noqa: SIM115 - closed in finally
                 processes["training.log"] = subprocess.Popen(
                     [sys.executable, manage, "train_demo", *self._training_options(training)], cwd=settings.BASE_DIR,
                     env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True,
                 )  # fmt: skip
+            seed()  # while the web server and the worker start: its photos wait in the queue for the worker
+            self._wait_for_web(banner["url"], [processes["worker.log"], processes["web.log"]], log_dir)
             self._banner(model=model.version if model else None, training=training, **banner)
             self._watch(processes, log_dir)
         except KeyboardInterrupt:
@@ -217,7 +220,7 @@ class Command(BaseCommand):
     def _wait_for_web(self, url, processes, log_dir, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if any(process.poll() is not None for process in processes.values()):
+            if any(process.poll() is not None for process in processes):
                 raise CommandError(f"The web server or the worker failed to start; see {log_dir}.")
             try:
                 with urllib.request.urlopen(url + "/", timeout=2):
