@@ -486,8 +486,9 @@ def test_below_alert_min_uploads_operations_are_not_judged(
 def test_operations_alerts_are_evaluated_whatever_the_drift_check(
     case, tiny_checkpoint, clinician, clinic, django_capture_on_commit_callbacks, mailoutbox, drift_settings, ops_user
 ):
-    """Every upload fails while no model is active ("No model is active..."): exactly when the failure
-    alert must fire. Likewise a drift check that breaks must not silence the operations alerts."""
+    """With no active model there is no drift check (uploads then wait queued for one), but failed uploads
+    must still raise the failure alert. Likewise a drift check that breaks must not silence the operations
+    alerts."""
     if case == "drift check failed":
         model_version = register_model(checkpoint=tiny_checkpoint, version="corrupt-reference", activate=True)
         ReferenceFeature.objects.create(model_version=model_version, split="test", label="benign", path="bad",
