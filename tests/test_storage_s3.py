@@ -89,7 +89,13 @@ def moto_bucket():
                 "AWS_SECRET_ACCESS_KEY": "lesion-test-secret",
             },
         )
-        bucket.client().create_bucket(Bucket=BUCKET, ACL="private")
+        client = bucket.client()
+        client.create_bucket(Bucket=BUCKET, ACL="private")
+        # moto keeps its buckets process-wide, across servers: an earlier module's objects would still be
+        # in a bucket of the same name. Every module starts from an empty one.
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=BUCKET, Key=item["Key"])
         yield bucket
     finally:
         server.stop()
