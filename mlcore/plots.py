@@ -84,7 +84,8 @@ def training_curves_plot(history: list[dict[str, float]]) -> bytes:
 # --- drift monitoring (inline SVG for the admin dashboard) ---------------------------------------
 
 
-def _svg(figure) -> str:
+def inline_svg(figure) -> str:
+    """The figure as SVG text to inline in HTML (closed afterwards)."""
     buffer = io.StringIO()
     figure.tight_layout()
     figure.savefig(buffer, format="svg")
@@ -116,7 +117,7 @@ def drift_histograms_svg(features: list[dict], columns: int = 4) -> str:
                        color="#c0392b" if feature["drifted"] else "#1d2733")  # fmt: skip
         axis.tick_params(labelsize=7)
     axes.ravel()[0].legend(fontsize=7)
-    return _svg(figure)
+    return inline_svg(figure)
 
 
 def drift_timeline_svg(reports: list[dict]) -> str:
@@ -138,7 +139,7 @@ def drift_timeline_svg(reports: list[dict]) -> str:
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=7, loc="lower left")
     figure.autofmt_xdate()
-    return _svg(figure)
+    return inline_svg(figure)
 
 
 def confusion_matrix_plot(matrix: ArrayLike, class_names: list[str] | tuple[str, ...]) -> bytes:

@@ -28,7 +28,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .metrics import confusion_at, roc_auc
-from .plots import _png, _svg
+from .plots import _png, inline_svg
 from .skintone import BAND_SLUGS
 
 # The attributes the project groups by, and the order their groups are shown in (others: by name).
@@ -266,7 +266,7 @@ def subgroup_plot_svg(report: Mapping, attribute: str) -> str:
     """The subgroup plot of one attribute as inline SVG, its text kept as text (searchable, and drawn in the
     page's font)."""
     with plt.rc_context({"svg.fonttype": "none"}):
-        return _svg(_figure(report, attribute))
+        return inline_svg(_figure(report, attribute))
 
 
 def subgroup_plot_png(report: Mapping, attribute: str) -> bytes:

@@ -8,7 +8,6 @@ it safe.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 from mlcore import plots
@@ -68,9 +67,4 @@ def quality_series_svg(days: list[Rates]) -> str:
     axis.set_ylabel("% of done photos", fontsize=8)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=7, loc="upper left")
-    buffer = io.StringIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="svg")
-    plt.close(figure)
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]  # inlined in HTML: no XML prolog
+    return plots.inline_svg(figure)

@@ -19,14 +19,13 @@ draws the dashboard's pictures.
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 from dataclasses import dataclass
 
 from django.conf import settings
 
-from mlcore.plots import plt  # pyplot, after mlcore.plots chose the Agg backend
+from mlcore.plots import inline_svg, plt  # pyplot, after mlcore.plots chose the Agg backend
 from mlcore.skintone import BAND_LABELS, BAND_SLUGS, BANDS, band_of, measure_skin_tone
 from mlcore.subgroups import UNKNOWN, sensitivity_gaps, subgroup_plot_svg, subgroup_report
 
@@ -261,12 +260,7 @@ def skin_tone_mix_svg(mix: dict) -> str:
     axis.set_ylabel("% of measured photos", fontsize=8)
     axis.tick_params(labelsize=7)
     axis.legend(fontsize=7, loc="upper right")
-    buffer = io.StringIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="svg")
-    plt.close(figure)
-    text = buffer.getvalue()
-    return text[text.index("<svg") :]  # inlined in HTML: no XML prolog
+    return inline_svg(figure)
 
 
 # --- the drift report and the dashboard --------------------------------------------------------------------
